@@ -1,0 +1,35 @@
+"""What to adapt and how: the one configuration object of the project."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+INITS = ("lu", "uniform", "constant", "normal", "ones", "zeros")
+DEFAULT_UNET_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
+DEFAULT_TEXT_ENCODER_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
+
+
+@dataclass
+class LoLDUConfig:
+    rank: int = 32
+    alpha: float | None = None  # None → rank, so σ₀ = alpha / rank = 1 as in the paper
+    init: str = "lu"
+    unet_targets: tuple[str, ...] | None = DEFAULT_UNET_TARGETS
+    text_encoder_targets: tuple[str, ...] | None = None  # e.g. DEFAULT_TEXT_ENCODER_TARGETS
+    extra: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        if not isinstance(self.rank, int) or self.rank < 1:
+            raise ValueError(f"LoLDUConfig.rank must be a positive integer, got {self.rank!r}")
+        if self.init not in INITS:
+            raise ValueError(f"LoLDUConfig.init must be one of {', '.join(INITS)}, got {self.init!r}")
+        if self.unet_targets is not None:
+            self.unet_targets = tuple(self.unet_targets)
+        if self.text_encoder_targets is not None:
+            self.text_encoder_targets = tuple(self.text_encoder_targets)
+
+    @property
+    def sigma0(self) -> float:
+        return (self.rank if self.alpha is None else self.alpha) / self.rank
+
+    def to_dict(self) -> dict:
+        return asdict(self)

@@ -1,0 +1,159 @@
+"""The LoLDU side path of one frozen linear layer.
+
+    h = W x + L̃ (δ ⊙ (U_r x)),   δ = Σ_a w_a (σ_a z_a − σ₀ z₀_a)
+
+The base weight W is never modified (except by an explicit `fuse`), so the output at
+injection equals the base model's for every init, and an adapter is fully described relative
+to the pristine base by δ. Several named adapters on one layer blend by summing their δ's
+(rank-r factors are prefixes of rank-R ones): one low-rank product whatever their number.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .ldu import decompose_ldu
+
+
+def initial_z(d: torch.Tensor, init: str) -> torch.Tensor:
+    """z₀ for the paper's init ablation; d: (r,) the LDU diagonal. Uses torch's global RNG."""
+    m = d.mean()
+    if init == "lu":
+        return d.clone()
+    if init == "uniform":
+        return (torch.rand(d.shape, dtype=d.dtype) - 0.5) * m  # U(−m/2, m/2)
+    if init == "constant":
+        return torch.full_like(d, float(m))
+    if init == "normal":
+        return m + d.std() * torch.randn(d.shape, dtype=d.dtype)
+    if init == "ones":
+        return torch.ones_like(d)
+    if init == "zeros":
+        return torch.zeros_like(d)
+    raise ValueError(f"unknown init {init!r}")
+
+
+class LoLDUVector(nn.Module):
+    """One adapter's values on one layer: δ = σ z − σ₀ z₀ (r + 1 trainable numbers).
+
+    A loaded adapter is stored as z = δ, σ = 1, z₀ = 0, σ₀ = 0, so the same δ formula holds."""
+
+    def __init__(self, z0: torch.Tensor, sigma0: float, trainable: bool):
+        super().__init__()
+        z0 = z0.detach().to(torch.float32)
+        self.z = nn.Parameter(z0.clone(), requires_grad=trainable)  # (r,)
+        self.sigma = nn.Parameter(torch.tensor(float(sigma0), device=z0.device), requires_grad=trainable)
+        self.register_buffer("z0", z0.clone())
+        self.register_buffer("sigma0", torch.tensor(float(sigma0), device=z0.device))
+
+    @property
+    def rank(self) -> int:
+        return self.z.shape[0]
+
+    def delta(self) -> torch.Tensor:  # (r,)
+        return self.sigma * self.z - self.sigma0 * self.z0
+
+    @classmethod
+    def fixed(cls, delta: torch.Tensor) -> "LoLDUVector":
+        return cls(delta, 1.0, trainable=False)._zero_reference()
+
+    def _zero_reference(self) -> "LoLDUVector":
+        self.z0.zero_()
+        self.sigma0.zero_()
+        return self
+
+
+class LoLDULayer(nn.Module):
+    """Factors of one base linear (fp32 buffers, whatever the base dtype) and its adapters."""
+
+    def __init__(self, base: nn.Linear, rank: int, factors=None):
+        super().__init__()
+        self._base = [base]  # a plain reference: the base weight stays where the base model keeps it
+        self.adapters = nn.ModuleDict()
+        self.weights: dict[str, float] = {}  # adapter name → blend weight; absent = inactive
+        self.enabled = True
+        self.fused_delta: torch.Tensor | None = None
+        self._set_factors(rank, factors)
+
+    @property
+    def base(self) -> nn.Linear:
+        return self._base[0]
+
+    @property
+    def rank(self) -> int:
+        return self.L.shape[1]
+
+    def _set_factors(self, rank: int, factors=None) -> None:
+        weight = self.base.weight
+        f = factors if factors is not None and factors.L.shape[1] == rank else decompose_ldu(weight, rank)
+        dev = weight.device
+        self.register_buffer("L", f.L.to(dev, torch.float32), persistent=False)  # (out, R)
+        self.register_buffer("U", f.U.to(dev, torch.float32), persistent=False)  # (R, in)
+        self.register_buffer("d", f.d.to(dev, torch.float32), persistent=False)  # (R,)
+        self.register_buffer("pivots", f.pivots.to(dev), persistent=False)  # (R,)
+
+    def ensure_rank(self, rank: int) -> None:
+        """Grow the factors to `rank`; the old ones are a prefix of the new (same pivots)."""
+        if rank > self.rank:
+            if self.fused_delta is not None:
+                raise RuntimeError("unfuse the LoLDU adapters before loading one of a larger rank")
+            old_pivots = self.pivots.clone()
+            self._set_factors(rank)
+            assert torch.equal(self.pivots[: old_pivots.shape[0]], old_pivots)
+
+    def add_adapter(self, name: str, vector: LoLDUVector, weight: float = 1.0) -> None:
+        if vector.rank > self.rank:
+            self.ensure_rank(vector.rank)
+        self.adapters[name] = vector.to(self.L.device)
+        self.weights[name] = float(weight)
+
+    def delta_vector(self) -> torch.Tensor | None:
+        """Σ_a w_a δ_a, zero-padded to the largest active rank: (r,) or None."""
+        active = [(self.adapters[n], w) for n, w in self.weights.items() if w != 0.0 and n in self.adapters]
+        if not active:
+            return None
+        if len(active) == 1:
+            vec, w = active[0]
+            return vec.delta() if w == 1.0 else w * vec.delta()
+        total = torch.zeros(max(v.rank for v, _ in active), device=self.L.device)
+        for vec, w in active:
+            total = total + F.pad(w * vec.delta(), (0, total.shape[0] - vec.rank))
+        return total
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor | None:
+        """The side path L̃ (δ ⊙ (U_r x)) for x (..., in), or None when there is nothing to add."""
+        if not self.enabled or self.fused_delta is not None:
+            return None
+        delta = self.delta_vector()
+        if delta is None:
+            return None
+        r = delta.shape[0]
+        h = F.linear(x.to(self.U.dtype), self.U[:r]) * delta  # (..., r)
+        return F.linear(h, self.L[:, :r]).to(x.dtype)  # (..., out)
+
+    def delta_weight(self, delta: torch.Tensor) -> torch.Tensor:
+        r = delta.shape[0]
+        return (self.L[:, :r] * delta) @ self.U[:r]  # (out, in) = L̃ diag(δ) U_r
+
+    @torch.no_grad()
+    def fuse(self) -> None:
+        if self.fused_delta is not None:
+            return
+        delta = self.delta_vector()
+        if delta is None or not self.enabled:
+            return
+        w = self.base.weight
+        w.data += self.delta_weight(delta.detach()).to(w.dtype)
+        self.fused_delta = delta.detach().clone()
+
+    @torch.no_grad()
+    def unfuse(self) -> None:
+        if self.fused_delta is None:
+            return
+        w = self.base.weight
+        w.data -= self.delta_weight(self.fused_delta).to(w.dtype)
+        self.fused_delta = None
+
+    def extra_repr(self) -> str:
+        return f"rank={self.rank}, adapters={dict(self.weights)}"

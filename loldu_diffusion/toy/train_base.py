@@ -1,0 +1,224 @@
+"""Train the embedded base model and its judge from scratch on the toy world.
+
+    python -m loldu_diffusion.toy.train_base [--out assets] [--quick]
+
+Stages (each cached in --work, so a killed run picks up at the stage it was in):
+  1. judge      CNN attribute classifier on fresh renders
+  2. tokenizer  CLIP BPE over the world's words (+ rare identifiers such as "sks")
+  3. vae        AutoencoderKL, 64×64 RGB ↔ 16×16×4
+  4. latents    the training set encoded once, so the UNet never runs the VAE
+  5. unet       UNet2DConditionModel + CLIPTextModel, jointly, ε-prediction,
+                10 % empty captions for classifier-free guidance
+Then the pipeline is written in diffusers format (fp16 weights) under OUT/tiny-sd.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import random
+import shutil
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from . import world
+from .judge import ATTRIBUTES, Judge, labels_of, save_judge
+from .models import SCHEDULER_CONFIG, UNET_CONFIG, VAE_CONFIG, build_tokenizer, text_config_for
+
+FULL = dict(judge_steps=1500, vae_steps=1200, n_images=24000, unet_steps=4500, batch=64)
+QUICK = dict(judge_steps=60, vae_steps=30, n_images=256, unet_steps=30, batch=16)
+
+
+def _cosine_lr(opt, total, warmup=100):
+    return torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, total) / total))
+    )
+
+
+def _batch(seed: int, n: int, drop: float = 0.0):
+    data = world.render_dataset(n, seed, drop)
+    images = torch.from_numpy(np.stack([d[0] for d in data]))
+    return images, [d[1] for d in data], [d[2] for d in data]
+
+
+def train_judge(steps: int, seed: int) -> Judge:
+    torch.manual_seed(seed)
+    judge = Judge()
+    opt = torch.optim.AdamW(judge.parameters(), 2e-3, weight_decay=1e-4)
+    sched = _cosine_lr(opt, steps)
+    bar = tqdm(range(steps), desc="judge")
+    for step in bar:
+        images, _, scenes = _batch(seed * 100003 + step, 64)
+        images = images + 0.06 * torch.randn_like(images)  # generated images are never crisp
+        labels = labels_of(scenes)
+        logits = judge(images)
+        loss = sum(F.cross_entropy(logits[k], labels[k]) for k in ATTRIBUTES)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step()
+        bar.set_postfix(loss=f"{loss.item():.3f}")
+    return judge.eval()
+
+
+def judge_accuracy(judge: Judge, n: int = 512, seed: int = 987654) -> dict[str, float]:
+    images, _, scenes = _batch(seed, n)
+    read = judge.read(images)
+    return {k: float(np.mean([r[k] == getattr(s, k) for r, s in zip(read, scenes)])) for k in ATTRIBUTES}
+
+
+def train_vae(steps: int, seed: int, batch: int = 16):
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(seed)
+    vae = AutoencoderKL(**VAE_CONFIG)
+    opt = torch.optim.AdamW(vae.parameters(), 1e-3, weight_decay=0.0)
+    sched = _cosine_lr(opt, steps)
+    bar = tqdm(range(steps), desc="vae")
+    for step in bar:
+        images, _, _ = _batch(seed * 7919 + step, batch)
+        posterior = vae.encode(images).latent_dist
+        recon = vae.decode(posterior.sample()).sample
+        kl = posterior.kl().mean() / images[0].numel()
+        loss = F.mse_loss(recon, images) + 0.5 * F.l1_loss(recon, images) + 1e-4 * kl
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step()
+        bar.set_postfix(loss=f"{loss.item():.4f}")
+    return vae.eval()
+
+
+@torch.no_grad()
+def encode_dataset(vae, n: int, seed: int):
+    """(mean, std) of the latents of n renders; scenes kept for captioning at train time."""
+    rng = random.Random(seed)
+    scenes = [world.random_scene(rng) for _ in range(n)]
+    means, stds = [], []
+    for i in tqdm(range(0, n, 256), desc="latents"):
+        images = torch.from_numpy(np.stack([world.to_tensor(world.render(s)) for s in scenes[i : i + 256]]))
+        dist = vae.encode(images).latent_dist
+        means.append(dist.mean)
+        stds.append(dist.std)
+    return torch.cat(means), torch.cat(stds), scenes
+
+
+def train_unet(tokenizer, latents_mean, latents_std, scenes, steps, batch, seed, scaling):
+    from diffusers import DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    torch.manual_seed(seed)
+    rng = random.Random(seed)
+    unet = UNet2DConditionModel(**UNET_CONFIG)
+    text_encoder = CLIPTextModel(text_config_for(tokenizer))
+    noise_scheduler = DDPMScheduler(**SCHEDULER_CONFIG)
+    params = list(unet.parameters()) + list(text_encoder.parameters())
+    opt = torch.optim.AdamW(params, 1e-3, weight_decay=1e-2)
+    sched = _cosine_lr(opt, steps, warmup=200)
+    token_cache: dict[str, list[int]] = {}
+
+    def tokens(text):
+        if text not in token_cache:
+            token_cache[text] = tokenizer(
+                text, padding="max_length", max_length=tokenizer.model_max_length, truncation=True
+            ).input_ids
+        return token_cache[text]
+
+    bar = tqdm(range(steps), desc="unet+text")
+    for step in bar:
+        idx = torch.tensor(rng.sample(range(len(scenes)), batch))
+        captions = ["" if rng.random() < 0.1 else world.caption(scenes[i], rng, drop=0.2) for i in idx.tolist()]
+        ids = torch.tensor([tokens(c) for c in captions])
+        latents = (latents_mean[idx] + latents_std[idx] * torch.randn_like(latents_mean[idx])) * scaling
+        noise = torch.randn_like(latents)
+        t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (batch,))
+        noisy = noise_scheduler.add_noise(latents, noise, t)
+        pred = unet(noisy, t, text_encoder(ids)[0]).sample
+        loss = F.mse_loss(pred, noise)
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        bar.set_postfix(loss=f"{loss.item():.4f}")
+    return unet.eval(), text_encoder.eval()
+
+
+def save_pipeline(out_dir, vae, unet, text_encoder, tokenizer):
+    from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
+
+    scheduler = DPMSolverMultistepScheduler(**SCHEDULER_CONFIG)
+    pipe = StableDiffusionPipeline(
+        vae=vae, unet=unet, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler,
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+    tmp = out_dir + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    # UNet and VAE in fp16 halve the repo; the text encoder stays fp32 because transformers
+    # loads weights in their stored dtype by default while diffusers loads fp32, and a plain
+    # `from_pretrained(path)` must give one dtype throughout.
+    unet.to(torch.float16)
+    vae.to(torch.float16)
+    pipe.save_pretrained(tmp)
+    shutil.rmtree(out_dir, ignore_errors=True)
+    os.replace(tmp, out_dir)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default=None, help="assets folder to write tiny-sd/ and judge/ into (default: the repo's assets/)")
+    p.add_argument("--work", default=None, help="folder for stage caches (default: OUT/.train_base_work)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quick", action="store_true", help="a few steps of each stage (for tests)")
+    p.add_argument("--threads", type=int, default=None)
+    args = p.parse_args(argv)
+    from . import ASSETS
+
+    out = args.out or ASSETS
+    work = args.work or os.path.join(out, ".train_base_work")
+    os.makedirs(work, exist_ok=True)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    cfg = QUICK if args.quick else FULL
+    t0 = time.time()
+
+    judge_path = os.path.join(out, "judge")
+    if not os.path.exists(os.path.join(judge_path, "judge.safetensors")):
+        judge = train_judge(cfg["judge_steps"], args.seed)
+        print("judge accuracy on fresh renders:", judge_accuracy(judge, 128 if args.quick else 1024))
+        save_judge(judge, judge_path)
+
+    tok_path = os.path.join(work, "tokenizer")
+    tokenizer = build_tokenizer(tok_path)
+
+    from diffusers import AutoencoderKL
+
+    vae_path = os.path.join(work, "vae")
+    if os.path.exists(os.path.join(vae_path, "config.json")):
+        vae = AutoencoderKL.from_pretrained(vae_path).eval()
+    else:
+        vae = train_vae(cfg["vae_steps"], args.seed)
+        vae.save_pretrained(vae_path)
+
+    lat_path = os.path.join(work, "latents.pt")
+    if os.path.exists(lat_path):
+        mean, std, scenes = torch.load(lat_path, weights_only=False)
+    else:
+        mean, std, scenes = encode_dataset(vae, cfg["n_images"], args.seed + 1)
+        torch.save((mean, std, scenes), lat_path)
+    scaling = float(1.0 / mean.std())
+    vae.register_to_config(scaling_factor=scaling)
+
+    unet, text_encoder = train_unet(
+        tokenizer, mean, std, scenes, cfg["unet_steps"], cfg["batch"], args.seed, scaling
+    )
+    save_pipeline(os.path.join(out, "tiny-sd"), vae, unet, text_encoder, tokenizer)
+    print(f"base model written to {os.path.join(out, 'tiny-sd')} in {(time.time() - t0) / 60:.1f} min")
+
+
+if __name__ == "__main__":
+    main()
