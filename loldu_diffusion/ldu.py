@@ -31,8 +31,27 @@ def zero_pivot_tolerance(weight: torch.Tensor) -> float:
     return max(out_f, in_f) * torch.finfo(torch.float64).eps * float(weight.abs().max())
 
 
-def decompose_ldu(weight: torch.Tensor, rank: int) -> LDUFactors:
+def _eliminate(panel: torch.Tensor, tol: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gaussian elimination of an (out × r) panel whose rows are already in pivot order."""
+    n_rows, r = panel.shape
+    A = panel.clone()
+    L = torch.zeros_like(A)
+    for k in range(r):
+        L[k, k] = 1.0
+        if A[k, k].abs() > tol:  # a zero pivot eliminates nothing (its multipliers stay 0)
+            L[k + 1 :, k] = A[k + 1 :, k] / A[k, k]
+            A[k + 1 :, k:] -= L[k + 1 :, k, None] * A[k, None, k:]
+    return L, torch.triu(A[:r])
+
+
+def decompose_ldu(weight: torch.Tensor, rank: int, pivots: torch.Tensor | None = None) -> LDUFactors:
     """Top-`rank` LDU factors of `weight` (out × in), float64 on the CPU.
+
+    With `pivots` (r row indices, e.g. from an adapter file) the elimination uses those rows in
+    that order instead of choosing them: a weight stored at lower precision (an fp16 copy of
+    the base) can break a near-tie between two candidate pivots the other way, and the factors
+    must still be the ones the adapter was trained on. Callers check |L̃| ≤ 1 (+ tolerance) to
+    confirm the given pivots are partial pivots of this weight.
 
     A zero pivot (|d_k| ≤ `zero_pivot_tolerance`) is not divided by: d_k is set to 0 and row k
     of U keeps the eliminated row with a unit diagonal. That direction then contributes nothing
@@ -47,20 +66,29 @@ def decompose_ldu(weight: torch.Tensor, rank: int) -> LDUFactors:
     if not torch.isfinite(w).all():
         raise ValueError("decompose_ldu: the weight holds NaN or infinite values")
 
-    lu, ipiv, _ = torch.linalg.lu_factor_ex(w[:, :rank])  # (out, r); info > 0 just flags a zero pivot
-    perm = torch.arange(out_f)
-    for k, p in enumerate((ipiv - 1).tolist()):  # LAPACK swaps, applied in order
-        perm[[k, p]] = perm[[p, k]]
-
-    L_panel = torch.tril(lu, -1)
-    L_panel[:rank].fill_diagonal_(1.0)  # (out, r) unit lower trapezoidal, pivoted row order
-    U11 = torch.triu(lu[:rank])  # (r, r)
+    tol = zero_pivot_tolerance(w)
+    if pivots is None:
+        lu, ipiv, _ = torch.linalg.lu_factor_ex(w[:, :rank])  # (out, r); info > 0 just flags a zero pivot
+        perm = torch.arange(out_f)
+        for k, p in enumerate((ipiv - 1).tolist()):  # LAPACK swaps, applied in order
+            perm[[k, p]] = perm[[p, k]]
+        L_panel = torch.tril(lu, -1)
+        L_panel[:rank].fill_diagonal_(1.0)  # (out, r) unit lower trapezoidal, pivoted row order
+        U11 = torch.triu(lu[:rank])  # (r, r)
+    else:
+        pivots = pivots.to("cpu", torch.int64)
+        if pivots.shape != (rank,) or len(set(pivots.tolist())) != rank or int(pivots.min()) < 0 or int(pivots.max()) >= out_f:
+            raise ValueError(f"pivots must be {rank} distinct row indices below {out_f}")
+        rest = torch.ones(out_f, dtype=torch.bool)
+        rest[pivots] = False
+        perm = torch.cat([pivots, torch.arange(out_f)[rest]])
+        L_panel, U11 = _eliminate(w[perm, :rank], tol)
     rows = w[perm[:rank]]  # (r, in): the pivot rows of W
     U12 = torch.linalg.solve_triangular(L_panel[:rank], rows[:, rank:], upper=False, unitriangular=True)
     U_raw = torch.cat([U11, U12], dim=1)  # (r, in) = D U_r
 
     d = torch.diagonal(U11).clone()
-    zero = d.abs() <= zero_pivot_tolerance(w)
+    zero = d.abs() <= tol
     d[zero] = 0.0
     scale = torch.where(zero, torch.ones_like(d), d)
     U = U_raw / scale[:, None]
