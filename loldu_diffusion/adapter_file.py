@@ -84,6 +84,9 @@ class AdapterFile:
             save_file(tensors, tmp, metadata={"format": "pt", "loldu": json.dumps(meta, separators=(",", ":"))})
             with open(tmp, "rb+") as f:
                 os.fsync(f.fileno())
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; an adapter is meant to be shared
             os.replace(tmp, path)
         except BaseException:
             if os.path.exists(tmp):

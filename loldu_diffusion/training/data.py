@@ -1,0 +1,135 @@
+"""DreamBooth data: instance (and class) images, read defensively, sampled deterministically.
+
+Every random choice of a training step (which images, flips, crops) comes from a generator
+seeded by (seed, step, micro-batch, process), so a resumed run sees exactly the batches an
+uninterrupted one would have seen, and each process of a multi-process run sees its own.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
+
+
+class DataError(ValueError):
+    """A problem with the training images the user must fix."""
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Any PIL image (EXIF-rotated, grayscale, RGBA, palette, CMYK, 16-bit) → 8-bit RGB."""
+    img = ImageOps.exif_transpose(img)
+    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        a = np.asarray(img, dtype=np.float64)
+        top = 65535.0 if img.mode.startswith("I;16") or a.max() > 255 else 255.0
+        img = Image.fromarray(np.clip(a / top * 255.0, 0, 255).astype(np.uint8), "L")
+    if img.mode in ("RGBA", "LA") or (img.mode == "P" and "transparency" in img.info):
+        rgba = img.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        img = Image.alpha_composite(white, rgba)
+    return img.convert("RGB")
+
+
+def read_images(folder: str, flag: str = "--instance_data_dir") -> tuple[list[tuple[str, Image.Image]], list[str]]:
+    """(path, RGB image) for every readable image in `folder`, and the names it skipped."""
+    if not folder or not os.path.isdir(folder):
+        raise DataError(f"{flag} {folder!r}: no such folder")
+    names = sorted(n for n in os.listdir(folder) if os.path.splitext(n)[1].lower() in IMAGE_EXTENSIONS)
+    images, skipped = [], []
+    for n in names:
+        path = os.path.join(folder, n)
+        try:
+            with Image.open(path) as im:
+                im.load()
+                images.append((path, to_rgb(im)))
+        except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
+            skipped.append(f"{n} ({type(e).__name__})")
+    return images, skipped
+
+
+def caption_for(path: str, default: str) -> str:
+    """A per-image caption from NAME.txt beside the image, else the instance prompt."""
+    txt = os.path.splitext(path)[0] + ".txt"
+    if os.path.isfile(txt):
+        with open(txt, encoding="utf-8") as f:
+            text = f.read().strip()
+        if text:
+            return text
+    return default
+
+
+def resize_shorter(img: Image.Image, size: int) -> torch.Tensor:
+    """Shorter side to `size` (bicubic), as a (3, H, W) tensor in [-1, 1]."""
+    w, h = img.size
+    s = size / min(w, h)
+    img = img.resize((max(size, round(w * s)), max(size, round(h * s))), Image.BICUBIC)
+    return torch.from_numpy(np.asarray(img, dtype=np.float32).transpose(2, 0, 1).copy()) / 127.5 - 1.0
+
+
+@dataclass
+class ImageSet:
+    images: list[torch.Tensor]  # (3, H, W), shorter side = resolution
+    captions: list[str]
+    paths: list[str] = field(default_factory=list)
+
+    def __len__(self):
+        return len(self.images)
+
+    @classmethod
+    def from_folder(cls, folder, prompt, resolution, flag="--instance_data_dir", warn=print) -> "ImageSet":
+        found, skipped = read_images(folder, flag)
+        if skipped:
+            warn(f"{flag} {folder}: skipped {len(skipped)} unreadable file(s): {', '.join(skipped)}")
+        if not found:
+            what = "no readable image" if skipped else f"no image ({', '.join(sorted(IMAGE_EXTENSIONS))})"
+            raise DataError(f"{flag} {folder!r}: {what} found; add 3–10 photos of the subject")
+        return cls([resize_shorter(im, resolution) for _, im in found], [caption_for(p, prompt) for p, _ in found],
+                   [p for p, _ in found])
+
+    def crop(self, i: int, resolution: int, center: bool, flip: bool, gen: torch.Generator) -> torch.Tensor:
+        img = self.images[i]
+        _, h, w = img.shape
+        if center:
+            top, left = (h - resolution) // 2, (w - resolution) // 2
+        else:
+            top = int(torch.randint(0, h - resolution + 1, (1,), generator=gen))
+            left = int(torch.randint(0, w - resolution + 1, (1,), generator=gen))
+        out = img[:, top : top + resolution, left : left + resolution]
+        return out.flip(-1) if flip else out
+
+    def needs_random_crop(self, resolution: int, center: bool) -> bool:
+        return not center and any(img.shape[1] != resolution or img.shape[2] != resolution for img in self.images)
+
+
+def step_generator(seed: int, step: int, micro: int = 0, process: int = 0) -> torch.Generator:
+    """The one source of randomness for (step, micro-batch, process): resumable and disjoint."""
+    return torch.Generator().manual_seed((((seed * 1_000_003 + step) * 1009 + micro) * 257 + process) % (2**63 - 1))
+
+
+def sample_indices(n: int, batch: int, gen: torch.Generator) -> list[int]:
+    """`batch` indices; without repeats while the set is large enough."""
+    if batch <= n:
+        return torch.randperm(n, generator=gen)[:batch].tolist()
+    return torch.randint(0, n, (batch,), generator=gen).tolist()
+
+
+KNOWN_IDENTIFIERS = {"sks", "ohwx", "zwx", "qlt", "vvb", "xyr", "pfm", "tok", "bnha", "shs"}
+
+
+def is_rare_word(word: str) -> bool:
+    """'sks', 'ohwx', 'zwx': known identifiers, or short words with no vowel after the first letter."""
+    return word in KNOWN_IDENTIFIERS or (3 <= len(word) <= 5 and word.isalpha() and not set(word[1:]) & set("aeiouy"))
+
+
+def check_identifier(prompt: str) -> str | None:
+    """A warning if the instance prompt has no rare identifier word (like 'sks')."""
+    words = prompt.lower().replace(",", " ").split()
+    if any(is_rare_word(w) for w in words):
+        return None
+    noun = words[-1] if words else "dog"
+    return (f"--instance_prompt {prompt!r} has no rare identifier (like 'sks'): the model may change the whole "
+            f"class instead of learning one subject; try 'a photo of sks {noun}'")

@@ -1,0 +1,208 @@
+"""What each `--method` trains, checkpoints and writes. One class per method, one interface:
+
+    setup(models)            attach the method, return the trainable parameters
+    trainable_state(models)  the tensors a checkpoint must hold to resume exactly
+    load_trainable_state(models, tensors)
+    save(models, out_dir, metadata) → written paths (the method's natural output)
+
+`models` is a SimpleNamespace with unet, text_encoder, (text_encoder_2) and, for saving,
+the path of the base model.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+
+import torch
+
+from ..adapter_file import save_adapter
+from ..config import LoLDUConfig
+from ..model import inject_loldu, loldu_parameters
+
+ADAPTER_FILE = "loldu_adapter.safetensors"
+LORA_FILE = "pytorch_lora_weights.safetensors"
+
+
+def _text_encoders(models):
+    return [getattr(models, n) for n in ("text_encoder", "text_encoder_2") if getattr(models, n, None) is not None]
+
+
+class LoLDUMethod:
+    name = "loldu"
+
+    def __init__(self, args):
+        self.args = args
+        self.config = LoLDUConfig(
+            rank=args.rank, alpha=args.alpha, init=args.init, unet_targets=args.unet_targets,
+            text_encoder_targets=args.text_encoder_targets if args.train_text_encoder else None,
+        )
+
+    def setup(self, models):
+        inject_loldu(models, self.config)
+        return loldu_parameters(models)
+
+    def _trainable_modules(self, models):
+        mods = {"unet": models.unet}
+        if self.args.train_text_encoder:
+            mods.update({n: getattr(models, n) for n in ("text_encoder", "text_encoder_2") if getattr(models, n, None) is not None})
+        return mods
+
+    def trainable_state(self, models):
+        return {f"{c}.{k}": v.detach().clone() for c, m in self._trainable_modules(models).items()
+                for k, v in m.state_dict().items() if ".adapters." in k}
+
+    def load_trainable_state(self, models, tensors):
+        for c, m in self._trainable_modules(models).items():
+            own = {k[len(c) + 1 :]: v for k, v in tensors.items() if k.startswith(c + ".")}
+            missing, unexpected = m.load_state_dict(own, strict=False)
+            missing = [k for k in missing if ".adapters." in k]
+            if missing or unexpected:
+                raise ValueError(f"checkpoint does not match this run's adapter ({c}: missing {missing[:2]}, unexpected {unexpected[:2]})")
+
+    def save(self, models, out_dir, metadata):
+        path = os.path.join(out_dir, ADAPTER_FILE)
+        save_adapter(models, path, adapter_name="default", metadata=metadata, overwrite=True)
+        return [path]
+
+
+class LoRAMethod:
+    """LoRA / OLoRA through PEFT, configured as diffusers' train_dreambooth_lora.py does."""
+
+    def __init__(self, args):
+        self.args = args
+        self.name = args.method
+        self.init = "olora" if args.method == "olora" else "gaussian"
+        self.initial = {}
+
+    def _config(self, targets):
+        from peft import LoraConfig
+
+        alpha = self.args.alpha if self.args.alpha is not None else self.args.rank
+        return LoraConfig(r=self.args.rank, lora_alpha=alpha, init_lora_weights=self.init, target_modules=list(targets))
+
+    def _modules(self, models):
+        mods = {"unet": models.unet}
+        if self.args.train_text_encoder:
+            mods.update({n: m for n, m in zip(("text_encoder", "text_encoder_2"), _text_encoders(models))})
+        return mods
+
+    def setup(self, models):
+        from peft.utils import get_peft_model_state_dict
+
+        params = []
+        for c, m in self._modules(models).items():
+            m.add_adapter(self._config(self.args.unet_targets if c == "unet" else self.args.text_encoder_targets))
+            # OLoRA moved s·B₀A₀ out of the base weights; keep B₀, A₀ to export on the pristine base
+            self.initial[c] = {k: v.detach().clone() for k, v in get_peft_model_state_dict(m).items()}
+            params += [p for p in m.parameters() if p.requires_grad]
+        return params
+
+    def trainable_state(self, models):
+        from peft.utils import get_peft_model_state_dict
+
+        state = {f"{c}.{k}": v.detach().clone() for c, m in self._modules(models).items() for k, v in get_peft_model_state_dict(m).items()}
+        state.update({f"initial.{c}.{k}": v for c, s in self.initial.items() for k, v in s.items()})
+        return state
+
+    def load_trainable_state(self, models, tensors):
+        from peft.utils import set_peft_model_state_dict
+
+        for c, m in self._modules(models).items():
+            set_peft_model_state_dict(m, {k[len(c) + 1 :]: v for k, v in tensors.items() if k.startswith(c + ".")})
+            self.initial[c] = {k[len(c) + 9 :]: v for k, v in tensors.items() if k.startswith(f"initial.{c}.")}
+
+    def pristine_lora_state(self, c, module):
+        """LoRA weights that are exact on the *pristine* base: the scale s = alpha/r baked into
+        lora_B (so any loader's default alpha = rank works), and for OLoRA the initial product
+        subtracted: W + s·B·A − s·B₀·A₀ = W + [sB, −sB₀]·[A; A₀] (rank doubles, as PEFT's
+        path_initial_model_for_weight_conversion does)."""
+        from peft.utils import get_peft_model_state_dict
+
+        s = (self.args.alpha if self.args.alpha is not None else self.args.rank) / self.args.rank
+        state = get_peft_model_state_dict(module)
+        out = {}
+        for k, A in state.items():
+            if ".lora_A." not in k:
+                continue
+            kb = k.replace(".lora_A.", ".lora_B.")
+            B = state[kb]
+            if self.init == "olora":
+                A0, B0 = self.initial[c][k], self.initial[c][kb]
+                A, B = torch.cat([A, A0], 0), torch.cat([s * B, -s * B0], 1)
+            else:
+                B = s * B
+            out[k], out[kb] = A.detach().float().contiguous(), B.detach().float().contiguous()
+        return out
+
+    def save(self, models, out_dir, metadata):
+        from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+        from diffusers.utils import convert_state_dict_to_diffusers
+
+        mods = self._modules(models)
+        layers = {c: convert_state_dict_to_diffusers(self.pristine_lora_state(c, m)) for c, m in mods.items()}
+        kwargs = {"unet_lora_layers": layers["unet"]}
+        if "text_encoder" in layers:
+            kwargs["text_encoder_lora_layers"] = layers["text_encoder"]
+        if getattr(models, "text_encoder_2", None) is not None:
+            if "text_encoder_2" in layers:
+                kwargs["text_encoder_2_lora_layers"] = layers["text_encoder_2"]
+            saver = StableDiffusionXLPipeline
+        else:
+            saver = StableDiffusionPipeline
+        tmp = os.path.join(out_dir, ".lora.tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        saver.save_lora_weights(tmp, safe_serialization=True, **kwargs)
+        os.replace(os.path.join(tmp, LORA_FILE), os.path.join(out_dir, LORA_FILE))
+        shutil.rmtree(tmp, ignore_errors=True)
+        return [os.path.join(out_dir, LORA_FILE)]
+
+
+class FullMethod:
+    """Full fine-tuning of the UNet (AdamW, or Fira for a low-rank optimizer-state budget)."""
+
+    name = "full"
+
+    def __init__(self, args):
+        self.args = args
+
+    def setup(self, models):
+        models.unet.requires_grad_(True)
+        return list(models.unet.parameters())
+
+    def trainable_state(self, models):
+        return {f"unet.{k}": v.detach().clone() for k, v in models.unet.state_dict().items()}
+
+    def load_trainable_state(self, models, tensors):
+        models.unet.load_state_dict({k[5:]: v for k, v in tensors.items() if k.startswith("unet.")})
+
+    def save(self, models, out_dir, metadata):
+        target = os.path.join(out_dir, "unet")
+        tmp = target + ".tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        models.unet.save_pretrained(tmp)
+        shutil.rmtree(target, ignore_errors=True)
+        os.replace(tmp, target)
+        return [target]
+
+
+def make_method(args):
+    return {"loldu": LoLDUMethod, "lora": LoRAMethod, "olora": LoRAMethod, "full": FullMethod}[args.method](args)
+
+
+def make_optimizer(args, params):
+    if args.method == "full" and args.optimizer == "fira":
+        from ..fira import Fira
+
+        return Fira(params, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon,
+                    weight_decay=args.adam_weight_decay, rank=args.fira_rank,
+                    update_proj_gap=args.fira_update_proj_gap, alpha=args.fira_alpha)
+    cls = torch.optim.AdamW
+    if args.use_8bit_adam:
+        try:
+            import bitsandbytes as bnb
+
+            cls = bnb.optim.AdamW8bit
+        except ImportError:
+            print("--use_8bit_adam: bitsandbytes is not installed; using torch.optim.AdamW")
+    return cls(params, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
+               weight_decay=args.adam_weight_decay, eps=args.adam_epsilon)

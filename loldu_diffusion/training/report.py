@@ -1,0 +1,122 @@
+"""What a training run leaves for people: image grids, a loss curve, a model card."""
+from __future__ import annotations
+
+import json
+import os
+
+from PIL import Image
+
+
+def size_of(path: str) -> int:
+    if os.path.isdir(path):
+        return sum(os.path.getsize(os.path.join(r, f)) for r, _, fs in os.walk(path) for f in fs)
+    return os.path.getsize(path)
+
+
+def save_grid(rows: list[list[Image.Image]], path: str, min_cell: int = 128) -> str:
+    """Rows of images → one PNG (small images are enlarged, pixel-exact, to be visible)."""
+    w, h = rows[0][0].size
+    scale = max(1, min_cell // max(w, h))
+    cols = max(len(r) for r in rows)
+    grid = Image.new("RGB", (cols * w * scale, len(rows) * h * scale), (255, 255, 255))
+    for y, row in enumerate(rows):
+        for x, im in enumerate(row):
+            grid.paste(im.resize((w * scale, h * scale), Image.NEAREST), (x * w * scale, y * h * scale))
+    tmp = path + ".tmp.png"
+    grid.save(tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def write_images(out_dir, before, during, after) -> dict:
+    grids = {"after": save_grid([after], os.path.join(out_dir, "validation_after.png"))}
+    if before:
+        grids["before"] = save_grid([before], os.path.join(out_dir, "validation_before.png"))
+        rows = [before] + [imgs for _, imgs in during] + [after]
+        grids["progress"] = save_grid(rows, os.path.join(out_dir, "validation_grid.png"))
+    return grids
+
+
+def log_images(accelerator, tag, images, step):
+    import numpy as np
+
+    for tracker in accelerator.trackers:
+        if tracker.name == "tensorboard":
+            arr = np.stack([np.asarray(im) for im in images])
+            tracker.writer.add_images(tag, arr, step, dataformats="NHWC")
+
+
+def loss_curve(history: list[float], path: str) -> str | None:
+    if not history:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    k = max(1, len(history) // 20)
+    smooth = [sum(history[max(0, i - k + 1) : i + 1]) / len(history[max(0, i - k + 1) : i + 1]) for i in range(len(history))]
+    fig, ax = plt.subplots(figsize=(6, 3.2))
+    ax.plot(range(1, len(history) + 1), history, alpha=0.3, label="loss")
+    ax.plot(range(1, len(history) + 1), smooth, label=f"mean of {k}")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path + ".tmp.png", dpi=100)
+    plt.close(fig)
+    os.replace(path + ".tmp.png", path)
+    return path
+
+
+def write_json(path: str, data: dict) -> None:
+    with open(path + ".tmp", "w") as f:
+        json.dump(data, f, indent=1)
+    os.replace(path + ".tmp", path)
+
+
+def model_card(args, summary: dict, grids: dict) -> str:
+    """README.md with YAML front matter, as diffusers' DreamBooth scripts write."""
+    base = args.pretrained_model_name_or_path
+    out = summary["outputs"][0]
+    tags = ["text-to-image", "diffusers", "dreambooth", args.method, "loldu-diffusion"]
+    load = {
+        "loldu": (
+            "from diffusers import StableDiffusionPipeline\n"
+            "from loldu_diffusion import load_adapter\n\n"
+            f"pipe = StableDiffusionPipeline.from_pretrained({base!r})\n"
+            f"load_adapter(pipe, {out!r}, weight=1.0)\n"
+            f"image = pipe({args.instance_prompt!r}).images[0]\n"
+        ),
+        "lora": f"pipe = StableDiffusionPipeline.from_pretrained({base!r})\npipe.load_lora_weights({args.output_dir!r})\n",
+        "full": f"from diffusers import UNet2DConditionModel\nunet = UNet2DConditionModel.from_pretrained({args.output_dir!r}, subfolder='unet')\n"
+                f"pipe = StableDiffusionPipeline.from_pretrained({base!r}, unet=unet)\n",
+    }[{"olora": "lora"}.get(args.method, args.method)]
+    front = ["---", f"base_model: {base}", f"instance_prompt: {json.dumps(args.instance_prompt)}", "license: openrail++", "tags:"]
+    front += [f"- {t}" for t in tags] + ["inference: true", "---"]
+    body = [
+        f"# {args.method.upper()} DreamBooth: `{args.instance_prompt}`",
+        "",
+        f"Trained with loldu-diffusion on **{base}** for {summary['steps']} steps "
+        f"({summary['trainable_parameters']:,} trainable values; output {summary['output_bytes']:,} bytes).",
+        "",
+        f"- instance prompt: `{args.instance_prompt}`" + (f"; class prompt: `{args.class_prompt}`" if args.class_prompt else ""),
+        f"- method {args.method}, rank {args.rank}, learning rate {args.learning_rate}, batch {args.train_batch_size}, "
+        f"resolution {summary['resolution']}, seed {args.seed}",
+        f"- prior preservation: {'yes' if args.with_prior_preservation else 'no'}; text encoder trained: {'yes' if args.train_text_encoder else 'no'}",
+        "",
+        "## Validation",
+        "",
+    ]
+    for name, path in grids.items():
+        body.append(f"{name}: ![{name}]({os.path.basename(path)})")
+        body.append("")
+    body += ["## Use it", "", "```python", load.rstrip(), "```", ""]
+    if args.method == "loldu":
+        body += ["Other tools (A1111, ComfyUI, kohya) load it as a standard LoRA after "
+                 f"`loldu export-lora {out} --base {base} --format kohya -o {out.replace('.safetensors', '_kohya.safetensors')}`.", ""]
+    path = os.path.join(args.output_dir, "README.md")
+    with open(path + ".tmp", "w") as f:
+        f.write("\n".join(front + [""] + body))
+    os.replace(path + ".tmp", path)
+    return path
