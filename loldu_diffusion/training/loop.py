@@ -260,6 +260,9 @@ def train(args) -> dict:
         before = generate(make_pipeline(m, m.unet, args), args.validation_prompt, args.num_validation_images, val_seed, args, resolution, desc="validation (before)")
 
     # the method: attach, then cast what stays frozen
+    from accelerate.utils import set_seed
+
+    set_seed(args.seed)  # the random z₀ inits and LoRA's init draw from the global RNG
     method = make_method(args)
     models = types.SimpleNamespace(unet=m.unet, text_encoder=m.text_encoder, text_encoder_2=m.text_encoder_2)
     params = method.setup(models)

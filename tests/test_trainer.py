@@ -1,0 +1,193 @@
+"""The DreamBooth trainer on tiny SD/SDXL folders: resume, refusals, methods, processes."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from loldu_diffusion import AdapterFile
+from loldu_diffusion.training import TrainingError, parse_args, train
+from loldu_diffusion.training.methods import ADAPTER_FILE, LORA_FILE
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def common(base, concept, out):
+    return ["--pretrained_model_name_or_path", base, "--instance_data_dir", concept, "--instance_prompt",
+            "a photo of sks heart", "--num_validation_images", "1", "--num_inference_steps", "2",
+            "--report_to", "none", "--output_dir", str(out)]
+
+
+def run(argv):
+    return train(parse_args(argv))
+
+
+class SimulatedKill(BaseException):
+    pass
+
+
+def test_killed_run_resumes_to_the_same_adapter(tiny_sd_path, concept_dir, tmp_path, monkeypatch):
+    from accelerate import Accelerator
+
+    extra = ["--max_train_steps", "6", "--checkpointing_steps", "2", "--init", "uniform", "--lr_scheduler", "cosine",
+             "--lr_warmup_steps", "2", "--learning_rate", "1e-2", "--random_flip", "--snr_gamma", "5",
+             "--noise_offset", "0.05", "--gradient_accumulation_steps", "2", "--train_batch_size", "2"]
+    run(common(tiny_sd_path, concept_dir, tmp_path / "straight") + extra)
+
+    real_log = Accelerator.log
+
+    def log_then_die(self, values, step=None, **kw):
+        real_log(self, values, step=step, **kw)
+        if step == 5:
+            raise SimulatedKill()
+
+    monkeypatch.setattr(Accelerator, "log", log_then_die)
+    with pytest.raises(SimulatedKill):
+        run(common(tiny_sd_path, concept_dir, tmp_path / "killed") + extra)
+    monkeypatch.setattr(Accelerator, "log", real_log)
+    killed = tmp_path / "killed"
+    assert sorted(p for p in os.listdir(killed) if p.startswith("checkpoint")) == ["checkpoint-2", "checkpoint-4"]
+    assert not (killed / ADAPTER_FILE).exists()
+    (killed / "checkpoint-6.tmp").mkdir()  # a save that was killed half-way is never 'latest'
+    summary = run(common(tiny_sd_path, concept_dir, killed) + extra + ["--resume_from_checkpoint", "latest"])
+    assert summary["steps"] == 6
+    a = AdapterFile.read(str(tmp_path / "straight" / ADAPTER_FILE)).delta["unet"]
+    b = AdapterFile.read(str(killed / ADAPTER_FILE)).delta["unet"]
+    assert a.abs().max() > 0 and torch.allclose(a, b, atol=1e-6, rtol=0)
+    # and the outputs a person looks at are there
+    for name in ("README.md", "loss.png", "validation_after.png", "train_summary.json"):
+        assert (tmp_path / "straight" / name).exists(), name
+    card = (tmp_path / "straight" / "README.md").read_text()
+    assert card.startswith("---\nbase_model:") and "load_adapter" in card
+
+
+def test_existing_adapter_is_not_overwritten(tiny_sd_path, concept_dir, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / ADAPTER_FILE).write_bytes(b"precious")
+    with pytest.raises(TrainingError, match=r"already holds loldu_adapter.safetensors; pass --overwrite"):
+        run(common(tiny_sd_path, concept_dir, out) + ["--max_train_steps", "1"])
+    assert (out / ADAPTER_FILE).read_bytes() == b"precious"
+    run(common(tiny_sd_path, concept_dir, out) + ["--max_train_steps", "1", "--overwrite"])
+    assert AdapterFile.read(str(out / ADAPTER_FILE)).rank == 32
+
+
+def test_bad_inputs_are_one_line_errors(tiny_sd_path, concept_dir, tmp_path, capsys):
+    def fails(argv, match):
+        with pytest.raises(TrainingError, match=match) as e:
+            run(argv + ["--max_train_steps", "1"])
+        assert "\n" not in str(e.value)
+
+    fails(common(tiny_sd_path, str(tmp_path / "missing"), tmp_path / "o1"), "--instance_data_dir .*missing.*: no such folder")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    fails(common(tiny_sd_path, str(empty), tmp_path / "o2"), "--instance_data_dir .*: no image")
+    fails(common(str(tmp_path), concept_dir, tmp_path / "o3"), "not a diffusers model folder")
+    fails(common(tiny_sd_path, concept_dir, tmp_path / "o4") + ["--with_prior_preservation"], "needs --class_prompt")
+    fails(common(tiny_sd_path, concept_dir, tmp_path / "o5") + ["--resume_from_checkpoint", "checkpoint-9"], "no checkpoint there")
+    # some bad files among good ones: skipped by name, training goes on; a prompt without identifier warns
+    mixed = tmp_path / "mixed"
+    shutil.copytree(concept_dir, mixed)
+    (mixed / "zz_corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
+    Image.new("RGBA", (30, 50), (200, 0, 0, 128)).save(mixed / "rgba.png")
+    argv = common(tiny_sd_path, str(mixed), tmp_path / "o6") + ["--max_train_steps", "1", "--instance_prompt", "a photo of my heart"]
+    run(argv)
+    out = capsys.readouterr().out
+    assert "skipped 1 unreadable file(s): zz_corrupt.png" in out and "no rare identifier" in out
+
+
+def test_prior_preservation_generates_missing_class_images_once(tiny_sd_path, concept_dir, tmp_path):
+    argv = common(tiny_sd_path, concept_dir, tmp_path / "pp") + [
+        "--with_prior_preservation", "--class_prompt", "a photo of a heart", "--num_class_images", "2", "--max_train_steps", "2"]
+    run(argv)
+    class_dir = tmp_path / "pp" / "class_images"
+    assert sorted(os.listdir(class_dir)) == ["class_00000.png", "class_00001.png"]
+    stamp = os.path.getmtime(class_dir / "class_00000.png")
+    run(argv + ["--overwrite"])
+    assert sorted(os.listdir(class_dir)) == ["class_00000.png", "class_00001.png"]
+    assert os.path.getmtime(class_dir / "class_00000.png") == stamp
+
+
+@pytest.mark.parametrize("method", ["lora", "olora"])
+def test_lora_outputs_load_in_diffusers_and_change_the_model(tiny_sd_path, concept_dir, tmp_path, method):
+    from diffusers import StableDiffusionPipeline
+
+    out = tmp_path / method
+    summary = run(common(tiny_sd_path, concept_dir, out) + ["--method", method, "--max_train_steps", "3", "--learning_rate", "1e-2"])
+    assert summary["outputs"] == [LORA_FILE]
+    state = load_file(str(out / LORA_FILE))
+    ranks = {v.shape[0] for k, v in state.items() if "lora_A" in k or "lora.down" in k}
+    assert ranks == ({8} if method == "olora" else {4})  # OLoRA exported on the pristine base: rank doubles
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_sd_path, safety_checker=None)
+    x, t, c = torch.randn(1, 4, 8, 8), torch.tensor([500]), torch.randn(1, 7, 32)
+    with torch.no_grad():
+        base = pipe.unet(x, t, c).sample
+        pipe.load_lora_weights(str(out))
+        adapted = pipe.unet(x, t, c).sample
+    assert (adapted - base).abs().max() > 1e-4
+
+
+def test_olora_export_is_exact_on_the_pristine_base(tiny_sd_path, tmp_path):
+    """OLoRA moves s·B₀A₀ out of the base weights; the exported LoRA must reproduce the trained
+    model on the *unmodified* base."""
+    import types
+
+    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+
+    from loldu_diffusion.training.methods import LoRAMethod
+
+    args = parse_args(["--method", "olora", "--rank", "4"])
+    args.alpha, args.train_text_encoder = 8.0, False
+    unet = UNet2DConditionModel.from_pretrained(tiny_sd_path, subfolder="unet")
+    method = LoRAMethod(args)
+    params = method.setup(types.SimpleNamespace(unet=unet))
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in params:
+            p.add_(0.05 * torch.randn_like(p))  # "training"
+    x, t, c = torch.randn(1, 4, 8, 8), torch.tensor([300]), torch.randn(1, 7, 32)
+    with torch.no_grad():
+        trained = unet(x, t, c).sample
+    method.save(types.SimpleNamespace(unet=unet, text_encoder=None), str(tmp_path), {})
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_sd_path, safety_checker=None)
+    pipe.load_lora_weights(str(tmp_path))
+    with torch.no_grad():
+        assert torch.allclose(pipe.unet(x, t, c).sample, trained, atol=1e-4, rtol=1e-4)
+
+
+def test_full_finetuning_with_fira_writes_a_loadable_unet(tiny_sd_path, concept_dir, tmp_path):
+    from diffusers import UNet2DConditionModel
+
+    out = tmp_path / "full"
+    run(common(tiny_sd_path, concept_dir, out) + ["--method", "full", "--optimizer", "fira", "--fira_rank", "4",
+                                                  "--max_train_steps", "2", "--learning_rate", "1e-3"])
+    tuned = UNet2DConditionModel.from_pretrained(str(out), subfolder="unet")
+    base = UNet2DConditionModel.from_pretrained(tiny_sd_path, subfolder="unet")
+    diffs = [(a - b).abs().max().item() for a, b in zip(tuned.state_dict().values(), base.state_dict().values())]
+    assert max(diffs) > 0
+
+
+def test_sdxl_with_both_text_encoders(tiny_sdxl_path, concept_dir, tmp_path):
+    out = tmp_path / "xl"
+    run(common(tiny_sdxl_path, concept_dir, out) + ["--max_train_steps", "2", "--train_text_encoder", "--rank", "4", "--learning_rate", "1e-2"])
+    f = AdapterFile.read(str(out / ADAPTER_FILE))
+    assert set(f.layers) == {"unet", "text_encoder", "text_encoder_2"}
+    assert all(f.delta[c].abs().max() > 0 for c in f.layers)
+
+
+def test_two_processes_stay_in_sync_and_write_once(tiny_sd_path, concept_dir, tmp_path):
+    out = tmp_path / "ddp"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", os.path.join(ROOT, "train_dreambooth_loldu.py"),
+           *common(tiny_sd_path, concept_dir, out), "--max_train_steps", "3", "--learning_rate", "1e-2"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    summary = json.loads((out / "train_summary.json").read_text())
+    assert summary["processes"] == 2 and summary["max_process_divergence"] == 0.0
+    assert (proc.stdout + proc.stderr).count("wrote loldu_adapter.safetensors") == 1
