@@ -15,13 +15,13 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import dataclass, field
 
 import torch
 
+from .io import atomic_save_safetensors, refuse_existing
 from .layer import LoLDUVector
-from .model import attach_layer, components, iter_layers
+from .model import attach_layer, components, iter_layers, resolve_submodule
 from .processor import projection
 
 FORMAT = "loldu-diffusion-adapter"
@@ -62,36 +62,18 @@ class AdapterFile:
     # ---- writing -------------------------------------------------------------------------
     def save(self, path: str, overwrite: bool = False) -> None:
         """Atomic write (temp file + rename); an existing file is kept unless `overwrite`."""
-        from safetensors.torch import save_file
-
-        if os.path.exists(path) and not overwrite:
-            raise FileExistsError(f"{path} already exists: choose another name or pass overwrite=True (--overwrite)")
+        refuse_existing(path, overwrite)
         tensors = {}
         for comp in self.layers:
             d = self.d[comp].float()
             pivots = self.pivots[comp]
-            tensors[f"{comp}.delta"] = self.delta[comp].float().contiguous()
-            tensors[f"{comp}.pivots"] = pivots.to(torch.int16 if int(pivots.max()) < 2**15 else torch.int32).contiguous()
-            tensors[f"{comp}.d"] = d.to(torch.float16 if float(d.abs().max()) < 6e4 else torch.float32).contiguous()
+            tensors[f"{comp}.delta"] = self.delta[comp].float()
+            tensors[f"{comp}.pivots"] = pivots.to(torch.int16 if int(pivots.max()) < 2**15 else torch.int32)
+            tensors[f"{comp}.d"] = d.to(torch.float16 if float(d.abs().max()) < 6e4 else torch.float32)
         meta = dict(self.metadata)
         meta.update(format=FORMAT, version=VERSION)
         meta["layers"] = {c: _group(rows) for c, rows in self.layers.items()}
-        directory = os.path.dirname(os.path.abspath(path))
-        os.makedirs(directory, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".safetensors", dir=directory)
-        os.close(fd)
-        try:
-            save_file(tensors, tmp, metadata={"format": "pt", "loldu": json.dumps(meta, separators=(",", ":"))})
-            with open(tmp, "rb+") as f:
-                os.fsync(f.fileno())
-            umask = os.umask(0)
-            os.umask(umask)
-            os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; an adapter is meant to be shared
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
+        atomic_save_safetensors(tensors, path, {"format": "pt", "loldu": json.dumps(meta, separators=(",", ":"))}, overwrite)
 
     # ---- reading -------------------------------------------------------------------------
     @classmethod
@@ -204,7 +186,7 @@ class AdapterFile:
 
 def _linear(component, comp_name, mod_path, target):
     try:
-        module = component.get_submodule(mod_path) if mod_path else component
+        module = resolve_submodule(component, mod_path)
     except AttributeError:
         return None
     if comp_name == "unet":

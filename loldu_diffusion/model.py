@@ -51,7 +51,31 @@ def iter_layers(model) -> Iterator[tuple[str, str, str, LoLDULayer]]:
             for path, m in module.named_modules():
                 if isinstance(getattr(m, "loldu", None), LoLDULayer):
                     parent, _, leaf = path.rpartition(".")
-                    yield comp, parent, leaf, m.loldu
+                    yield comp, canonical_path(comp, parent), leaf, m.loldu
+
+
+def canonical_path(comp_name: str, path: str) -> str:
+    """Text-encoder layer names as in HF CLIP checkpoints ('text_model.encoder.layers.0…'):
+    transformers 5's CLIPTextModel dropped the 'text_model.' level that 4.x (and
+    CLIPTextModelWithProjection) have, and adapter files must load under both."""
+    if comp_name == "unet" or path.startswith("text_model"):
+        return path
+    return f"text_model.{path}" if path else "text_model"
+
+
+def resolve_submodule(component: nn.Module, path: str) -> nn.Module:
+    """component.get_submodule(path), accepting names with or without the 'text_model.' level."""
+    candidates = [path]
+    if path == "text_model" or path.startswith("text_model."):
+        candidates.append(path[len("text_model.") :] if "." in path else "")
+    else:
+        candidates.append(f"text_model.{path}" if path else "text_model")
+    for p in candidates:
+        try:
+            return component.get_submodule(p) if p else component
+        except AttributeError:
+            continue
+    raise AttributeError(f"no submodule {path!r}")
 
 
 def _te_hook(linear, args, output):
@@ -62,7 +86,7 @@ def _te_hook(linear, args, output):
 def attach_layer(component: nn.Module, comp_name: str, module_path: str, target: str, rank: int, factors=None) -> LoLDULayer:
     """The LoLDULayer on (module_path, target), created (at `rank`, from precomputed LDU
     `factors` when given) if missing."""
-    module = component.get_submodule(module_path) if module_path else component
+    module = resolve_submodule(component, module_path)
     if comp_name == "unet":
         proc = module.processor
         if not isinstance(proc, LoLDUAttnProcessor):
@@ -104,7 +128,7 @@ def find_targets(component: nn.Module, comp_name: str, targets: tuple[str, ...])
         for path, m in component.named_modules():
             parent, _, leaf = path.rpartition(".")
             if leaf in targets and isinstance(m, nn.Linear):
-                found.append((parent, leaf))
+                found.append((canonical_path(comp_name, parent), leaf))
     missing = set(targets) - {t for _, t in found}
     if not found or (comp_name != "unet" and missing):
         raise ValueError(f"{comp_name}: target modules {sorted(missing)} not found (targets asked: {list(targets)})")
@@ -215,9 +239,11 @@ def loldu_disabled(model):
         set_loldu_enabled(model, True)
 
 
-def remove_loldu(model) -> None:
-    """Unfuse, then restore the previous attention processors and drop all hooks and layers."""
-    unfuse_loldu(model)
+def remove_loldu(model, keep_fused: bool = False) -> None:
+    """Unfuse (unless keep_fused: bake the adapters into the weights for good), then restore
+    the previous attention processors and drop all hooks and layers."""
+    if not keep_fused:
+        unfuse_loldu(model)
     for comp_name, comp in components(model).items():
         if comp_name == "unet":
             attns = _attentions(comp)

@@ -196,3 +196,22 @@ def test_bad_config_and_targets():
     inject_loldu(unet, LoLDUConfig(rank=4))
     with pytest.raises(ValueError, match="already injected"):
         inject_loldu(unet, LoLDUConfig(rank=4))
+
+
+def test_text_encoder_layer_names_are_canonical_across_transformers_versions(tmp_path):
+    """transformers 5's CLIPTextModel has no 'text_model.' level, CLIPTextModelWithProjection
+    has; files name layers the HF-checkpoint way and load on either."""
+    plain, proj = tiny_text_encoder(0), tiny_text_encoder(0, projection=True)
+    inject_loldu(plain, LoLDUConfig(rank=4, init="uniform", text_encoder_targets=TE))
+    inject_loldu(proj, LoLDUConfig(rank=4, init="uniform", text_encoder_targets=TE))
+    assert {m for _, m, _, _ in iter_layers(plain)} == {m for _, m, _, _ in iter_layers(proj)}
+    assert all(m.startswith("text_model.encoder.layers.") for _, m, _, _ in iter_layers(plain))
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in loldu_parameters(plain):
+            p.add_(0.1)
+    save_adapter(plain, str(tmp_path / "te.safetensors"))
+    ids = torch.tensor([[0, 5, 9, 13, 2]])
+    target = tiny_text_encoder(0, projection=True)
+    load_adapter(target, str(tmp_path / "te.safetensors"))
+    assert torch.allclose(target.text_model(ids)[0], plain(ids)[0], atol=1e-5)

@@ -17,7 +17,6 @@ import argparse
 import math
 import os
 import random
-import shutil
 import time
 
 import numpy as np
@@ -25,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from ..io import atomic_save_dir
 from . import world
 from .judge import ATTRIBUTES, Judge, labels_of, save_judge
 from .models import SCHEDULER_CONFIG, UNET_CONFIG, VAE_CONFIG, build_tokenizer, text_config_for
@@ -156,16 +156,12 @@ def save_pipeline(out_dir, vae, unet, text_encoder, tokenizer):
         vae=vae, unet=unet, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler,
         safety_checker=None, feature_extractor=None, requires_safety_checker=False,
     )
-    tmp = out_dir + ".tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
     # UNet and VAE in fp16 halve the repo; the text encoder stays fp32 because transformers
     # loads weights in their stored dtype by default while diffusers loads fp32, and a plain
     # `from_pretrained(path)` must give one dtype throughout.
     unet.to(torch.float16)
     vae.to(torch.float16)
-    pipe.save_pretrained(tmp)
-    shutil.rmtree(out_dir, ignore_errors=True)
-    os.replace(tmp, out_dir)
+    atomic_save_dir(pipe.save_pretrained, out_dir, overwrite=True)
 
 
 def main(argv=None):

@@ -17,6 +17,7 @@ import torch
 
 from ..adapter_file import save_adapter
 from ..config import LoLDUConfig
+from ..io import atomic_save_dir
 from ..model import inject_loldu, loldu_parameters
 
 ADAPTER_FILE = "loldu_adapter.safetensors"
@@ -176,13 +177,7 @@ class FullMethod:
         models.unet.load_state_dict({k[5:]: v for k, v in tensors.items() if k.startswith("unet.")})
 
     def save(self, models, out_dir, metadata):
-        target = os.path.join(out_dir, "unet")
-        tmp = target + ".tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        models.unet.save_pretrained(tmp)
-        shutil.rmtree(target, ignore_errors=True)
-        os.replace(tmp, target)
-        return [target]
+        return [atomic_save_dir(models.unet.save_pretrained, os.path.join(out_dir, "unet"), overwrite=True)]
 
 
 def make_method(args):

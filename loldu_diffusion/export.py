@@ -1,0 +1,78 @@
+"""LoLDU → standard LoRA, exactly: the update L̃ diag(δ) U_r has rank ≤ r, so
+
+    lora_up = L̃ diag(δ)   (out × r),   lora_down = U_r   (r × in),   alpha = r (scale 1)
+
+reproduces it in any tool that only knows LoRA: diffusers' `load_lora_weights` (format
+"diffusers") or kohya / A1111 / ComfyUI (format "kohya", with `ss_*` metadata).
+Blends export too: the active blend's δ is what is written.
+"""
+from __future__ import annotations
+
+import json
+
+import torch
+
+from .io import atomic_save_safetensors
+from .model import iter_layers
+
+FORMATS = ("diffusers", "kohya")
+_KOHYA_PREFIX = {"unet": "lora_unet", "text_encoder": "lora_te", "text_encoder_2": "lora_te2"}
+
+
+def lora_factors(model) -> list[tuple[str, str, str, torch.Tensor, torch.Tensor]]:
+    """(component, module path, target, up (out, r), down (r, in)) for every layer with a
+    non-zero active δ, from the LoLDU adapters loaded (and weighted) on `model`."""
+    rows = []
+    for comp, mod, target, layer in iter_layers(model):
+        delta = layer.delta_vector()
+        if delta is None or not layer.enabled:
+            continue
+        r = delta.shape[0]
+        up = (layer.L[:, :r] * delta.detach()).float().cpu()
+        down = layer.U[:r].float().cpu()
+        rows.append((comp, mod, target, up, down))
+    if not rows:
+        raise ValueError("no active LoLDU adapter to export")
+    return rows
+
+
+def _kohya_name(comp: str, mod: str, target: str, sdxl: bool) -> str:
+    prefix = _KOHYA_PREFIX[comp]
+    if comp.startswith("text_encoder") and sdxl:
+        prefix = "lora_te1" if comp == "text_encoder" else "lora_te2"
+    return f"{prefix}_{mod}.{target}".replace(".", "_")
+
+
+def lora_state_dict(model, fmt: str = "diffusers") -> tuple[dict, dict]:
+    """(tensors, metadata) of the standard-LoRA form of the active LoLDU blend."""
+    if fmt not in FORMATS:
+        raise ValueError(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}")
+    rows = lora_factors(model)
+    sdxl = any(c == "text_encoder_2" for c, *_ in rows) or _is_sdxl(model)
+    tensors, rank = {}, 0
+    for comp, mod, target, up, down in rows:
+        rank = max(rank, up.shape[1])
+        if fmt == "diffusers":
+            key = f"{comp}.{mod}.{target}"
+            tensors[f"{key}.lora_A.weight"] = down
+            tensors[f"{key}.lora_B.weight"] = up
+        else:
+            key = _kohya_name(comp, mod, target, sdxl)
+            tensors[f"{key}.lora_down.weight"] = down
+            tensors[f"{key}.lora_up.weight"] = up
+            tensors[f"{key}.alpha"] = torch.tensor(float(up.shape[1]))  # alpha = r: scale 1
+    meta = {"format": "pt", "loldu_export": json.dumps({"source": "loldu-diffusion", "rank": rank, "layers": len(rows)})}
+    if fmt == "kohya":
+        meta.update(ss_network_module="networks.lora", ss_network_dim=str(rank), ss_network_alpha=str(rank),
+                    ss_base_model_version="sdxl_base_v1-0" if sdxl else "sd_v1", ss_training_comment="exported from a LoLDU adapter (exact)")
+    return tensors, meta
+
+
+def _is_sdxl(model) -> bool:
+    unet = getattr(model, "unet", model)
+    return getattr(getattr(unet, "config", None), "addition_embed_type", None) == "text_time"
+
+
+def export_lora(model, path: str, fmt: str = "diffusers", overwrite: bool = False) -> str:
+    tensors, meta = lora_state_dict(model, fmt)
+    return atomic_save_safetensors(tensors, path, meta, overwrite)

@@ -1,0 +1,161 @@
+"""Each `loldu` command on tiny models, with its errors."""
+import json
+import os
+
+import pytest
+import torch
+from PIL import Image
+
+from loldu_diffusion import AdapterFile, LoLDUConfig, inject_loldu, load_adapter, loldu_parameters, save_adapter
+from loldu_diffusion.cli import main as loldu
+from loldu_diffusion.config import DEFAULT_TEXT_ENCODER_TARGETS
+
+
+def trained_adapter(base, path, seed, rank=4, text=False):
+    from loldu_diffusion.pipeline import load_base
+
+    pipe = load_base(base)
+    inject_loldu(pipe, LoLDUConfig(rank=rank, init="uniform", text_encoder_targets=DEFAULT_TEXT_ENCODER_TARGETS if text else None))
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for p in loldu_parameters(pipe):
+            p.add_(0.2 * torch.randn_like(p))
+    save_adapter(pipe, str(path), metadata={"instance_prompt": "a photo of sks heart"})
+    return pipe
+
+
+def unet_out(pipe, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(1, 4, 8, 8, generator=g)
+    c = torch.randn(1, 7, pipe.unet.config.cross_attention_dim, generator=g)
+    with torch.no_grad():
+        return pipe.unet(x, torch.tensor([400]), c).sample
+
+
+@pytest.fixture(scope="module")
+def adapters(tiny_sd_path, tmp_path_factory):
+    d = tmp_path_factory.mktemp("adapters")
+    trained_adapter(tiny_sd_path, d / "a.safetensors", 1, rank=4, text=True)
+    trained_adapter(tiny_sd_path, d / "b.safetensors", 2, rank=2, text=True)
+    return d
+
+
+@pytest.mark.parametrize("fmt", ["diffusers", "kohya"])
+def test_export_lora_gives_the_same_unet_output_in_diffusers(tiny_sd_path, adapters, tmp_path, fmt):
+    from loldu_diffusion.pipeline import load_adapter_specs, load_base
+
+    out = tmp_path / f"lora_{fmt}.safetensors"
+    spec = [str(adapters / "a.safetensors") + ":0.8", str(adapters / "b.safetensors") + ":-0.5"]  # a blend
+    assert loldu(["export-lora", *spec, "--base", tiny_sd_path, "--format", fmt, "-o", str(out)]) == 0
+    ref = load_base(tiny_sd_path)
+    load_adapter_specs(ref, spec)
+    lora = load_base(tiny_sd_path)
+    lora.load_lora_weights(str(out))
+    a, b = unet_out(ref), unet_out(lora)
+    assert torch.allclose(a, b, rtol=1e-4, atol=1e-5 * a.abs().max())
+    ids = ref.tokenizer(["a photo of sks heart"], padding="max_length", max_length=ref.tokenizer.model_max_length, return_tensors="pt").input_ids
+    with torch.no_grad():
+        assert torch.allclose(ref.text_encoder(ids)[0], lora.text_encoder(ids)[0], atol=1e-4)
+    if fmt == "kohya":
+        from safetensors import safe_open
+
+        with safe_open(str(out), "pt") as f:
+            keys, meta = list(f.keys()), f.metadata()
+        assert all(k.startswith(("lora_unet_", "lora_te_")) for k in keys) and meta["ss_network_dim"] == "4"
+    # an existing output is refused
+    assert loldu(["export-lora", str(adapters / "a.safetensors"), "--base", tiny_sd_path, "-o", str(out)]) == 2
+
+
+def test_blend_command_equals_runtime_blend(tiny_sd_path, adapters, tmp_path, capsys):
+    from loldu_diffusion.pipeline import load_adapter_specs, load_base
+
+    out = tmp_path / "ab.safetensors"
+    assert loldu(["blend", f"{adapters}/a.safetensors:0.7", f"{adapters}/b.safetensors:0.3", "-o", str(out)]) == 0
+    f = AdapterFile.read(str(out))
+    assert f.rank == 4 and [b["weight"] for b in f.metadata["blend"]] == [0.7, 0.3]
+    one = load_base(tiny_sd_path)
+    load_adapter(one, str(out))
+    two = load_base(tiny_sd_path)
+    load_adapter_specs(two, [f"{adapters}/a.safetensors:0.7", f"{adapters}/b.safetensors:0.3"])
+    assert torch.allclose(unet_out(one), unet_out(two), atol=1e-5)
+
+
+def test_blend_refuses_adapters_of_different_bases(tiny_sd_path, adapters, tmp_path, capsys):
+    from pipelines import make_tiny_sd
+
+    other = make_tiny_sd(str(tmp_path / "other-base"), seed=5)
+    trained_adapter(other, tmp_path / "c.safetensors", 3)
+    assert loldu(["blend", f"{adapters}/a.safetensors", str(tmp_path / "c.safetensors"), "-o", str(tmp_path / "x.safetensors")]) == 2
+    assert "different base models" in capsys.readouterr().err
+
+
+def test_fuse_writes_a_model_folder_with_the_adapter_baked_in(tiny_sd_path, adapters, tmp_path):
+    from loldu_diffusion.pipeline import load_adapter_specs, load_base
+
+    out = tmp_path / "fused"
+    assert loldu(["fuse", str(adapters / "a.safetensors"), "--base", tiny_sd_path, "-o", str(out)]) == 0
+    fused = load_base(str(out))
+    ref = load_base(tiny_sd_path)
+    load_adapter_specs(ref, [str(adapters / "a.safetensors")])
+    assert torch.allclose(unet_out(fused), unet_out(ref), atol=1e-5)
+    assert not any("processor" in k for k in fused.unet.state_dict())
+    assert loldu(["fuse", str(adapters / "a.safetensors"), "--base", tiny_sd_path, "-o", str(out)]) == 2  # exists
+
+
+def test_generate_writes_pngs_with_settings(tiny_sd_path, adapters, tmp_path):
+    out = tmp_path / "gen"
+    argv = ["generate", "--base", tiny_sd_path, "--adapter", f"{adapters}/a.safetensors:0.5", "--prompt", "a photo of sks heart",
+            "--steps", "2", "--num_images", "2", "--seed", "7", "-o", str(out)]
+    assert loldu(argv) == 0
+    files = sorted(os.listdir(out))
+    assert files == ["0000_seed7.png", "0000_seed8.png"]
+    meta = json.loads(Image.open(out / files[0]).text["parameters"])
+    assert meta["seed"] == 7 and meta["adapters"] == {"a": 0.5} and meta["prompt"] == "a photo of sks heart"
+    assert loldu(argv) == 0  # a second run never overwrites
+    assert len(os.listdir(out)) == 4
+
+
+def test_command_errors(tiny_sd_path, adapters, tmp_path, capsys):
+    assert loldu(["export-lora", str(tmp_path / "nope.safetensors"), "--base", tiny_sd_path, "-o", str(tmp_path / "x")]) == 2
+    assert "no such adapter file" in capsys.readouterr().err
+    assert loldu(["fuse", str(adapters / "a.safetensors"), "--base", str(tmp_path), "-o", str(tmp_path / "y")]) == 2
+    assert "not a diffusers model folder" in capsys.readouterr().err
+    from pipelines import make_tiny_sd
+
+    other = make_tiny_sd(str(tmp_path / "other"), seed=9)
+    assert loldu(["generate", "--base", other, "--adapter", str(adapters / "a.safetensors"), "--prompt", "x", "-o", str(tmp_path / "g")]) == 2
+    assert "does not match this base model" in capsys.readouterr().err
+
+
+def test_eval_metrics_with_tiny_clip_and_dino(tmp_path):
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, ViTConfig, ViTImageProcessor, ViTModel
+
+    from loldu_diffusion.toy.models import build_tokenizer
+
+    torch.manual_seed(0)
+    clip_dir, dino_dir = tmp_path / "clip", tmp_path / "dino"
+    tok = build_tokenizer(str(clip_dir))
+    small = dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4)
+    cfg = CLIPConfig(text_config=dict(vocab_size=len(tok), max_position_embeddings=24, bos_token_id=tok.bos_token_id,
+                                      eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, **small),
+                     vision_config=dict(image_size=32, patch_size=8, **small), projection_dim=16)
+    CLIPModel(cfg).save_pretrained(clip_dir)
+    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(clip_dir)
+    ViTModel(ViTConfig(image_size=32, patch_size=8, **small)).save_pretrained(dino_dir)
+    ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(dino_dir)
+    same, ref = tmp_path / "gen", tmp_path / "ref"
+    same.mkdir(), ref.mkdir()
+    Image.new("RGB", (64, 64), (200, 30, 30)).save(same / "a.png")
+    Image.new("RGB", (64, 64), (200, 30, 30)).save(ref / "a.png")
+    out = loldu(["eval", "--images", str(same), "--reference", str(ref), "--prompt", "a red circle", "--clip", str(clip_dir),
+                 "--dino", str(dino_dir), "--json"])
+    assert out == 0
+    from loldu_diffusion.metrics import dreambooth_metrics
+
+    r = dreambooth_metrics(str(same), str(ref), "a red circle", str(clip_dir), str(dino_dir))
+    assert r["clip_i"] == pytest.approx(1.0, abs=1e-5) and r["dino"] == pytest.approx(1.0, abs=1e-5)
+    assert -1.0 <= r["clip_t"] <= 1.0
+    Image.new("RGB", (64, 64), (20, 30, 230)).save(ref / "b.png")
+    r2 = dreambooth_metrics(str(same), str(ref), "a red circle", str(clip_dir), str(dino_dir))
+    assert r2["clip_i"] < 1.0 - 1e-4
+    assert loldu(["eval", "--images", str(same), "--reference", str(ref), "--prompt", "x", "--clip", str(tmp_path)]) == 2
