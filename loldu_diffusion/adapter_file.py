@@ -209,7 +209,10 @@ def base_description(model) -> dict:
     for c in comps.values():
         path = getattr(getattr(c, "config", None), "_name_or_path", "") or getattr(c, "name_or_path", "")
         if path:
-            info["base_model"] = os.path.basename(os.path.normpath(str(path))) if os.path.isdir(str(path)) else str(path)
+            path = os.path.normpath(str(path))
+            if os.path.basename(path) in ("unet", "text_encoder", "text_encoder_2"):  # a pipeline's subfolder
+                path = os.path.dirname(path)
+            info["base_model"] = os.path.basename(path) if os.path.isdir(path) else path
             break
     if unet is not None and hasattr(unet, "config"):
         cfg = unet.config

@@ -1,0 +1,17 @@
+"""loldu-diffusion web app: python app/app.py [--base PATH] [--adapters DIR] [--host H] [--port P]"""
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from loldu_diffusion.app import launch  # noqa: E402
+
+if __name__ == "__main__":
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--base", default=None, help="diffusers model folder (default: the embedded base)")
+    p.add_argument("--adapters", default=None, help="folder of .safetensors adapters to list (default: assets/adapters)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=7860)
+    a = p.parse_args()
+    launch(a.base, a.adapters, a.host, a.port)
