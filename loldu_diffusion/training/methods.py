@@ -15,7 +15,7 @@ import shutil
 
 import torch
 
-from ..adapter_file import save_adapter
+from ..adapter_file import load_adapter, save_adapter
 from ..config import LoLDUConfig
 from ..io import atomic_save_dir
 from ..model import inject_loldu, loldu_parameters
@@ -64,6 +64,11 @@ class LoLDUMethod:
         path = os.path.join(out_dir, ADAPTER_FILE)
         save_adapter(models, path, adapter_name="default", metadata=metadata, overwrite=True)
         return [path]
+
+    @staticmethod
+    def load_output(pipe, out_dir):
+        """Apply what `save` wrote to a pristine base pipeline."""
+        load_adapter(pipe, os.path.join(out_dir, ADAPTER_FILE))
 
 
 class LoRAMethod:
@@ -157,6 +162,10 @@ class LoRAMethod:
         shutil.rmtree(tmp, ignore_errors=True)
         return [os.path.join(out_dir, LORA_FILE)]
 
+    @staticmethod
+    def load_output(pipe, out_dir):
+        pipe.load_lora_weights(out_dir)
+
 
 class FullMethod:
     """Full fine-tuning of the UNet (AdamW, or Fira for a low-rank optimizer-state budget)."""
@@ -178,6 +187,13 @@ class FullMethod:
 
     def save(self, models, out_dir, metadata):
         return [atomic_save_dir(models.unet.save_pretrained, os.path.join(out_dir, "unet"), overwrite=True)]
+
+    @staticmethod
+    def load_output(pipe, out_dir):
+        from diffusers import UNet2DConditionModel
+
+        tuned = UNet2DConditionModel.from_pretrained(out_dir, subfolder="unet", torch_dtype=pipe.unet.dtype)
+        pipe.unet.load_state_dict(tuned.state_dict())
 
 
 def make_method(args):

@@ -1,0 +1,236 @@
+"""Cost suite: per-step time and memory of LoLDU against the floor, LoRA, OLoRA and the
+authors' formulation, all measured in the same run on an SD 1.5-architecture UNet (random
+weights: speed does not depend on them); inference unfused / fused / blended; attach time;
+trainable values and file sizes.
+
+Memory: on CUDA the allocator's peak; on the CPU, the bytes autograd saves for backward plus
+gradients and optimizer state of what trains (frozen weights, common to all, excluded).
+"""
+from __future__ import annotations
+
+import os
+import statistics
+import tempfile
+import time
+
+import torch
+
+SD15 = dict(sample_size=64, cross_attention_dim=768, block_out_channels=(320, 640, 1280, 1280), layers_per_block=2, attention_head_dim=8)
+QUICK = dict(sample_size=16, cross_attention_dim=64, block_out_channels=(32, 64), layers_per_block=1, attention_head_dim=4,
+             norm_num_groups=16, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"))
+TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
+
+
+def build_unet(cfg, device, dtype):
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(0)
+    return UNet2DConditionModel(**cfg).to(device, dtype).eval()
+
+
+def inputs(unet, latent, device, dtype, batch=1, tokens=77):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(batch, 4, latent, latent, generator=g).to(device, dtype)
+    c = torch.randn(batch, tokens, unet.config.cross_attention_dim, generator=g).to(device, dtype)
+    return x, torch.tensor([500] * batch, device=device), c
+
+
+def sync(device):
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def timed(fn, device, warmup, iters):
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(iters):
+        sync(device)
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+class SavedBytes:
+    """Bytes autograd keeps for backward (deduplicated by storage)."""
+
+    def __init__(self):
+        self.seen, self.total = set(), 0
+
+    def pack(self, t):
+        key = (t.untyped_storage().data_ptr(), t.untyped_storage().nbytes())
+        if key not in self.seen:
+            self.seen.add(key)
+            self.total += key[1]
+        return t
+
+
+def train_step_cost(unet, params, inp, device, warmup, iters):
+    """(seconds per step, MB): forward, backward (to params, or to the input for the floor), AdamW step."""
+    x, t, c = inp
+    floor = not params
+    opt = torch.optim.AdamW(params, 1e-4) if params else None
+
+    def step():
+        xi = x.detach().requires_grad_(floor)
+        out = unet(xi, t, c).sample
+        out.float().pow(2).mean().backward()
+        if opt:
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+    secs = timed(step, device, warmup, iters)
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        step()
+        sync(device)
+        return secs, (torch.cuda.max_memory_allocated() - base) / 2**20
+    saved = SavedBytes()
+    xi = x.detach().requires_grad_(floor)
+    with torch.autograd.graph.saved_tensors_hooks(saved.pack, lambda t: t):
+        out = unet(xi, t, c).sample
+    out.float().pow(2).mean().backward()
+    state = sum(p.numel() * p.element_size() * 3 for p in params)  # grad + 2 Adam moments
+    return secs, (saved.total + state) / 2**20
+
+
+@torch.no_grad()
+def infer_cost(unet, inp, device, warmup, iters):
+    x, t, c = inp
+    return timed(lambda: unet(x, t, c), device, warmup, iters)
+
+
+def lora_unet(cfg, device, dtype, init):
+    from peft import LoraConfig
+
+    unet = build_unet(cfg, device, dtype)
+    unet.requires_grad_(False)
+    unet.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights=init, target_modules=list(TARGETS)))
+    for p in unet.parameters():
+        if p.requires_grad:
+            p.data = p.data.float()
+    return unet, [p for p in unet.parameters() if p.requires_grad]
+
+
+def run(quick: bool = False, device: str | None = None, iters: int | None = None, latent: int | None = None) -> dict:
+    from diffusers import StableDiffusionPipeline
+    from peft.utils import get_peft_model_state_dict
+
+    from .. import LoLDUConfig, fuse_loldu, inject_loldu, load_adapter, loldu_parameters, save_adapter, unfuse_loldu
+    from ..layer import LoLDUVector
+    from ..model import iter_layers, set_adapter_weights
+    from .authors import inject_authors
+
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    cuda = device.startswith("cuda")
+    dtype = torch.float16 if cuda else torch.float32
+    cfg = QUICK if quick else SD15
+    latent = latent or (8 if quick else (64 if cuda else 32))
+    iters = iters or (3 if quick else (20 if cuda else 5))
+    warmup = 1 if quick else (5 if cuda else 2)
+    rank = 8 if quick else 32
+    r = {"device": torch.cuda.get_device_name() if cuda else f"cpu ({os.cpu_count()} cores, {torch.get_num_threads()} threads)",
+         "config": "quick" if quick else "sd15", "latent": latent, "dtype": str(dtype).replace("torch.", ""), "rank": rank}
+    peak = {}
+
+    unet = build_unet(cfg, device, dtype)
+    inp = inputs(unet, latent, device, dtype)
+    unet.requires_grad_(False)
+    r["floor_s"], peak["floor"] = train_step_cost(unet, [], inp, device, warmup, iters)
+    r["base_infer_s"] = infer_cost(unet, inp, device, warmup, iters)
+
+    sync(device)
+    t0 = time.perf_counter()
+    inject_loldu(unet, LoLDUConfig(rank=rank, init="lu", unet_targets=TARGETS))
+    sync(device)
+    r["attach_s"] = time.perf_counter() - t0
+    r["layers"] = len(list(iter_layers(unet)))
+    params = loldu_parameters(unet)
+    r["loldu_params"] = sum(p.numel() for p in params)
+    r["loldu_s"], peak["loldu"] = train_step_cost(unet, params, inp, device, warmup, iters)
+    with torch.no_grad():
+        for p in params:
+            p.add_(1e-3 * torch.randn_like(p))
+    r["unfused_infer_s"] = infer_cost(unet, inp, device, warmup, iters)
+    fuse_loldu(unet)
+    r["fused_infer_s"] = infer_cost(unet, inp, device, warmup, iters)
+    unfuse_loldu(unet)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "a.safetensors")
+        save_adapter(unet, path, adapter_name="default")
+        r["file_kb"] = os.path.getsize(path) / 1000
+        for n in range(16):  # 16 loaded adapters, blended
+            load_adapter(unet, path, adapter_name=f"b{n}", weight=0.1)
+    for n_blend in (1, 4, 16):
+        set_adapter_weights(unet, {f"b{n}": 1.0 / n_blend for n in range(n_blend)})
+        r[f"blend{n_blend}_infer_s"] = infer_cost(unet, inp, device, warmup, iters)
+    del unet
+
+    for name, init in (("lora", "gaussian"), ("olora", "olora")):
+        unet, params = lora_unet(cfg, device, dtype, init)
+        r[f"{name}_params"] = sum(p.numel() for p in params)
+        r[f"{name}_s"], peak[name] = train_step_cost(unet, params, inp, device, warmup, iters)
+        if name == "lora":
+            with tempfile.TemporaryDirectory() as tmp:
+                StableDiffusionPipeline.save_lora_weights(tmp, unet_lora_layers=get_peft_model_state_dict(unet))
+                r["lora_file_kb"] = os.path.getsize(os.path.join(tmp, "pytorch_lora_weights.safetensors")) / 1000
+        del unet
+
+    unet = build_unet(cfg, device, dtype)
+    params = inject_authors(unet, rank, TARGETS)
+    r["authors_s"], peak["authors"] = train_step_cost(unet, params, inp, device, warmup, iters)
+    del unet
+    r["peak_mb"] = peak
+    r["ratios"] = {
+        "loldu_vs_floor": r["loldu_s"] / r["floor_s"],
+        "loldu_vs_lora": r["loldu_s"] / r["lora_s"],
+        "authors_vs_loldu": r["authors_s"] / r["loldu_s"],
+        "fused_vs_base": r["fused_infer_s"] / r["base_infer_s"],
+        "blend16_vs_blend1": r["blend16_infer_s"] / r["blend1_infer_s"],
+        "lora_params_vs_loldu": r["lora_params"] / r["loldu_params"],
+    }
+    return r
+
+
+def markdown(r: dict) -> str:
+    p = r["peak_mb"]
+    mem = "CUDA peak MB" if "cuda" in r["dtype"] or r["device"].lower().startswith(("nvidia", "tesla")) else "MB (saved activations + grads + Adam state)"
+    rows = [
+        ("frozen UNet, backward to input (floor)", r["floor_s"], p["floor"], "—", "—"),
+        (f"LoLDU r={r['rank']} (this project)", r["loldu_s"], p["loldu"], f"{r['loldu_params']:,}", f"{r['file_kb']:.1f} KB"),
+        ("PEFT LoRA r=4", r["lora_s"], p["lora"], f"{r['lora_params']:,}", f"{r['lora_file_kb']:.1f} KB"),
+        ("PEFT OLoRA r=4", r["olora_s"], p["olora"], f"{r['olora_params']:,}", "(LoRA r=8 after conversion)"),
+        (f"authors' formulation r={r['rank']} (dense P·L·diag(z)·U)", r["authors_s"], p["authors"], f"{r['loldu_params']:,}", "—"),
+    ]
+    out = [f"UNet `{r['config']}` on {r['device']}, latents {r['latent']}×{r['latent']}, {r['dtype']}, {r['layers']} adapted layers.", "",
+           f"| training step | s/step | ×floor | {mem} | trainable | file |", "|---|---|---|---|---|---|"]
+    for name, s, m, n, f in rows:
+        out.append(f"| {name} | {s:.4f} | {s / r['floor_s']:.3f} | {m:.1f} | {n} | {f} |")
+    out += ["", "| inference | s/forward | ×base |", "|---|---|---|"]
+    for k, name in (("base_infer_s", "base"), ("unfused_infer_s", "LoLDU unfused"), ("fused_infer_s", "LoLDU fused"),
+                    ("blend1_infer_s", "1 adapter (blend path)"), ("blend4_infer_s", "4 blended"), ("blend16_infer_s", "16 blended")):
+        out.append(f"| {name} | {r[k]:.4f} | {r[k] / r['base_infer_s']:.3f} |")
+    out += ["", f"Attach (decompose all {r['layers']} layers at r={r['rank']}): {r['attach_s']:.3f} s."]
+    return "\n".join(out)
+
+
+def plot(r: dict, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = ["floor", "loldu", "lora", "olora", "authors"]
+    secs = [r[f"{n}_s"] for n in names]
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.2))
+    axes[0].bar(names, secs, color=["gray", "C0", "C1", "C2", "C3"])
+    axes[0].set_ylabel("s / training step")
+    axes[1].bar(names, [r["peak_mb"][n] for n in names], color=["gray", "C0", "C1", "C2", "C3"])
+    axes[1].set_ylabel("MB")
+    fig.suptitle(f"training step cost, {r['config']} UNet on {r['device']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
