@@ -25,10 +25,11 @@ class LDUFactors(NamedTuple):
     pivots: torch.Tensor  # (r,) int64: original row index of each pivot
 
 
-def zero_pivot_tolerance(weight: torch.Tensor) -> float:
-    """Pivots at or below this are treated as exact zeros (rank-deficient panel)."""
-    out_f, in_f = weight.shape
-    return max(out_f, in_f) * torch.finfo(torch.float64).eps * float(weight.abs().max())
+def zero_pivot_tolerance(panel: torch.Tensor, in_features: int | None = None) -> float:
+    """Pivots at or below this are treated as exact zeros (rank-deficient panel): float64
+    round-off at the scale of the panel the pivots come from."""
+    out_f, r = panel.shape
+    return max(out_f, in_features or r) * torch.finfo(torch.float64).eps * float(panel.abs().max())
 
 
 def _eliminate(panel: torch.Tensor, tol: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -62,13 +63,14 @@ def decompose_ldu(weight: torch.Tensor, rank: int, pivots: torch.Tensor | None =
     out_f, in_f = weight.shape
     if not 1 <= rank <= min(out_f, in_f):
         raise ValueError(f"rank {rank} is out of range for a {out_f}×{in_f} weight: use 1 ≤ rank ≤ {min(out_f, in_f)}")
-    w = weight.detach().to(device="cpu", dtype=torch.float64)
-    if not torch.isfinite(w).all():
+    # Only the out × r panel and the r pivot rows are ever read: O((out + in)·r) of the weight.
+    weight = weight.detach()
+    panel = weight[:, :rank].to(device="cpu", dtype=torch.float64)
+    if not torch.isfinite(panel).all():
         raise ValueError("decompose_ldu: the weight holds NaN or infinite values")
-
-    tol = zero_pivot_tolerance(w)
+    tol = zero_pivot_tolerance(panel, in_f)
     if pivots is None:
-        lu, ipiv, _ = torch.linalg.lu_factor_ex(w[:, :rank])  # (out, r); info > 0 just flags a zero pivot
+        lu, ipiv, _ = torch.linalg.lu_factor_ex(panel)  # (out, r); info > 0 just flags a zero pivot
         perm = torch.arange(out_f)
         for k, p in enumerate((ipiv - 1).tolist()):  # LAPACK swaps, applied in order
             perm[[k, p]] = perm[[p, k]]
@@ -82,8 +84,10 @@ def decompose_ldu(weight: torch.Tensor, rank: int, pivots: torch.Tensor | None =
         rest = torch.ones(out_f, dtype=torch.bool)
         rest[pivots] = False
         perm = torch.cat([pivots, torch.arange(out_f)[rest]])
-        L_panel, U11 = _eliminate(w[perm, :rank], tol)
-    rows = w[perm[:rank]]  # (r, in): the pivot rows of W
+        L_panel, U11 = _eliminate(panel[perm], tol)
+    rows = weight[perm[:rank].to(weight.device)].to(device="cpu", dtype=torch.float64)  # (r, in): the pivot rows of W
+    if not torch.isfinite(rows).all():
+        raise ValueError("decompose_ldu: the weight holds NaN or infinite values")
     U12 = torch.linalg.solve_triangular(L_panel[:rank], rows[:, rank:], upper=False, unitriangular=True)
     U_raw = torch.cat([U11, U12], dim=1)  # (r, in) = D U_r
 
