@@ -32,16 +32,9 @@ def prompt_set(n: int = 48) -> list[dict]:
 
 
 def load_pipeline(path: str | None = None, dtype=torch.float32):
-    from diffusers import StableDiffusionPipeline
+    from ..pipeline import load_base
 
-    from . import default_base_path
-
-    path = path or default_base_path()
-    if not os.path.isfile(os.path.join(path, "model_index.json")):
-        raise FileNotFoundError(f"{path}: not a diffusers model folder (no model_index.json)")
-    pipe = StableDiffusionPipeline.from_pretrained(path, torch_dtype=dtype, safety_checker=None, requires_safety_checker=False)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    return load_base(path, dtype)
 
 
 @torch.no_grad()

@@ -39,6 +39,23 @@ def _cosine_lr(opt, total, warmup=100):
     )
 
 
+def _fit(params, loss_fn, steps: int, lr: float, desc: str, weight_decay: float = 0.0, warmup: int = 100, clip: float | None = None):
+    """AdamW + warm-up/cosine schedule over `steps` calls of loss_fn(step), with a progress bar."""
+    params = list(params)
+    opt = torch.optim.AdamW(params, lr, weight_decay=weight_decay)
+    sched = _cosine_lr(opt, steps, warmup=warmup)
+    bar = tqdm(range(steps), desc=desc)
+    for step in bar:
+        loss = loss_fn(step)
+        opt.zero_grad()
+        loss.backward()
+        if clip:
+            torch.nn.utils.clip_grad_norm_(params, clip)
+        opt.step()
+        sched.step()
+        bar.set_postfix(loss=f"{loss.item():.4f}")
+
+
 def _batch(seed: int, n: int, drop: float = 0.0):
     data = world.render_dataset(n, seed, drop)
     images = torch.from_numpy(np.stack([d[0] for d in data]))
@@ -48,20 +65,15 @@ def _batch(seed: int, n: int, drop: float = 0.0):
 def train_judge(steps: int, seed: int) -> Judge:
     torch.manual_seed(seed)
     judge = Judge()
-    opt = torch.optim.AdamW(judge.parameters(), 2e-3, weight_decay=1e-4)
-    sched = _cosine_lr(opt, steps)
-    bar = tqdm(range(steps), desc="judge")
-    for step in bar:
+
+    def loss_fn(step):
         images, _, scenes = _batch(seed * 100003 + step, 64)
         images = images + 0.06 * torch.randn_like(images)  # generated images are never crisp
         labels = labels_of(scenes)
         logits = judge(images)
-        loss = sum(F.cross_entropy(logits[k], labels[k]) for k in ATTRIBUTES)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        sched.step()
-        bar.set_postfix(loss=f"{loss.item():.3f}")
+        return sum(F.cross_entropy(logits[k], labels[k]) for k in ATTRIBUTES)
+
+    _fit(judge.parameters(), loss_fn, steps, 2e-3, "judge", weight_decay=1e-4)
     return judge.eval()
 
 
@@ -76,20 +88,15 @@ def train_vae(steps: int, seed: int, batch: int = 16):
 
     torch.manual_seed(seed)
     vae = AutoencoderKL(**VAE_CONFIG)
-    opt = torch.optim.AdamW(vae.parameters(), 1e-3, weight_decay=0.0)
-    sched = _cosine_lr(opt, steps)
-    bar = tqdm(range(steps), desc="vae")
-    for step in bar:
+
+    def loss_fn(step):
         images, _, _ = _batch(seed * 7919 + step, batch)
         posterior = vae.encode(images).latent_dist
         recon = vae.decode(posterior.sample()).sample
         kl = posterior.kl().mean() / images[0].numel()
-        loss = F.mse_loss(recon, images) + 0.5 * F.l1_loss(recon, images) + 1e-4 * kl
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        sched.step()
-        bar.set_postfix(loss=f"{loss.item():.4f}")
+        return F.mse_loss(recon, images) + 0.5 * F.l1_loss(recon, images) + 1e-4 * kl
+
+    _fit(vae.parameters(), loss_fn, steps, 1e-3, "vae")
     return vae.eval()
 
 
@@ -116,9 +123,6 @@ def train_unet(tokenizer, latents_mean, latents_std, scenes, steps, batch, seed,
     unet = UNet2DConditionModel(**UNET_CONFIG)
     text_encoder = CLIPTextModel(text_config_for(tokenizer))
     noise_scheduler = DDPMScheduler(**SCHEDULER_CONFIG)
-    params = list(unet.parameters()) + list(text_encoder.parameters())
-    opt = torch.optim.AdamW(params, 1e-3, weight_decay=1e-2)
-    sched = _cosine_lr(opt, steps, warmup=200)
     token_cache: dict[str, list[int]] = {}
 
     def tokens(text):
@@ -128,8 +132,7 @@ def train_unet(tokenizer, latents_mean, latents_std, scenes, steps, batch, seed,
             ).input_ids
         return token_cache[text]
 
-    bar = tqdm(range(steps), desc="unet+text")
-    for step in bar:
+    def loss_fn(step):
         idx = torch.tensor(rng.sample(range(len(scenes)), batch))
         captions = ["" if rng.random() < 0.1 else world.caption(scenes[i], rng, drop=0.2) for i in idx.tolist()]
         ids = torch.tensor([tokens(c) for c in captions])
@@ -137,14 +140,10 @@ def train_unet(tokenizer, latents_mean, latents_std, scenes, steps, batch, seed,
         noise = torch.randn_like(latents)
         t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (batch,))
         noisy = noise_scheduler.add_noise(latents, noise, t)
-        pred = unet(noisy, t, text_encoder(ids)[0]).sample
-        loss = F.mse_loss(pred, noise)
-        opt.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        sched.step()
-        bar.set_postfix(loss=f"{loss.item():.4f}")
+        return F.mse_loss(unet(noisy, t, text_encoder(ids)[0]).sample, noise)
+
+    params = list(unet.parameters()) + list(text_encoder.parameters())
+    _fit(params, loss_fn, steps, 1e-3, "unet+text", weight_decay=1e-2, warmup=200, clip=1.0)
     return unet.eval(), text_encoder.eval()
 
 

@@ -1,0 +1,76 @@
+"""The embedded base model, its judge and the example subject (assets/)."""
+import os
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from loldu_diffusion.toy import default_base_path, default_concept_path, default_judge_path, world
+from loldu_diffusion.toy.concepts import DEFAULT_SUBJECT
+from loldu_diffusion.toy.evaluate_base import evaluate, generate, load_pipeline, prompt_set
+from loldu_diffusion.toy.judge import ATTRIBUTES, load_judge
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    assert os.environ.get("HF_HUB_OFFLINE") == "1"
+    return load_pipeline()
+
+
+@pytest.fixture(scope="module")
+def judge():
+    return load_judge()
+
+
+def test_assets_are_small_enough_to_commit():
+    total = sum(os.path.getsize(os.path.join(r, f)) for d in (default_base_path(), default_judge_path()) for r, _, fs in os.walk(d) for f in fs)
+    assert total <= 25 * 2**20
+
+
+def test_pipeline_loads_offline_and_generates_64px(pipe):
+    from diffusers import StableDiffusionPipeline
+
+    assert isinstance(pipe, StableDiffusionPipeline)
+    t0 = time.perf_counter()
+    img = generate(pipe, ["a red star on a navy background"], seed=0)[0]
+    assert img.size == (64, 64)
+    assert time.perf_counter() - t0 < 30  # "a few seconds"; the bound is loose on purpose (shared CI cores)
+
+
+def test_tokenizer_knows_every_word_and_the_rare_identifiers(pipe):
+    for w in world.vocabulary():
+        assert len(pipe.tokenizer(w, add_special_tokens=False).input_ids) == 1, w
+    assert "sks" in world.RARE_WORDS
+
+
+def test_judge_reads_fresh_renders(judge):
+    data = world.render_dataset(400, seed=424242)
+    images = torch.from_numpy(np.stack([d[0] for d in data]))
+    read = judge.read(images)
+    for attr in ATTRIBUTES:
+        acc = np.mean([r[attr] == getattr(s, attr) for r, (_, _, s) in zip(read, data)])
+        assert acc >= 0.97, (attr, acc)
+
+
+def test_short_evaluation_meets_the_target(pipe, judge):
+    r = evaluate(pipe, judge, n=12, seed=0, sheet=None)
+    assert r["n"] == 12 and r["all"] >= 0.8 and min(r["shape"], r["object_color"], r["background_color"]) >= 0.9, r
+
+
+def test_prompt_set_covers_every_attribute():
+    ps = prompt_set(48)
+    assert len({p["prompt"] for p in ps}) == 48
+    assert {p["shape"] for p in ps} == set(world.SHAPES) and {p["object_color"] for p in ps} == set(world.OBJECT_COLORS)
+    assert {p["background_color"] for p in ps} == set(world.BACKGROUND_COLORS)
+
+
+def test_example_subject(judge):
+    from PIL import Image
+
+    files = sorted(f for f in os.listdir(default_concept_path()) if f.endswith(".png"))
+    assert 4 <= len(files) <= 6
+    read = judge.read([Image.open(os.path.join(default_concept_path(), f)) for f in files])
+    assert all(DEFAULT_SUBJECT.shown_in(a) for a in read)
+    readme = open(os.path.join(default_concept_path(), "README.md")).read()
+    assert "a photo of sks heart" in readme and "a photo of a heart" in readme
