@@ -82,15 +82,17 @@ def cast_frozen(module: torch.nn.Module, dtype: torch.dtype) -> None:
                 mod._buffers[name] = b.to(dtype)
 
 
-def encode_prompts(m, prompts: list[str], device, resolution: int):
-    """(encoder_hidden_states, added_cond_kwargs) for SD 1.x/2.x or SDXL."""
+def encode_prompts(m, prompts: list[str], device, resolution: int, encoders=None):
+    """(encoder_hidden_states, added_cond_kwargs) for SD 1.x/2.x or SDXL. `encoders` replaces
+    (text_encoder, text_encoder_2) when they train: the process-synchronised wrappers."""
+    te1, te2 = encoders or (m.text_encoder, m.text_encoder_2)
     def ids(tok):
         return tok(prompts, padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt").input_ids.to(device)
 
     if not m.xl:
-        return m.text_encoder(ids(m.tokenizer))[0], None
+        return te1(ids(m.tokenizer))[0], None
     hidden, pooled = [], None
-    for tok, enc in ((m.tokenizer, m.text_encoder), (m.tokenizer_2, m.text_encoder_2)):
+    for tok, enc in ((m.tokenizer, te1), (m.tokenizer_2, te2)):
         out = enc(ids(tok), output_hidden_states=True)
         hidden.append(out.hidden_states[-2])
         pooled = out[0]  # text_embeds of the projection encoder (the second one)
@@ -291,7 +293,9 @@ def train(args) -> dict:
         prepared += [m.text_encoder] + ([m.text_encoder_2] if m.text_encoder_2 is not None else [])
     prepared = accelerator.prepare(*prepared)
     unet, optimizer, lr_scheduler = prepared[:3]
-    text_encoders_wrapped = prepared[3:]
+    # the trained text encoders run through their wrappers so their gradients are synchronised
+    train_encoders = (tuple(prepared[3:]) + (None,))[:2] if text_trained else None
+    accumulate_over = [unet] + [e for e in (train_encoders or ()) if e is not None]
 
     def save_hook(models_, weights, output_dir):
         if main:
@@ -325,7 +329,7 @@ def train(args) -> dict:
 
     def conditioning(captions):
         if text_trained:
-            return encode_prompts(m, captions, device, resolution)
+            return encode_prompts(m, captions, device, resolution, train_encoders)
         missing = [c for c in dict.fromkeys(captions) if c not in emb_cache]
         if missing:
             with torch.no_grad():
@@ -407,7 +411,7 @@ def train(args) -> dict:
     while global_step < args.max_train_steps:
         t0 = time.time()
         for micro in range(args.gradient_accumulation_steps):
-            with accelerator.accumulate(unet):
+            with accelerator.accumulate(*accumulate_over):
                 loss = micro_loss(global_step, micro)
                 accelerator.backward(loss)
                 if accelerator.sync_gradients and args.max_grad_norm:
