@@ -192,3 +192,17 @@ def test_two_processes_stay_in_sync_and_write_once(tiny_sd_path, concept_dir, tm
     assert summary["processes"] == 2 and summary["max_process_divergence"] == 0.0
     assert (proc.stdout + proc.stderr).count("wrote loldu_adapter.safetensors") == 1
     assert set(AdapterFile.read(str(out / ADAPTER_FILE)).layers) == {"unet", "text_encoder"}
+
+
+def test_mixed_precision_casts_the_base_but_not_the_adapter():
+    from loldu_diffusion import LoLDUConfig, inject_loldu, iter_layers, loldu_parameters
+    from loldu_diffusion.training.loop import cast_frozen
+    from tiny import tiny_unet
+
+    unet = tiny_unet()
+    inject_loldu(unet, LoLDUConfig(rank=4))
+    cast_frozen(unet, torch.bfloat16)
+    assert unet.conv_in.weight.dtype == torch.bfloat16
+    assert all(l.base.weight.dtype == torch.bfloat16 for *_, l in iter_layers(unet))
+    assert all(l.L.dtype == l.U.dtype == torch.float32 for *_, l in iter_layers(unet))
+    assert all(p.dtype == torch.float32 for p in loldu_parameters(unet))
