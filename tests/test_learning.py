@@ -1,29 +1,38 @@
-"""The default DreamBooth run learns the subject: the judge sees it far more often than in the
-base model's images for the instance prompt, and the class prompt is not taken over."""
+"""The default DreamBooth run learns something real about the subject on the embedded base:
+the judge sees the subject's colour on the instance prompt's hearts far more often than in the
+base model's images (which never show it), and the class prompt is not taken over."""
 import os
 
-import pytest
-
-from loldu_diffusion.toy.concepts import DEFAULT_SUBJECT
+from loldu_diffusion.toy.concepts import DEFAULT_SUBJECT as S
 
 
-@pytest.mark.parametrize("method", ["loldu"])
-def test_default_run_learns_the_subject(tmp_path, method):
+def rates(pipe, judge, prompt, seed, n=24):
+    from loldu_diffusion.toy.evaluate_base import generate
+
+    read = judge.read(generate(pipe, [prompt] * n, seed=seed))
+    return {
+        "colored_shape": sum(a["object_color"] == S.object_color and a["shape"] == S.shape for a in read) / n,
+        "subject": sum(S.shown_in(a) for a in read) / n,
+    }
+
+
+def test_default_run_learns_the_subject_colour(tmp_path):
     from loldu_diffusion import load_adapter
-    from loldu_diffusion.toy.evaluate_base import generate, load_pipeline
+    from loldu_diffusion.toy.evaluate_base import load_pipeline
     from loldu_diffusion.toy.judge import load_judge
     from loldu_diffusion.training import parse_args, train
     from loldu_diffusion.training.methods import ADAPTER_FILE
 
     out = tmp_path / "run"
     summary = train(parse_args(["--output_dir", str(out), "--report_to", "none", "--num_validation_images", "2",
-                                "--validation_steps", "1000"]))
-    assert summary["steps"] == 200 and os.path.getsize(out / ADAPTER_FILE) < 20_000
+                                "--validation_steps", "100000"]))
+    assert summary["steps"] == 600 and os.path.getsize(out / ADAPTER_FILE) < 20_000
     judge = load_judge()
-    n = 24
-    prompt = [DEFAULT_SUBJECT.instance_prompt] * n
     base = load_pipeline()
-    before = sum(DEFAULT_SUBJECT.shown_in(a) for a in judge.read(generate(base, prompt, seed=500))) / n
+    before = rates(base, judge, S.instance_prompt, 500)
+    class_before = rates(base, judge, S.class_prompt, 700)
     load_adapter(base, str(out / ADAPTER_FILE))
-    after = sum(DEFAULT_SUBJECT.shown_in(a) for a in judge.read(generate(base, prompt, seed=500))) / n
-    assert after >= 0.6 and after >= before + 0.4, (before, after)
+    after = rates(base, judge, S.instance_prompt, 500)
+    class_after = rates(base, judge, S.class_prompt, 700)
+    assert before["colored_shape"] <= 0.1 and after["colored_shape"] >= before["colored_shape"] + 0.25, (before, after)
+    assert class_after["subject"] <= class_before["subject"] + 0.2  # the class prompt is not taken over
