@@ -78,6 +78,8 @@ def write_json(path: str, data: dict) -> None:
 def model_card(args, summary: dict, grids: dict) -> str:
     """README.md with YAML front matter, as diffusers' DreamBooth scripts write."""
     base = args.pretrained_model_name_or_path
+    if getattr(args, "embedded", False):
+        base = "assets/tiny-sd"  # the embedded base, as the repository names it
     out = summary["outputs"][0]
     tags = ["text-to-image", "diffusers", "dreambooth", args.method, "loldu-diffusion"]
     load = {
