@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from loldu_diffusion import AdapterFile, AdapterFileError, LoLDUConfig, inject_loldu, load_adapter, save_adapter
+from loldu_diffusion import AdapterFile, AdapterFileError, load_adapter, save_adapter
 from loldu_diffusion.adapter_file import _group
 from loldu_diffusion.cli import main as loldu
 from test_inject import trained_unet

@@ -120,7 +120,6 @@ def run(quick: bool = False, device: str | None = None, iters: int | None = None
     from peft.utils import get_peft_model_state_dict
 
     from .. import LoLDUConfig, fuse_loldu, inject_loldu, load_adapter, loldu_parameters, save_adapter, unfuse_loldu
-    from ..layer import LoLDUVector
     from ..model import iter_layers, set_adapter_weights
     from .authors import inject_authors
 
