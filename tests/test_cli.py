@@ -33,23 +33,30 @@ def unet_out(pipe, seed=0):
 
 
 @pytest.fixture(scope="module")
-def adapters(tiny_sd_path, tmp_path_factory):
+def embedded():
+    from loldu_diffusion.toy import default_base_path
+
+    return default_base_path()
+
+
+@pytest.fixture(scope="module")
+def adapters(embedded, tmp_path_factory):
     d = tmp_path_factory.mktemp("adapters")
-    trained_adapter(tiny_sd_path, d / "a.safetensors", 1, rank=4, text=True)
-    trained_adapter(tiny_sd_path, d / "b.safetensors", 2, rank=2, text=True)
+    trained_adapter(embedded, d / "a.safetensors", 1, rank=4, text=True)
+    trained_adapter(embedded, d / "b.safetensors", 2, rank=2, text=True)
     return d
 
 
 @pytest.mark.parametrize("fmt", ["diffusers", "kohya"])
-def test_export_lora_gives_the_same_unet_output_in_diffusers(tiny_sd_path, adapters, tmp_path, fmt):
+def test_export_lora_gives_the_same_unet_output_in_diffusers(embedded, adapters, tmp_path, fmt):
     from loldu_diffusion.pipeline import load_adapter_specs, load_base
 
     out = tmp_path / f"lora_{fmt}.safetensors"
     spec = [str(adapters / "a.safetensors") + ":0.8", str(adapters / "b.safetensors") + ":-0.5"]  # a blend
-    assert loldu(["export-lora", *spec, "--base", tiny_sd_path, "--format", fmt, "-o", str(out)]) == 0
-    ref = load_base(tiny_sd_path)
+    assert loldu(["export-lora", *spec, "--base", embedded, "--format", fmt, "-o", str(out)]) == 0
+    ref = load_base(embedded)
     load_adapter_specs(ref, spec)
-    lora = load_base(tiny_sd_path)
+    lora = load_base(embedded)
     lora.load_lora_weights(str(out))
     a, b = unet_out(ref), unet_out(lora)
     assert torch.allclose(a, b, rtol=1e-4, atol=1e-5 * a.abs().max())
@@ -63,48 +70,49 @@ def test_export_lora_gives_the_same_unet_output_in_diffusers(tiny_sd_path, adapt
             keys, meta = list(f.keys()), f.metadata()
         assert all(k.startswith(("lora_unet_", "lora_te_")) for k in keys) and meta["ss_network_dim"] == "4"
     # an existing output is refused
-    assert loldu(["export-lora", str(adapters / "a.safetensors"), "--base", tiny_sd_path, "-o", str(out)]) == 2
+    assert loldu(["export-lora", str(adapters / "a.safetensors"), "--base", embedded, "-o", str(out)]) == 2
 
 
-def test_blend_command_equals_runtime_blend(tiny_sd_path, adapters, tmp_path, capsys):
+def test_blend_command_equals_runtime_blend(embedded, adapters, tmp_path, capsys):
     from loldu_diffusion.pipeline import load_adapter_specs, load_base
 
     out = tmp_path / "ab.safetensors"
     assert loldu(["blend", f"{adapters}/a.safetensors:0.7", f"{adapters}/b.safetensors:0.3", "-o", str(out)]) == 0
     f = AdapterFile.read(str(out))
     assert f.rank == 4 and [b["weight"] for b in f.metadata["blend"]] == [0.7, 0.3]
-    one = load_base(tiny_sd_path)
+    one = load_base(embedded)
     load_adapter(one, str(out))
-    two = load_base(tiny_sd_path)
+    two = load_base(embedded)
     load_adapter_specs(two, [f"{adapters}/a.safetensors:0.7", f"{adapters}/b.safetensors:0.3"])
     assert torch.allclose(unet_out(one), unet_out(two), atol=1e-5)
 
 
-def test_blend_refuses_adapters_of_different_bases(tiny_sd_path, adapters, tmp_path, capsys):
+def test_blend_refuses_adapters_of_different_bases(tiny_sd_path, tmp_path, capsys):
     from pipelines import make_tiny_sd
 
-    other = make_tiny_sd(str(tmp_path / "other-base"), seed=5)
+    other = make_tiny_sd(str(tmp_path / "other-base"), seed=5)  # same architecture, other weights
+    trained_adapter(tiny_sd_path, tmp_path / "a.safetensors", 1)
     trained_adapter(other, tmp_path / "c.safetensors", 3)
-    assert loldu(["blend", f"{adapters}/a.safetensors", str(tmp_path / "c.safetensors"), "-o", str(tmp_path / "x.safetensors")]) == 2
+    assert loldu(["blend", str(tmp_path / "a.safetensors"), str(tmp_path / "c.safetensors"), "-o", str(tmp_path / "x.safetensors")]) == 2
     assert "different base models" in capsys.readouterr().err
 
 
-def test_fuse_writes_a_model_folder_with_the_adapter_baked_in(tiny_sd_path, adapters, tmp_path):
+def test_fuse_writes_a_model_folder_with_the_adapter_baked_in(embedded, adapters, tmp_path):
     from loldu_diffusion.pipeline import load_adapter_specs, load_base
 
     out = tmp_path / "fused"
-    assert loldu(["fuse", str(adapters / "a.safetensors"), "--base", tiny_sd_path, "-o", str(out)]) == 0
+    assert loldu(["fuse", str(adapters / "a.safetensors"), "--base", embedded, "-o", str(out)]) == 0
     fused = load_base(str(out))
-    ref = load_base(tiny_sd_path)
+    ref = load_base(embedded)
     load_adapter_specs(ref, [str(adapters / "a.safetensors")])
     assert torch.allclose(unet_out(fused), unet_out(ref), atol=1e-5)
     assert not any("processor" in k for k in fused.unet.state_dict())
-    assert loldu(["fuse", str(adapters / "a.safetensors"), "--base", tiny_sd_path, "-o", str(out)]) == 2  # exists
+    assert loldu(["fuse", str(adapters / "a.safetensors"), "--base", embedded, "-o", str(out)]) == 2  # exists
 
 
-def test_generate_writes_pngs_with_settings(tiny_sd_path, adapters, tmp_path):
+def test_generate_writes_pngs_with_settings(embedded, adapters, tmp_path):
     out = tmp_path / "gen"
-    argv = ["generate", "--base", tiny_sd_path, "--adapter", f"{adapters}/a.safetensors:0.5", "--prompt", "a photo of sks heart",
+    argv = ["generate", "--base", embedded, "--adapter", f"{adapters}/a.safetensors:0.5", "--prompt", "a photo of sks heart",
             "--steps", "2", "--num_images", "2", "--seed", "7", "-o", str(out)]
     assert loldu(argv) == 0
     files = sorted(os.listdir(out))
@@ -115,15 +123,18 @@ def test_generate_writes_pngs_with_settings(tiny_sd_path, adapters, tmp_path):
     assert len(os.listdir(out)) == 4
 
 
-def test_command_errors(tiny_sd_path, adapters, tmp_path, capsys):
-    assert loldu(["export-lora", str(tmp_path / "nope.safetensors"), "--base", tiny_sd_path, "-o", str(tmp_path / "x")]) == 2
+def test_command_errors(embedded, tiny_sd_path, adapters, tmp_path, capsys):
+    assert loldu(["export-lora", str(tmp_path / "nope.safetensors"), "--base", embedded, "-o", str(tmp_path / "x")]) == 2
     assert "no such adapter file" in capsys.readouterr().err
     assert loldu(["fuse", str(adapters / "a.safetensors"), "--base", str(tmp_path), "-o", str(tmp_path / "y")]) == 2
     assert "not a diffusers model folder" in capsys.readouterr().err
+    assert loldu(["generate", "--base", tiny_sd_path, "--adapter", str(adapters / "a.safetensors"), "--prompt", "x", "-o", str(tmp_path / "g")]) == 2
+    assert "different architecture" in capsys.readouterr().err  # an embedded-base adapter on another model
     from pipelines import make_tiny_sd
 
+    trained_adapter(tiny_sd_path, tmp_path / "t.safetensors", 1)
     other = make_tiny_sd(str(tmp_path / "other"), seed=9)
-    assert loldu(["generate", "--base", other, "--adapter", str(adapters / "a.safetensors"), "--prompt", "x", "-o", str(tmp_path / "g")]) == 2
+    assert loldu(["generate", "--base", other, "--adapter", str(tmp_path / "t.safetensors"), "--prompt", "x", "-o", str(tmp_path / "g")]) == 2
     assert "does not match this base model" in capsys.readouterr().err
 
 
