@@ -139,7 +139,7 @@ def run(quick: bool = False, device: str | None = None, iters: int | None = None
     inp = inputs(unet, latent, device, dtype)
     unet.requires_grad_(False)
     r["floor_s"], peak["floor"] = train_step_cost(unet, [], inp, device, warmup, iters)
-    r["base_infer_s"] = infer_cost(unet, inp, device, warmup, iters)
+    original = dict(unet.attn_processors)
 
     sync(device)
     t0 = time.perf_counter()
@@ -153,19 +153,39 @@ def run(quick: bool = False, device: str | None = None, iters: int | None = None
     with torch.no_grad():
         for p in params:
             p.add_(1e-3 * torch.randn_like(p))
-    r["unfused_infer_s"] = infer_cost(unet, inp, device, warmup, iters)
-    fuse_loldu(unet)
-    r["fused_infer_s"] = infer_cost(unet, inp, device, warmup, iters)
-    unfuse_loldu(unet)
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "a.safetensors")
         save_adapter(unet, path, adapter_name="default")
         r["file_kb"] = os.path.getsize(path) / 1000
         for n in range(16):  # 16 loaded adapters, blended
             load_adapter(unet, path, adapter_name=f"b{n}", weight=0.1)
-    for n_blend in (1, 4, 16):
-        set_adapter_weights(unet, {f"b{n}": 1.0 / n_blend for n in range(n_blend)})
-        r[f"blend{n_blend}_infer_s"] = infer_cost(unet, inp, device, warmup, iters)
+    loldu_procs = dict(unet.attn_processors)
+
+    # Inference states are measured in interleaved rounds, so that drift of a busy machine
+    # (clock, caches, other load) falls on every state alike.
+    def state(name):
+        unfuse_loldu(unet)
+        if name == "base":
+            unet.set_attn_processor(dict(original))  # diffusers empties the dict it is given
+            return
+        unet.set_attn_processor(dict(loldu_procs))
+        blend = {"unfused": 1, "fused": 1, "blend1": 1, "blend4": 4, "blend16": 16}[name]
+        weights = {"default": 1.0} if name in ("unfused", "fused") else {f"b{n}": 1.0 / blend for n in range(blend)}
+        set_adapter_weights(unet, weights)
+        if name == "fused":
+            fuse_loldu(unet)
+
+    names = ("base", "unfused", "fused", "blend1", "blend4", "blend16")
+    times = {n: [] for n in names}
+    for rnd in range(warmup + iters):
+        for n in names:
+            state(n)
+            t = infer_cost(unet, inp, device, 0, 1)
+            if rnd >= warmup:
+                times[n].append(t)
+    state("unfused")
+    for n in names:
+        r[f"{n}_infer_s"] = statistics.median(times[n])
     del unet
 
     for name, init in (("lora", "gaussian"), ("olora", "olora")):
