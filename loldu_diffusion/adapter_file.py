@@ -21,7 +21,7 @@ import torch
 
 from .io import atomic_save_safetensors, refuse_existing
 from .layer import LoLDUVector
-from .model import attach_layer, components, iter_layers, resolve_submodule
+from .model import attach_layer, components, install_processors, iter_layers, resolve_submodule
 from .processor import projection
 
 FORMAT = "loldu-diffusion-adapter"
@@ -276,6 +276,7 @@ def load_adapter(model, path_or_file, adapter_name: str | None = None, weight: f
     factors = f.check_against(model)
     comps = components(model)
     for c, rows in f.layers.items():
+        install_processors(comps[c], c, [m for m, _ in rows])
         for i, (m, t) in enumerate(rows):
             layer = attach_layer(comps[c], c, m, t, f.delta[c].shape[1], factors[(c, m, t)])
             layer.add_adapter(adapter_name, LoLDUVector.fixed(f.delta[c][i]), weight)

@@ -112,6 +112,20 @@ def attach_layer(component: nn.Module, comp_name: str, module_path: str, target:
     return layer
 
 
+def install_processors(component: nn.Module, comp_name: str, module_paths) -> None:
+    """Give every listed attention a (still empty) LoLDUAttnProcessor, with one
+    unet.set_attn_processor call for all of them."""
+    if comp_name != "unet":
+        return
+    changes = {}
+    for path in dict.fromkeys(module_paths):
+        attn = resolve_submodule(component, path)
+        if not isinstance(attn.processor, LoLDUAttnProcessor):
+            changes[path] = LoLDUAttnProcessor(attn, (), 0, previous=attn.processor)
+    if changes:
+        _set_processors(component, changes)
+
+
 def _set_processors(unet: nn.Module, changes: dict[str, object]) -> None:
     """unet.set_attn_processor with a full dict: `changes` by module path, the rest kept."""
     procs = {f"{path}.processor": changes.get(path, attn.processor) for path, attn in _attentions(unet).items()}
@@ -154,6 +168,8 @@ def inject_loldu(model, config: LoLDUConfig | None = None, adapter_name: str = "
             raise ValueError(f"an adapter named {adapter_name!r} is already injected; pick another adapter_name")
     for comp in {id(c): c for _, c, _, _ in plan}.values():
         comp.requires_grad_(False)
+    for comp_name, comp in comps.items():
+        install_processors(comp, comp_name, [path for c, _, path, _ in plan if c == comp_name])
     layers = []
     for comp_name, comp, path, t in plan:
         layer = attach_layer(comp, comp_name, path, t, config.rank)
