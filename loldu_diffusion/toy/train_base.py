@@ -170,6 +170,9 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quick", action="store_true", help="a few steps of each stage (for tests)")
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--tokenizer_from", default=None, help="take the tokenizer from this folder (e.g. assets/tiny-sd/tokenizer): "
+                   "the tokenizers library's BPE trainer breaks ties differently from run to run")
+    p.add_argument("--vae_from", default=None, help="take the VAE from this diffusers VAE folder (e.g. assets/tiny-sd/vae) instead of training one")
     args = p.parse_args(argv)
     from . import ASSETS
 
@@ -188,12 +191,19 @@ def main(argv=None):
         save_judge(judge, judge_path)
 
     tok_path = os.path.join(work, "tokenizer")
-    tokenizer = build_tokenizer(tok_path)
+    if args.tokenizer_from:
+        from transformers import CLIPTokenizer
+
+        tokenizer = CLIPTokenizer.from_pretrained(args.tokenizer_from)
+    else:
+        tokenizer = build_tokenizer(tok_path)
 
     from diffusers import AutoencoderKL
 
     vae_path = os.path.join(work, "vae")
-    if os.path.exists(os.path.join(vae_path, "config.json")):
+    if args.vae_from:
+        vae = AutoencoderKL.from_pretrained(args.vae_from, torch_dtype=torch.float32).eval()
+    elif os.path.exists(os.path.join(vae_path, "config.json")):
         vae = AutoencoderKL.from_pretrained(vae_path).eval()
     else:
         vae = train_vae(cfg["vae_steps"], args.seed)
