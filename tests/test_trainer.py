@@ -206,3 +206,10 @@ def test_mixed_precision_casts_the_base_but_not_the_adapter():
     assert all(l.base.weight.dtype == torch.bfloat16 for *_, l in iter_layers(unet))
     assert all(l.L.dtype == l.U.dtype == torch.float32 for *_, l in iter_layers(unet))
     assert all(p.dtype == torch.float32 for p in loldu_parameters(unet))
+
+
+def test_checkpoints_total_limit_keeps_the_newest(tiny_sd_path, concept_dir, tmp_path):
+    out = tmp_path / "limited"
+    run(common(tiny_sd_path, concept_dir, out) + ["--max_train_steps", "7", "--checkpointing_steps", "2",
+                                                  "--checkpoints_total_limit", "2"])
+    assert sorted(p for p in os.listdir(out) if p.startswith("checkpoint")) == ["checkpoint-4", "checkpoint-6"]

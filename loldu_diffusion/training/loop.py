@@ -389,8 +389,9 @@ def train(args) -> dict:
 
     def save_checkpoint(step):
         if args.checkpoints_total_limit is not None and main:
-            for _, old in list_checkpoints(args.output_dir)[: max(0, len(list_checkpoints(args.output_dir)) - args.checkpoints_total_limit + 1)]:
-                shutil.rmtree(old)
+            existing = list_checkpoints(args.output_dir)
+            for _, old in existing[: max(0, len(existing) - args.checkpoints_total_limit + 1)]:
+                shutil.rmtree(old)  # oldest first, leaving room for the one about to be written
         final = os.path.join(args.output_dir, f"checkpoint-{step}")
         tmp = final + ".tmp"
         if main:
