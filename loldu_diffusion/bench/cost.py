@@ -103,6 +103,26 @@ def infer_cost(unet, inp, device, warmup, iters):
     return timed(lambda: unet(x, t, c), device, warmup, iters)
 
 
+def set_inference_state(unet, name, original, loldu_procs):
+    """base (the original processors) | unfused | fused (the trained adapter) | blendN (N of
+    the 16 loaded copies, weights 1/N)."""
+    from .. import fuse_loldu, unfuse_loldu
+    from ..model import set_adapter_weights
+
+    unfuse_loldu(unet)
+    if name == "base":
+        unet.set_attn_processor(dict(original))  # diffusers empties the dict it is given
+        return
+    unet.set_attn_processor(dict(loldu_procs))
+    if name.startswith("blend"):
+        n = int(name[len("blend"):])
+        set_adapter_weights(unet, {f"b{k}": 1.0 / n for k in range(n)})
+    else:
+        set_adapter_weights(unet, {"default": 1.0})
+    if name == "fused":
+        fuse_loldu(unet)
+
+
 def lora_unet(cfg, device, dtype, init):
     from peft import LoraConfig
 
@@ -119,8 +139,8 @@ def run(quick: bool = False, device: str | None = None, iters: int | None = None
     from diffusers import StableDiffusionPipeline
     from peft.utils import get_peft_model_state_dict
 
-    from .. import LoLDUConfig, fuse_loldu, inject_loldu, load_adapter, loldu_parameters, save_adapter, unfuse_loldu
-    from ..model import iter_layers, set_adapter_weights
+    from .. import LoLDUConfig, inject_loldu, load_adapter, loldu_parameters, save_adapter
+    from ..model import iter_layers
     from .authors import inject_authors
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -163,27 +183,15 @@ def run(quick: bool = False, device: str | None = None, iters: int | None = None
 
     # Inference states are measured in interleaved rounds, so that drift of a busy machine
     # (clock, caches, other load) falls on every state alike.
-    def state(name):
-        unfuse_loldu(unet)
-        if name == "base":
-            unet.set_attn_processor(dict(original))  # diffusers empties the dict it is given
-            return
-        unet.set_attn_processor(dict(loldu_procs))
-        blend = {"unfused": 1, "fused": 1, "blend1": 1, "blend4": 4, "blend16": 16}[name]
-        weights = {"default": 1.0} if name in ("unfused", "fused") else {f"b{n}": 1.0 / blend for n in range(blend)}
-        set_adapter_weights(unet, weights)
-        if name == "fused":
-            fuse_loldu(unet)
-
     names = ("base", "unfused", "fused", "blend1", "blend4", "blend16")
     times = {n: [] for n in names}
     for rnd in range(warmup + iters):
         for n in names:
-            state(n)
+            set_inference_state(unet, n, original, loldu_procs)
             t = infer_cost(unet, inp, device, 0, 1)
             if rnd >= warmup:
                 times[n].append(t)
-    state("unfused")
+    set_inference_state(unet, "unfused", original, loldu_procs)
     for n in names:
         r[f"{n}_infer_s"] = statistics.median(times[n])
     del unet
