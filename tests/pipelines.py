@@ -4,7 +4,11 @@ import os
 
 import torch
 
-from loldu_diffusion.toy.models import SCHEDULER_CONFIG, build_tokenizer, text_config_for
+from loldu_diffusion.toy.models import build_tokenizer, text_config_for
+
+# SD 1.5 / SDXL's own schedule (ε-prediction), not the embedded base's v-prediction one
+SD_SCHEDULER_CONFIG = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                           prediction_type="epsilon", steps_offset=1)
 
 
 def _vae():
@@ -39,7 +43,7 @@ def make_tiny_sd(path: str, seed: int = 0) -> str:
     unet = _unet(down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
                  cross_attention_dim=32)
     pipe = StableDiffusionPipeline(vae=_vae(), text_encoder=CLIPTextModel(_text_config(tok)), tokenizer=tok, unet=unet,
-                                   scheduler=DDIMScheduler(**SCHEDULER_CONFIG, clip_sample=False), safety_checker=None,
+                                   scheduler=DDIMScheduler(**SD_SCHEDULER_CONFIG, clip_sample=False), safety_checker=None,
                                    feature_extractor=None, requires_safety_checker=False)
     pipe.save_pretrained(path)
     return path
@@ -58,6 +62,6 @@ def make_tiny_sdxl(path: str, seed: int = 0) -> str:
                  addition_time_embed_dim=8, projection_class_embeddings_input_dim=8 * 6 + 32)
     pipe = StableDiffusionXLPipeline(vae=_vae(), text_encoder=CLIPTextModel(_text_config(tok)),
                                      text_encoder_2=CLIPTextModelWithProjection(_text_config(tok)),
-                                     tokenizer=tok, tokenizer_2=tok, unet=unet, scheduler=EulerDiscreteScheduler(**SCHEDULER_CONFIG))
+                                     tokenizer=tok, tokenizer_2=tok, unet=unet, scheduler=EulerDiscreteScheduler(**SD_SCHEDULER_CONFIG))
     pipe.save_pretrained(path)
     return path

@@ -53,8 +53,20 @@ def test_judge_reads_fresh_renders(judge):
         assert acc >= 0.97, (attr, acc)
 
 
-@pytest.mark.xfail(strict=False, reason="issue 3 stays open: the committed base reaches shape 0.69 / colour 0.71 / "
-                   "background 0.31 / all 0.15 on the 48 prompts (target 0.9 each, 0.8 all); it needs a longer training run")
+def test_judge_reads_softened_renders(judge):
+    """Generated images are soft-edged; the judge must still read them (a judge trained on crisp
+    renders alone read clear, soft stars as rings and capped the base model at 0.875 shape)."""
+    from loldu_diffusion.toy.train_base import soften
+
+    data = world.render_dataset(400, seed=434343)
+    torch.manual_seed(0)
+    images = soften(torch.from_numpy(np.stack([d[0] for d in data])))
+    read = judge.read(images)
+    for attr in ATTRIBUTES:
+        acc = np.mean([r[attr] == getattr(s, attr) for r, (_, _, s) in zip(read, data)])
+        assert acc >= 0.97, (attr, acc)
+
+
 def test_short_evaluation_meets_the_target(pipe, judge):
     r = evaluate(pipe, judge, n=12, seed=0, sheet=None)
     assert r["n"] == 12 and r["all"] >= 0.8 and min(r["shape"], r["object_color"], r["background_color"]) >= 0.9, r

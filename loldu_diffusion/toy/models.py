@@ -56,8 +56,14 @@ SCHEDULER_CONFIG = dict(
     beta_start=0.00085,
     beta_end=0.012,
     beta_schedule="scaled_linear",
-    prediction_type="epsilon",
     steps_offset=1,
+    # Zero terminal SNR + v-prediction + trailing timesteps (Lin et al. 2023, as SD 2.x-style
+    # configs allow). With SD 1.5's ε schedule, x_T still carries the latents' spatial mean, so
+    # the model learnt to copy the background colour from the initial noise and ignored
+    # "on a white background" entirely (same colour for every prompt at a given seed).
+    prediction_type="v_prediction",
+    rescale_betas_zero_snr=True,
+    timestep_spacing="trailing",
 )
 
 
