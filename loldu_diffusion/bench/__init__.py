@@ -15,7 +15,8 @@ def main(argv=None) -> int:
     p.add_argument("--json", action="store_true", help="print the result as one JSON line, last")
     p.add_argument("--out", default="bench_results")
     p.add_argument("--device", default=None)
-    p.add_argument("--steps", type=int, default=None, help="learning: training steps per run")
+    p.add_argument("--steps", type=int, default=None, help="learning: training steps per run (default: the embedded trainer default, 600)")
+    p.add_argument("--subjects", type=int, default=None, help="learning: how many of the three subjects (default all; 1 = the bundled one)")
     a = p.parse_args(argv)
     os.makedirs(a.out, exist_ok=True)
     if a.suite == "cost":
@@ -25,7 +26,7 @@ def main(argv=None) -> int:
     else:
         from . import learning as suite
 
-        result = suite.run(quick=a.quick, steps=a.steps, out_dir=a.out)
+        result = suite.run(quick=a.quick, steps=a.steps, out_dir=a.out, subjects=a.subjects)
     name = f"{a.suite}{'_quick' if a.quick else ''}"
     with open(os.path.join(a.out, f"{name}.json"), "w") as f:
         json.dump(result, f, indent=1)

@@ -24,10 +24,16 @@ RECONTEXT = [b for b in world.BACKGROUND_COLORS if b not in TRAIN_BACKGROUNDS] +
 
 
 def configs(quick: bool):
+    """LoLDU with every init at the embedded default learning rate, that rate ÷4 and ×4 for the
+    default init, then the baselines at rates that learn on the embedded base."""
+    from ..config import INITS
+    from ..training.args import EMBEDDED
+
+    lr = EMBEDDED["learning_rate"]
     if quick:
-        return [dict(name="loldu-lu", method="loldu", init="lu", lr=5e-3), dict(name="lora", method="lora", lr=1e-3)]
-    out = [dict(name=f"loldu-{i}", method="loldu", init=i, lr=5e-3) for i in ("lu", "uniform", "constant", "normal", "ones", "zeros")]
-    out += [dict(name=f"loldu-lu-lr{lr:g}", method="loldu", init="lu", lr=lr) for lr in (5e-4, 2e-3, 2e-2)]
+        return [dict(name="loldu-lu", method="loldu", init="lu", lr=lr), dict(name="lora", method="lora", lr=1e-3)]
+    out = [dict(name=f"loldu-{i}", method="loldu", init=i, lr=lr) for i in INITS]
+    out += [dict(name=f"loldu-lu-lr{x:g}", method="loldu", init="lu", lr=x) for x in (lr / 4, lr * 4)]
     out += [dict(name="lora", method="lora", lr=1e-3), dict(name="olora", method="olora", lr=1e-3),
             dict(name="full-adamw", method="full", lr=5e-5), dict(name="full-fira", method="full", lr=5e-5, optimizer="fira")]
     return out
@@ -86,14 +92,16 @@ def run_one(cfg, subject, instance_dir, work, steps, every, n_eval, judge):
             "output_bytes": summary["output_bytes"]}
 
 
-def run(quick: bool = False, steps: int | None = None, out_dir: str = "bench_results") -> dict:
+def run(quick: bool = False, steps: int | None = None, out_dir: str = "bench_results", subjects: int | None = None) -> dict:
     from ..toy.evaluate_base import load_pipeline
     from ..toy.judge import load_judge
 
-    steps = steps or (20 if quick else 300)
-    every = max(1, steps // (2 if quick else 6))
-    n_eval = 4 if quick else 16
-    subjects = BENCH_SUBJECTS[:1] if quick else BENCH_SUBJECTS
+    from ..training.args import EMBEDDED
+
+    steps = steps or (20 if quick else EMBEDDED["max_train_steps"])
+    every = max(1, steps // (2 if quick else 3))
+    n_eval = 4 if quick else 12
+    subjects = BENCH_SUBJECTS[: subjects or (1 if quick else len(BENCH_SUBJECTS))]
     judge = load_judge()
     result = {"steps": steps, "every": every, "n_eval": n_eval, "runs": [], "base": {}}
     base = load_pipeline()
