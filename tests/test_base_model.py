@@ -2,14 +2,12 @@
 import os
 import time
 
-import numpy as np
 import pytest
-import torch
 
 from loldu_diffusion.toy import default_base_path, default_concept_path, default_judge_path, world
 from loldu_diffusion.toy.concepts import DEFAULT_SUBJECT
 from loldu_diffusion.toy.evaluate_base import evaluate, generate, load_pipeline, prompt_set
-from loldu_diffusion.toy.judge import ATTRIBUTES, load_judge
+from loldu_diffusion.toy.judge import load_judge
 
 
 @pytest.fixture(scope="module")
@@ -44,27 +42,14 @@ def test_tokenizer_knows_every_word_and_the_rare_identifiers(pipe):
     assert "sks" in world.RARE_WORDS
 
 
-def test_judge_reads_fresh_renders(judge):
-    data = world.render_dataset(400, seed=424242)
-    images = torch.from_numpy(np.stack([d[0] for d in data]))
-    read = judge.read(images)
-    for attr in ATTRIBUTES:
-        acc = np.mean([r[attr] == getattr(s, attr) for r, (_, _, s) in zip(read, data)])
-        assert acc >= 0.97, (attr, acc)
+@pytest.mark.parametrize("softened", [False, True])
+def test_judge_reads_fresh_renders(judge, softened):
+    """Also softened (blurred + noise): generated images are soft-edged, and a judge trained on
+    crisp renders alone read clear, soft stars as rings and capped the base model at 0.875 shape."""
+    from loldu_diffusion.toy.train_base import judge_accuracy
 
-
-def test_judge_reads_softened_renders(judge):
-    """Generated images are soft-edged; the judge must still read them (a judge trained on crisp
-    renders alone read clear, soft stars as rings and capped the base model at 0.875 shape)."""
-    from loldu_diffusion.toy.train_base import soften
-
-    data = world.render_dataset(400, seed=434343)
-    torch.manual_seed(0)
-    images = soften(torch.from_numpy(np.stack([d[0] for d in data])))
-    read = judge.read(images)
-    for attr in ATTRIBUTES:
-        acc = np.mean([r[attr] == getattr(s, attr) for r, (_, _, s) in zip(read, data)])
-        assert acc >= 0.97, (attr, acc)
+    acc = judge_accuracy(judge, 400, seed=434343 if softened else 424242, softened=softened)
+    assert min(acc.values()) >= 0.97, acc
 
 
 def test_short_evaluation_meets_the_target(pipe, judge):

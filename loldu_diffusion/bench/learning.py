@@ -19,6 +19,7 @@ import torch
 
 from ..toy import world
 from ..toy.concepts import BENCH_SUBJECTS, TRAIN_BACKGROUNDS, render_subject
+from ..training.args import EMBEDDED
 
 RECONTEXT = [b for b in world.BACKGROUND_COLORS if b not in TRAIN_BACKGROUNDS] + ["white", "black"]
 
@@ -27,7 +28,6 @@ def configs(quick: bool):
     """LoLDU with every init at the embedded default learning rate, that rate ÷4 and ×4 for the
     default init, then the baselines at rates that learn on the embedded base."""
     from ..config import INITS
-    from ..training.args import EMBEDDED
 
     lr = EMBEDDED["learning_rate"]
     if quick:
@@ -95,8 +95,6 @@ def run_one(cfg, subject, instance_dir, work, steps, every, n_eval, judge):
 def run(quick: bool = False, steps: int | None = None, out_dir: str = "bench_results", subjects: int | None = None) -> dict:
     from ..toy.evaluate_base import load_pipeline
     from ..toy.judge import load_judge
-
-    from ..training.args import EMBEDDED
 
     steps = steps or (20 if quick else EMBEDDED["max_train_steps"])
     every = max(1, steps // (2 if quick else 3))
