@@ -9,12 +9,12 @@ from __future__ import annotations
 import argparse
 import os
 
-METHODS = ("loldu", "lora", "olora", "full")
+METHODS = ("loldu", "lora", "olora", "full", "vera", "ia3", "ti")
 PAPER = dict(rank=32, learning_rate=5e-4, lr_warmup_steps=15, max_train_steps=1000, train_batch_size=1)
 # On the embedded base (sweep in BENCHMARKS.md): LoLDU wants the high learning rate the paper
 # reports for it; at 5e-4 and batch 1 (the SD setting) nothing is learnt in 800 steps.
 EMBEDDED = dict(learning_rate=1e-2, max_train_steps=600, train_batch_size=4, validation_steps=200)
-LR_DEFAULTS = {"loldu": 5e-4, "lora": 1e-4, "olora": 1e-4, "full": 5e-6}
+LR_DEFAULTS = {"loldu": 5e-4, "lora": 1e-4, "olora": 1e-4, "full": 5e-6, "vera": 1e-2, "ia3": 1e-2, "ti": 5e-3}
 
 
 def _csv(text: str) -> tuple[str, ...]:
@@ -86,6 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--init", default="lu", choices=["lu", "uniform", "constant", "normal", "ones", "zeros"], help="LoLDU z₀ init")
     a("--unet_targets", type=_csv, default=("to_q", "to_k", "to_v", "to_out.0"))
     a("--text_encoder_targets", type=_csv, default=("q_proj", "k_proj", "v_proj", "out_proj"))
+    a("--full_targets", type=_csv, default=None, help="for --method full: train only these modules' weights (e.g. to_q,to_k,to_v,to_out.0); default: the whole UNet")
+    a("--placeholder_token", default=None, help="for --method ti: the token whose embedding trains (default: the instance prompt's identifier)")
     a("--optimizer", default="adamw", choices=["adamw", "fira"], help="for --method full")
     a("--fira_rank", type=int, default=128)
     a("--fira_update_proj_gap", type=int, default=200)
@@ -124,7 +126,7 @@ def resolve_defaults(args: argparse.Namespace) -> argparse.Namespace:
         args.class_data_dir = os.path.join(args.output_dir, "class_images")
     lora_like = args.method in ("lora", "olora")
     if args.rank is None:
-        args.rank = 4 if lora_like else PAPER["rank"]
+        args.rank = 4 if lora_like else 256 if args.method == "vera" else PAPER["rank"]
     if args.learning_rate is None:
         args.learning_rate = EMBEDDED["learning_rate"] if args.embedded and args.method == "loldu" else LR_DEFAULTS[args.method]
     if args.max_train_steps is None and args.num_train_epochs is None:

@@ -257,16 +257,27 @@ def train(args) -> dict:
     if main:
         os.makedirs(args.output_dir, exist_ok=True)
     val_seed = args.seed
+
+    def validation(unet_, desc=None):
+        """The validation images, or None and a warning: a failing validation never costs the run."""
+        try:
+            # the frozen base is cast to half precision below; bf16 on a CPU only runs under autocast
+            with accelerator.autocast():
+                return generate(make_pipeline(m, unet_, args), args.validation_prompt, args.num_validation_images, val_seed, args, resolution, desc=desc)
+        except Exception as e:  # noqa: BLE001 — any library error; the adapter matters more than its preview
+            say(f"warning: {desc or 'validation'} failed, training goes on without these images: {type(e).__name__}: {(str(e).splitlines() or [''])[0]}")
+            return None
+
     before = None
     if main and not resume_path:
-        before = generate(make_pipeline(m, m.unet, args), args.validation_prompt, args.num_validation_images, val_seed, args, resolution, desc="validation (before)")
+        before = validation(m.unet, desc="validation (before)")
 
     # the method: attach, then cast what stays frozen
     from accelerate.utils import set_seed
 
     set_seed(args.seed)  # the random z₀ inits and LoRA's init draw from the global RNG
     method = make_method(args)
-    models = types.SimpleNamespace(unet=m.unet, text_encoder=m.text_encoder, text_encoder_2=m.text_encoder_2)
+    models = types.SimpleNamespace(unet=m.unet, text_encoder=m.text_encoder, text_encoder_2=m.text_encoder_2, tokenizer=m.tokenizer)
     params = method.setup(models)
     n_trainable = sum(p.numel() for p in params)
     if weight_dtype != torch.float32:
@@ -275,7 +286,8 @@ def train(args) -> dict:
                 cast_frozen(mod, weight_dtype)
     if args.gradient_checkpointing:
         m.unet.enable_gradient_checkpointing()
-    text_trained = args.train_text_encoder and args.method != "full"
+    # the text encoder runs with gradients when the method trains something in it
+    text_trained = getattr(method, "trains_text_encoder", False) or (args.train_text_encoder and args.method in ("loldu", "lora", "olora"))
 
     steps_per_epoch = math.ceil(len(instance) / args.train_batch_size / accelerator.num_processes)
     if args.max_train_steps is None:

@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import os
 import shutil
+import types
 
 import torch
 
 from ..adapter_file import load_adapter, save_adapter
 from ..config import LoLDUConfig
-from ..io import atomic_save_dir
+from ..io import atomic_save_dir, atomic_save_safetensors
 from ..model import inject_loldu, loldu_parameters
 
 ADAPTER_FILE = "loldu_adapter.safetensors"
@@ -168,22 +169,32 @@ class LoRAMethod:
 
 
 class FullMethod:
-    """Full fine-tuning of the UNet (AdamW, or Fira for a low-rank optimizer-state budget)."""
+    """Full fine-tuning of the UNet (AdamW, or Fira for a low-rank optimizer-state budget).
+    With --full_targets, only the weights of those modules train (e.g. the attention
+    projections: the check that a base lets a subject flow through attention)."""
 
     name = "full"
 
     def __init__(self, args):
         self.args = args
 
+    def _trained(self, unet):
+        targets = getattr(self.args, "full_targets", None)
+        if not targets:
+            return dict(unet.named_parameters())
+        return {n: p for n, p in unet.named_parameters() if any(n.rsplit(".", 1)[0].endswith("." + t) for t in targets)}
+
     def setup(self, models):
-        models.unet.requires_grad_(True)
-        return list(models.unet.parameters())
+        trained = self._trained(models.unet)
+        for p in trained.values():
+            p.requires_grad_(True)
+        return list(trained.values())
 
     def trainable_state(self, models):
-        return {f"unet.{k}": v.detach().clone() for k, v in models.unet.state_dict().items()}
+        return {f"unet.{k}": v.detach().clone() for k, v in self._trained(models.unet).items()}
 
     def load_trainable_state(self, models, tensors):
-        models.unet.load_state_dict({k[5:]: v for k, v in tensors.items() if k.startswith("unet.")})
+        models.unet.load_state_dict({k[5:]: v for k, v in tensors.items() if k.startswith("unet.")}, strict=not getattr(self.args, "full_targets", None))
 
     def save(self, models, out_dir, metadata):
         return [atomic_save_dir(models.unet.save_pretrained, os.path.join(out_dir, "unet"), overwrite=True)]
@@ -196,8 +207,126 @@ class FullMethod:
         pipe.unet.load_state_dict(tuned.state_dict())
 
 
+class PeftVectorMethod:
+    """PEFT's other "only vectors train" methods on the same UNet targets as LoLDU: VeRA (frozen
+    shared random A, B; trains λ_b, λ_d per layer) and IA³ (trains one scaling vector per layer).
+    Peers in the learning benchmark; their output is PEFT's state dict in safetensors."""
+
+    FILE = "peft_adapter.safetensors"
+
+    def __init__(self, args):
+        self.args = args
+        self.name = args.method
+
+    def _config(self):
+        from peft import IA3Config, VeraConfig
+
+        targets = list(self.args.unet_targets)
+        if self.name == "vera":  # projections regenerate from PEFT's fixed PRNG key: the file holds only the vectors
+            return VeraConfig(r=self.args.rank, target_modules=targets, save_projection=False)
+        return IA3Config(target_modules=targets, feedforward_modules=[])
+
+    def _attach(self, unet):
+        from peft.tuners.ia3 import IA3Model
+        from peft.tuners.vera import VeraModel
+
+        # The tuner injects its layers into `unet` in place (VeRA's shared projections live on
+        # the tuner, so diffusers' add_adapter cannot take it); the UNet stays a UNet.
+        self.tuner = (VeraModel if self.name == "vera" else IA3Model)(unet, self._config(), "default")
+
+    def setup(self, models):
+        self._attach(models.unet)
+        return [p for p in models.unet.parameters() if p.requires_grad]
+
+    def trainable_state(self, models):
+        from peft.utils import get_peft_model_state_dict
+
+        return {f"unet.{k}": v.detach().clone() for k, v in get_peft_model_state_dict(models.unet, adapter_name="default", state_dict=None).items()}
+
+    def load_trainable_state(self, models, tensors):
+        from peft.utils import set_peft_model_state_dict
+
+        set_peft_model_state_dict(models.unet, {k[5:]: v for k, v in tensors.items() if k.startswith("unet.")}, adapter_name="default")
+
+    def save(self, models, out_dir, metadata):
+        state = {k[5:]: v.float() for k, v in self.trainable_state(models).items()}
+        return [atomic_save_safetensors(state, os.path.join(out_dir, self.FILE), metadata={"method": self.name}, overwrite=True)]
+
+    def load_output(self, pipe, out_dir):
+        from safetensors.torch import load_file
+
+        self._attach(pipe.unet)
+        self.load_trainable_state(types.SimpleNamespace(unet=pipe.unet), {f"unet.{k}": v for k, v in load_file(os.path.join(out_dir, self.FILE)).items()})
+
+
+class TextualInversionMethod:
+    """Textual inversion: one token embedding trains (the identifier's), nothing else — the
+    kilobyte-file anchor among the peers. Initialised from the class word's embedding, as
+    diffusers' textual_inversion.py does with --initializer_token."""
+
+    name = "ti"
+    FILE = "learned_embeds.safetensors"
+    trains_text_encoder = True
+
+    def __init__(self, args):
+        self.args = args
+        self.token = placeholder_token(args)
+
+    def _attach(self, text_encoder, tokenizer_ids, init_vector):
+        self.vector = torch.nn.Parameter(init_vector.detach().clone().float())
+        token_id = tokenizer_ids[0]
+        emb = text_encoder.get_input_embeddings()
+
+        def replace_token(module, inputs, output):
+            mask = (inputs[0] == token_id)[..., None]
+            return torch.where(mask, self.vector.to(output.dtype), output)
+
+        self.handle = emb.register_forward_hook(replace_token)
+
+    def setup(self, models):
+        tok = models.tokenizer
+        ids = tok(self.token, add_special_tokens=False).input_ids
+        init_word = (self.args.class_prompt or "").split()[-1:] or [self.token]
+        init_ids = tok(init_word[0], add_special_tokens=False).input_ids
+        if len(ids) != 1:
+            raise ValueError(f"--method ti: the identifier {self.token!r} is not a single token of this tokenizer")
+        emb = models.text_encoder.get_input_embeddings().weight
+        self._attach(models.text_encoder, ids, emb[init_ids].mean(0))
+        return [self.vector]
+
+    def trainable_state(self, models):
+        return {"text_encoder.token_embedding": self.vector.detach().clone()}
+
+    def load_trainable_state(self, models, tensors):
+        with torch.no_grad():
+            self.vector.copy_(tensors["text_encoder.token_embedding"])
+
+    def save(self, models, out_dir, metadata):
+        path = os.path.join(out_dir, self.FILE)
+        return [atomic_save_safetensors({self.token: self.vector.detach().float()[None]}, path, overwrite=True)]
+
+    def load_output(self, pipe, out_dir):
+        from safetensors.torch import load_file
+
+        vec = load_file(os.path.join(out_dir, self.FILE))[self.token][0]
+        ids = pipe.tokenizer(self.token, add_special_tokens=False).input_ids
+        self._attach(pipe.text_encoder, ids, vec)
+
+
+def placeholder_token(args) -> str:
+    """--placeholder_token, or the instance prompt's word that the class prompt lacks ('sks')."""
+    if getattr(args, "placeholder_token", None):
+        return args.placeholder_token
+    class_words = set((args.class_prompt or "").split())
+    extra = [w for w in (args.instance_prompt or "").split() if w not in class_words and w not in ("a", "an", "the")]
+    if not extra:
+        raise ValueError("--method ti needs --placeholder_token (the identifier word of --instance_prompt)")
+    return extra[0]
+
+
 def make_method(args):
-    return {"loldu": LoLDUMethod, "lora": LoRAMethod, "olora": LoRAMethod, "full": FullMethod}[args.method](args)
+    return {"loldu": LoLDUMethod, "lora": LoRAMethod, "olora": LoRAMethod, "full": FullMethod,
+            "vera": PeftVectorMethod, "ia3": PeftVectorMethod, "ti": TextualInversionMethod}[args.method](args)
 
 
 def make_optimizer(args, params):

@@ -29,11 +29,15 @@ def save_grid(rows: list[list[Image.Image]], path: str, min_cell: int = 128) -> 
 
 
 def write_images(out_dir, before, during, after) -> dict:
-    grids = {"after": save_grid([after], os.path.join(out_dir, "validation_after.png"))}
+    """The validation grids there are images for (a failed validation leaves its row out)."""
+    grids = {}
+    if after:
+        grids["after"] = save_grid([after], os.path.join(out_dir, "validation_after.png"))
     if before:
         grids["before"] = save_grid([before], os.path.join(out_dir, "validation_before.png"))
-        rows = [before] + [imgs for _, imgs in during] + [after]
-        grids["progress"] = save_grid(rows, os.path.join(out_dir, "validation_grid.png"))
+        rows = [before] + [imgs for _, imgs in during] + ([after] if after else [])
+        if len(rows) > 1:
+            grids["progress"] = save_grid(rows, os.path.join(out_dir, "validation_grid.png"))
     return grids
 
 
@@ -93,7 +97,11 @@ def model_card(args, summary: dict, grids: dict) -> str:
         "lora": f"pipe = StableDiffusionPipeline.from_pretrained({base!r})\npipe.load_lora_weights({args.output_dir!r})\n",
         "full": f"from diffusers import UNet2DConditionModel\nunet = UNet2DConditionModel.from_pretrained({args.output_dir!r}, subfolder='unet')\n"
                 f"pipe = StableDiffusionPipeline.from_pretrained({base!r}, unet=unet)\n",
-    }[{"olora": "lora"}.get(args.method, args.method)]
+        "ti": f"pipe = StableDiffusionPipeline.from_pretrained({base!r})\n"
+              f"pipe.load_textual_inversion({os.path.join(args.output_dir, out)!r})  # a token the tokenizer lacks; see the trainer's methods.py\n",
+        "peft": f"# a PEFT {args.method} state dict for the UNet's {', '.join(args.unet_targets)}: load it with\n"
+                f"# loldu_diffusion.training.methods.PeftVectorMethod(args).load_output(pipe, {args.output_dir!r})\n",
+    }[{"olora": "lora", "vera": "peft", "ia3": "peft"}.get(args.method, args.method)]
     front = ["---", f"base_model: {base}", f"instance_prompt: {json.dumps(args.instance_prompt)}", "license: openrail++", "tags:"]
     front += [f"- {t}" for t in tags] + ["inference: true", "---"]
     body = [

@@ -1,0 +1,75 @@
+"""The learning benchmark's peers, trained by the same trainer: VeRA and IA³ (PEFT, on LoLDU's
+UNet targets), textual inversion (one token embedding) and full fine-tuning restricted to the
+attention projections. Each trains only what it claims, and its output file changes the model."""
+import os
+import types
+
+import pytest
+import torch
+
+from loldu_diffusion.training import parse_args, train
+from loldu_diffusion.training.args import resolve_defaults
+from loldu_diffusion.training.loop import load_models, make_pipeline
+from loldu_diffusion.training.methods import make_method
+
+
+def _args(base, concept, out, method, *extra):
+    return resolve_defaults(parse_args([
+        "--pretrained_model_name_or_path", base, "--instance_data_dir", concept, "--instance_prompt", "a photo of sks heart",
+        "--class_prompt", "a photo of a heart", "--num_validation_images", "1", "--num_inference_steps", "2", "--report_to", "none",
+        "--output_dir", str(out), "--method", method, "--max_train_steps", "3", "--learning_rate", "5e-2", *extra]))
+
+
+def _image(pipe):
+    return pipe("a photo of sks heart", num_inference_steps=2, generator=torch.Generator().manual_seed(0), output_type="pt",
+                height=32, width=32).images
+
+
+@pytest.mark.parametrize("method,extra,trained", [
+    ("vera", (), lambda n: "vera_lambda" in n),
+    ("ia3", (), lambda n: "ia3_l" in n),
+    ("full", ("--full_targets", "to_q,to_k,to_v,to_out.0"), lambda n: any(f".{t}.weight" in n or f".{t}.bias" in n for t in ("to_q", "to_k", "to_v", "to_out.0"))),
+])
+def test_unet_peer_trains_only_its_own_values(tiny_sd_path, concept_dir, tmp_path, method, extra, trained):
+    args = _args(tiny_sd_path, concept_dir, tmp_path / method, method, *extra)
+    m = load_models(args)
+    before = {n: p.detach().clone() for n, p in m.unet.named_parameters()}
+    params = make_method(args).setup(types.SimpleNamespace(unet=m.unet, text_encoder=m.text_encoder, text_encoder_2=None, tokenizer=m.tokenizer))
+    names = {n for n, p in m.unet.named_parameters() if any(p is q for q in params)}
+    assert names and all(trained(n) for n in names)
+    assert all(not p.requires_grad for n, p in m.unet.named_parameters() if n not in names)
+    if method == "full":  # the attention-only variant leaves every other UNet weight out
+        assert len(names) < len(before) and all(n in before for n in names)
+
+    summary = train(args)
+    base = make_pipeline(load_models(args), load_models(args).unet, args)
+    m2 = load_models(args)
+    tuned = make_pipeline(m2, m2.unet, args)
+    make_method(args).load_output(tuned, str(tmp_path / method))
+    assert summary["trainable_parameters"] == sum(p.numel() for p in params)
+    assert not torch.allclose(_image(base), _image(tuned))
+
+
+def test_textual_inversion_trains_one_embedding(tiny_sd_path, concept_dir, tmp_path):
+    from safetensors.torch import load_file
+
+    args = _args(tiny_sd_path, concept_dir, tmp_path / "ti", "ti")
+    summary = train(args)
+    m = load_models(args)
+    assert summary["trainable_parameters"] == m.text_encoder.config.hidden_size
+    saved = load_file(os.path.join(tmp_path / "ti", "learned_embeds.safetensors"))
+    assert list(saved) == ["sks"] and saved["sks"].shape == (1, m.text_encoder.config.hidden_size)
+    pipe = make_pipeline(m, m.unet, args)
+    before = _image(pipe)
+    other = pipe("a photo of a heart", num_inference_steps=2, generator=torch.Generator().manual_seed(0), output_type="pt", height=32, width=32).images
+    make_method(args).load_output(pipe, str(tmp_path / "ti"))
+    assert not torch.allclose(before, _image(pipe))  # the identifier now means something
+    after_other = pipe("a photo of a heart", num_inference_steps=2, generator=torch.Generator().manual_seed(0), output_type="pt", height=32, width=32).images
+    assert torch.equal(other, after_other)  # and nothing else changed
+
+
+def test_ti_needs_an_identifier(tiny_sd_path, concept_dir, tmp_path):
+    args = _args(tiny_sd_path, concept_dir, tmp_path / "ti", "ti")
+    args.instance_prompt, args.class_prompt = "a photo of a heart", "a photo of a heart"
+    with pytest.raises(ValueError, match="--placeholder_token"):
+        make_method(args)
