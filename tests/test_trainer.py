@@ -213,3 +213,36 @@ def test_checkpoints_total_limit_keeps_the_newest(tiny_sd_path, concept_dir, tmp
     run(common(tiny_sd_path, concept_dir, out) + ["--max_train_steps", "7", "--checkpointing_steps", "2",
                                                   "--checkpoints_total_limit", "2"])
     assert sorted(p for p in os.listdir(out) if p.startswith("checkpoint")) == ["checkpoint-4", "checkpoint-6"]
+
+
+@pytest.mark.parametrize("precision", ["fp16", "bf16"])
+def test_mixed_precision_runs_end_to_end_on_cpu(tiny_sd_path, concept_dir, tmp_path, capsys, precision):
+    out = tmp_path / precision
+    summary = run(common(tiny_sd_path, concept_dir, out) + ["--mixed_precision", precision, "--max_train_steps", "2",
+                                                            "--validation_steps", "1", "--learning_rate", "1e-2"])
+    assert summary["steps"] == 2 and "warning" not in capsys.readouterr().out
+    delta = AdapterFile.read(str(out / ADAPTER_FILE)).delta["unet"]
+    assert torch.isfinite(delta).all() and delta.abs().max() > 0
+    for name in ("validation_before.png", "validation_step_1.png", "validation_after.png", "validation_grid.png"):
+        assert (out / name).exists(), name
+
+
+def test_a_failing_validation_is_a_warning_and_the_adapter_is_kept(tiny_sd_path, concept_dir, tmp_path, capsys, monkeypatch):
+    from loldu_diffusion.training import loop
+
+    real = loop.generate
+
+    def fails_after_training(pipe, *a, desc=None, **kw):
+        if desc == "validation (after)":
+            raise RuntimeError("Input type (float) and bias type (c10::BFloat16) should be the same")
+        return real(pipe, *a, desc=desc, **kw)
+
+    monkeypatch.setattr(loop, "generate", fails_after_training)
+    out = tmp_path / "kept"
+    run(common(tiny_sd_path, concept_dir, out) + ["--max_train_steps", "2"])
+    said = capsys.readouterr().out
+    assert "warning: validation (after) failed" in said and "bias type" in said
+    assert AdapterFile.read(str(out / ADAPTER_FILE)).rank == 32
+    assert json.loads((out / "train_summary.json").read_text())["steps"] == 2
+    assert (out / "validation_before.png").exists() and not (out / "validation_after.png").exists()
+    assert "validation_before.png" in (out / "README.md").read_text()

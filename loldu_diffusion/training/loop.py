@@ -219,6 +219,12 @@ def train(args) -> dict:
                             "pass --overwrite to replace it, --resume_from_checkpoint latest to continue, or choose another --output_dir")
 
     report_to = None if args.report_to in (None, "none", "") else args.report_to
+    from accelerate.state import AcceleratorState
+
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()) and hasattr(AcceleratorState, "_reset_state"):
+        # accelerate's state is process-wide: an earlier run in this process (the tests, the app)
+        # would refuse this one's --mixed_precision
+        AcceleratorState._reset_state(True)
     accelerator = Accelerator(
         # no GPU: say so, so that `accelerate launch --num_processes N` runs N CPU processes over gloo
         cpu=not (torch.cuda.is_available() or torch.backends.mps.is_available()),
@@ -450,10 +456,11 @@ def train(args) -> dict:
         if global_step % args.checkpointing_steps == 0 and global_step < args.max_train_steps:
             save_checkpoint(global_step)
         if main and args.validation_steps and global_step % args.validation_steps == 0 and global_step < args.max_train_steps:
-            imgs = generate(make_pipeline(m, accelerator.unwrap_model(unet), args), args.validation_prompt, args.num_validation_images, val_seed, args, resolution)
-            val_grids.append((global_step, imgs))
-            report.save_grid([imgs], os.path.join(args.output_dir, f"validation_step_{global_step}.png"))
-            report.log_images(accelerator, "validation", imgs, global_step)
+            imgs = validation(accelerator.unwrap_model(unet), desc=f"validation at step {global_step}")
+            if imgs:
+                val_grids.append((global_step, imgs))
+                report.save_grid([imgs], os.path.join(args.output_dir, f"validation_step_{global_step}.png"))
+                report.log_images(accelerator, "validation", imgs, global_step)
     bar.close()
     accelerator.wait_for_everyone()
 
@@ -461,8 +468,6 @@ def train(args) -> dict:
     if main:
         unet_u = accelerator.unwrap_model(unet)
         unet_u.eval()
-        after = generate(make_pipeline(m, unet_u, args), args.validation_prompt, args.num_validation_images, val_seed, args, resolution, desc="validation (after)")
-        report.log_images(accelerator, "validation", after, global_step)
         summary = {
             "method": args.method, "base_model": os.path.basename(os.path.normpath(args.pretrained_model_name_or_path)),
             "steps": global_step, "trainable_parameters": n_trainable, "learning_rate": args.learning_rate,
@@ -477,6 +482,11 @@ def train(args) -> dict:
         outputs = method.save(models, args.output_dir, metadata)
         summary["outputs"] = [os.path.relpath(p, args.output_dir) for p in outputs]
         summary["output_bytes"] = sum(report.size_of(p) for p in outputs)
+        report.write_json(os.path.join(args.output_dir, "train_summary.json"), summary)
+        # the adapter is on disk before the final validation runs: a failure there costs only its images
+        after = validation(unet_u, desc="validation (after)")
+        if after:
+            report.log_images(accelerator, "validation", after, global_step)
         grids = report.write_images(args.output_dir, before, val_grids, after)
         report.loss_curve(history, os.path.join(args.output_dir, "loss.png"))
         report.write_json(os.path.join(args.output_dir, "train_summary.json"), summary)
