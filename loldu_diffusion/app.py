@@ -239,10 +239,17 @@ def build_ui(studio: Studio):
 
 
 def launch(base=None, adapters_dir=None, host="127.0.0.1", port=7860, block=True):
+    from .quiet import quiet_libraries
     from .toy import ASSETS
 
+    quiet_libraries()
     studio = Studio(base, adapters_dir or (os.path.join(ASSETS, "adapters") if base is None else None))
     demo = build_ui(studio)
     demo.queue(default_concurrency_limit=1)
-    demo.launch(server_name=host, server_port=port, prevent_thread_lock=not block, max_file_size=MAX_UPLOAD_BYTES)
+    # quiet: Gradio's start-up lines end with a share=True hint that a local tool does not need;
+    # the address is the one line people do need
+    demo.launch(server_name=host, server_port=port, prevent_thread_lock=True, max_file_size=MAX_UPLOAD_BYTES, quiet=True)
+    print(f"loldu app: open {demo.local_url} in a browser (Ctrl+C stops it)", flush=True)
+    if block:
+        demo.block_thread()
     return demo

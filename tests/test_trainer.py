@@ -246,3 +246,32 @@ def test_a_failing_validation_is_a_warning_and_the_adapter_is_kept(tiny_sd_path,
     assert json.loads((out / "train_summary.json").read_text())["steps"] == 2
     assert (out / "validation_before.png").exists() and not (out / "validation_after.png").exists()
     assert "validation_before.png" in (out / "README.md").read_text()
+
+
+def test_resumed_run_keeps_the_first_parts_validation_and_time(tiny_sd_path, concept_dir, tmp_path, monkeypatch):
+    from accelerate import Accelerator
+
+    out = tmp_path / "resumed"
+    argv = common(tiny_sd_path, concept_dir, out) + ["--max_train_steps", "4", "--checkpointing_steps", "2", "--validation_steps", "1"]
+    real_log = Accelerator.log
+
+    def log_then_die(self, values, step=None, **kw):
+        real_log(self, values, step=step, **kw)
+        if step == 3:
+            raise SimulatedKill()
+
+    monkeypatch.setattr(Accelerator, "log", log_then_die)
+    with pytest.raises(SimulatedKill):
+        run(argv)
+    monkeypatch.setattr(Accelerator, "log", real_log)
+    # a long first part: its time counts in the whole run's
+    state_path = out / "checkpoint-2" / "run.json"
+    state = json.loads(state_path.read_text())
+    assert state["steps_run"] == 2 and state["images"] == {"before": 1, "1": 1, "2": 1}
+    state.update(seconds=1000.0, train_seconds=500.0)
+    state_path.write_text(json.dumps(state))
+    summary = run(argv + ["--resume_from_checkpoint", "latest"])
+    assert 1000 <= summary["seconds"] < 1300 and summary["seconds_per_step"] >= 500 / 4
+    assert (out / "validation_before.png").exists()
+    with Image.open(out / "validation_grid.png") as grid, Image.open(out / "validation_after.png") as after:
+        assert grid.height == 5 * after.height  # before, steps 1, 2, 3, after

@@ -16,6 +16,7 @@ from tqdm.auto import tqdm
 
 from ..adapter_file import AdapterFileError
 from ..model import iter_layers
+from ..quiet import no_loading_bars, quiet_libraries
 from . import report
 from .args import resolve_defaults
 from .data import DataError, ImageSet, check_identifier, read_images, sample_indices, step_generator
@@ -23,6 +24,7 @@ from .methods import ADAPTER_FILE, LORA_FILE, make_method, make_optimizer
 
 CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 TRAINABLE_FILE = "trainable.safetensors"
+RUN_FILE = "run.json"
 
 
 class TrainingError(ValueError):
@@ -108,7 +110,8 @@ def make_pipeline(m, unet, args):
         comps.update(text_encoder_2=m.text_encoder_2, tokenizer_2=m.tokenizer_2)
     else:
         comps.update(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
-    pipe = DiffusionPipeline.from_pretrained(m.path, revision=args.revision, torch_dtype=unet.dtype, **comps)
+    with no_loading_bars():  # only the scheduler is read from disk: no bar nested in the training bar
+        pipe = DiffusionPipeline.from_pretrained(m.path, revision=args.revision, torch_dtype=unet.dtype, **comps)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -195,6 +198,39 @@ def resolve_resume(args) -> str | None:
     return path
 
 
+def save_run_state(folder: str, state: dict, before, during) -> None:
+    """Time so far and the validation images, beside a checkpoint: a resumed run then reports
+    the whole run (total seconds, validation_before.png, the grid) and not only its own part."""
+    images = {"before": before or []} | {str(step): imgs for step, imgs in during}
+    for tag, imgs in images.items():
+        for i, im in enumerate(imgs):
+            im.save(os.path.join(folder, f"validation_{tag}_{i}.png"))
+    with open(os.path.join(folder, RUN_FILE), "w") as f:
+        json.dump(dict(state, images={tag: len(imgs) for tag, imgs in images.items()}), f)
+
+
+def load_run_state(folder: str) -> tuple[dict, list | None, list]:
+    """(state, before, during) as save_run_state wrote them; empty for older checkpoints."""
+    from PIL import Image
+
+    path = os.path.join(folder, RUN_FILE)
+    if not os.path.isfile(path):
+        return {}, None, []
+    with open(path) as f:
+        state = json.load(f)
+
+    def read(tag, n):
+        out = []
+        for i in range(n):
+            with Image.open(os.path.join(folder, f"validation_{tag}_{i}.png")) as im:
+                out.append(im.convert("RGB"))
+        return out
+
+    images = state.pop("images", {})
+    during = sorted(((int(tag), read(tag, n)) for tag, n in images.items() if tag != "before"), key=lambda si: si[0])
+    return state, read("before", images.get("before", 0)) or None, during
+
+
 def existing_outputs(output_dir: str) -> list[str]:
     names = (ADAPTER_FILE, LORA_FILE, "unet")
     return [n for n in names if os.path.exists(os.path.join(output_dir, n))]
@@ -202,6 +238,7 @@ def existing_outputs(output_dir: str) -> list[str]:
 
 # ---- the loop ----------------------------------------------------------------------------
 def train(args) -> dict:
+    quiet_libraries()  # before diffusers imports its pipelines
     from accelerate import Accelerator
     from accelerate.utils import ProjectConfiguration
     from diffusers.optimization import get_scheduler
@@ -264,14 +301,15 @@ def train(args) -> dict:
         os.makedirs(args.output_dir, exist_ok=True)
     val_seed = args.seed
 
-    def validation(unet_, desc=None):
+    def validation(unet_, desc, bar=True):
         """The validation images, or None and a warning: a failing validation never costs the run."""
         try:
             # the frozen base is cast to half precision below; bf16 on a CPU only runs under autocast
             with accelerator.autocast():
-                return generate(make_pipeline(m, unet_, args), args.validation_prompt, args.num_validation_images, val_seed, args, resolution, desc=desc)
+                return generate(make_pipeline(m, unet_, args), args.validation_prompt, args.num_validation_images, val_seed, args, resolution,
+                                desc=desc if bar else None)
         except Exception as e:  # noqa: BLE001 — any library error; the adapter matters more than its preview
-            say(f"warning: {desc or 'validation'} failed, training goes on without these images: {type(e).__name__}: {(str(e).splitlines() or [''])[0]}")
+            say(f"warning: {desc} failed, training goes on without these images: {type(e).__name__}: {(str(e).splitlines() or [''])[0]}")
             return None
 
     before = None
@@ -328,6 +366,7 @@ def train(args) -> dict:
     accelerator.register_load_state_pre_hook(load_hook)
 
     global_step, history = 0, []
+    earlier, resumed_during = {}, []  # the killed part of a resumed run: its time and validation images
     if args.resume_from_checkpoint and resume_path is None:
         say(f"--resume_from_checkpoint latest: no checkpoint in {args.output_dir}; starting a new run")
     if resume_path:
@@ -337,6 +376,7 @@ def train(args) -> dict:
         if os.path.isfile(hist_path):
             with open(hist_path) as f:
                 history = json.load(f)
+        earlier, before, resumed_during = load_run_state(resume_path)
         say(f"resumed from {resume_path} at step {global_step}")
 
     if main and report_to:
@@ -419,14 +459,16 @@ def train(args) -> dict:
         if main:
             with open(os.path.join(tmp, "history.json"), "w") as f:
                 json.dump(history, f)
+            save_run_state(tmp, {"seconds": earlier.get("seconds", 0.0) + time.time() - t_start, "train_seconds": train_time,
+                                 "steps_run": steps_run}, before, val_grids)
             shutil.rmtree(final, ignore_errors=True)
             os.replace(tmp, final)  # a kill mid-save leaves only a .tmp folder, never a broken checkpoint
         accelerator.wait_for_everyone()
 
-    val_grids = []
+    val_grids = list(resumed_during)
     bar = tqdm(total=args.max_train_steps, initial=global_step, desc=f"{args.method} training", disable=not main)
     unet.train()
-    train_time, steps_run = 0.0, 0
+    train_time, steps_run = earlier.get("train_seconds", 0.0), earlier.get("steps_run", 0)
     while global_step < args.max_train_steps:
         t0 = time.time()
         for micro in range(args.gradient_accumulation_steps):
@@ -453,14 +495,15 @@ def train(args) -> dict:
         bar.update(1)
         bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr_scheduler.get_last_lr()[0]:.2g}", s_per_step=f"{step_time:.2f}")
         accelerator.log({"loss": loss_value, "lr": lr_scheduler.get_last_lr()[0], "step_time_s": step_time}, step=global_step)
-        if global_step % args.checkpointing_steps == 0 and global_step < args.max_train_steps:
-            save_checkpoint(global_step)
+        # validation first: the checkpoint then holds this step's images too
         if main and args.validation_steps and global_step % args.validation_steps == 0 and global_step < args.max_train_steps:
-            imgs = validation(accelerator.unwrap_model(unet), desc=f"validation at step {global_step}")
+            imgs = validation(accelerator.unwrap_model(unet), f"validation at step {global_step}", bar=False)
             if imgs:
                 val_grids.append((global_step, imgs))
                 report.save_grid([imgs], os.path.join(args.output_dir, f"validation_step_{global_step}.png"))
                 report.log_images(accelerator, "validation", imgs, global_step)
+        if global_step % args.checkpointing_steps == 0 and global_step < args.max_train_steps:
+            save_checkpoint(global_step)
     bar.close()
     accelerator.wait_for_everyone()
 
@@ -472,7 +515,7 @@ def train(args) -> dict:
             "method": args.method, "base_model": os.path.basename(os.path.normpath(args.pretrained_model_name_or_path)),
             "steps": global_step, "trainable_parameters": n_trainable, "learning_rate": args.learning_rate,
             "rank": args.rank, "batch_size": args.train_batch_size, "resolution": resolution,
-            "seconds": round(time.time() - t_start, 1), "seconds_per_step": round(train_time / max(steps_run, 1), 4),
+            "seconds": round(earlier.get("seconds", 0.0) + time.time() - t_start, 1), "seconds_per_step": round(train_time / max(steps_run, 1), 4),
             "final_loss": history[-1] if history else None, "processes": accelerator.num_processes,
             "max_process_divergence": divergence if sync_check else None,
         }
