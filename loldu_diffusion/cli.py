@@ -47,6 +47,9 @@ def _export_lora(args) -> int:
     load_adapter_specs(pipe, args.adapters)
     export_lora(pipe, args.output, args.format, overwrite=args.overwrite)
     print(f"wrote {args.output} ({args.format} LoRA, {os.path.getsize(args.output):,} bytes)")
+    if args.format == "diffusers":
+        print("note: diffusers' load_lora_weights reads this file; for A1111, ComfyUI or kohya export with --format kohya "
+              "(ComfyUI skips every UNet layer of a diffusers-format file, with only a log warning)")
     return 0
 
 

@@ -63,9 +63,34 @@ def lora_state_dict(model, fmt: str = "diffusers") -> tuple[dict, dict]:
             tensors[f"{key}.alpha"] = torch.tensor(float(up.shape[1]))  # alpha = r: scale 1
     meta = {"format": "pt", "loldu_export": json.dumps({"source": "loldu-diffusion", "rank": rank, "layers": len(rows)})}
     if fmt == "kohya":
+        fam = base_family(model)
         meta.update(ss_network_module="networks.lora", ss_network_dim=str(rank), ss_network_alpha=str(rank),
-                    ss_base_model_version="sdxl_base_v1-0" if sdxl else "sd_v1", ss_training_comment="exported from a LoLDU adapter (exact)")
+                    ss_base_model_version=fam["ss_base_model_version"], ss_v2=str(fam["v2"]),
+                    ss_v_parameterization=str(fam["v_parameterization"]),
+                    ss_training_comment="exported from a LoLDU adapter (exact)", **{f"modelspec.{k}": v for k, v in fam["modelspec"].items()})
     return tensors, meta
+
+
+def base_family(model) -> dict:
+    """What kohya / A1111 / ComfyUI read to decide how to apply a LoRA: SD 1.x, SD 2.x (OpenCLIP's
+    1024-wide cross-attention) or SDXL (text_time conditioning), and v-prediction (from the
+    pipeline's scheduler; A1111 needs it for SD 2.x 768-v models). Labels as kohya's
+    sai_model_spec writes them."""
+    unet = getattr(model, "unet", model)
+    cfg = getattr(unet, "config", None)
+    scheduler = getattr(getattr(model, "scheduler", None), "config", None) or {}
+    v_param = scheduler.get("prediction_type") == "v_prediction"
+    sdxl = _is_sdxl(model)
+    v2 = not sdxl and getattr(cfg, "cross_attention_dim", None) == 1024
+    if sdxl:
+        version, arch, impl, res = "sdxl_base_v1-0", "stable-diffusion-xl-v1-base", "https://github.com/Stability-AI/generative-models", "1024x1024"
+    elif v2:
+        version, arch, impl, res = "sd_v2", "stable-diffusion-v2-768-v" if v_param else "stable-diffusion-v2-512", "diffusers", "768x768" if v_param else "512x512"
+    else:
+        version, arch, impl, res = "sd_v1", "stable-diffusion-v1", "diffusers", "512x512"
+    spec = {"sai_model_spec": "1.0.0", "architecture": f"{arch}/lora", "implementation": impl, "title": "LoLDU adapter (exported as LoRA)",
+            "resolution": res, "prediction_type": "v" if v_param else "epsilon"}
+    return {"ss_base_model_version": version, "v2": v2, "v_parameterization": v_param, "modelspec": spec}
 
 
 def _is_sdxl(model) -> bool:
