@@ -220,7 +220,7 @@ def test_mixed_precision_runs_end_to_end_on_cpu(tiny_sd_path, concept_dir, tmp_p
     out = tmp_path / precision
     summary = run(common(tiny_sd_path, concept_dir, out) + ["--mixed_precision", precision, "--max_train_steps", "2",
                                                             "--validation_steps", "1", "--learning_rate", "1e-2"])
-    assert summary["steps"] == 2 and "warning" not in capsys.readouterr().out
+    assert summary["steps"] == 2 and "failed" not in capsys.readouterr().out  # no validation lost
     delta = AdapterFile.read(str(out / ADAPTER_FILE)).delta["unet"]
     assert torch.isfinite(delta).all() and delta.abs().max() > 0
     for name in ("validation_before.png", "validation_step_1.png", "validation_after.png", "validation_grid.png"):
@@ -275,3 +275,62 @@ def test_resumed_run_keeps_the_first_parts_validation_and_time(tiny_sd_path, con
     assert (out / "validation_before.png").exists()
     with Image.open(out / "validation_grid.png") as grid, Image.open(out / "validation_after.png") as after:
         assert grid.height == 5 * after.height  # before, steps 1, 2, 3, after
+
+
+def test_inputs_are_checked_before_anything_loads(tiny_sd_path, concept_dir, tmp_path, monkeypatch):
+    from loldu_diffusion.training import loop
+
+    def no_loading(args):
+        raise AssertionError("a model was loaded before the inputs were checked")
+
+    monkeypatch.setattr(loop, "load_models", no_loading)
+    checkpoint = tmp_path / "model.safetensors"
+    checkpoint.write_bytes(b"\0" * 16)
+    cases = [
+        (str(tmp_path / "missing-model"), [], r"missing-model: no such folder$"),
+        ("some-org/some-model", [], r"Hugging Face Hub id it is not in the local cache .* HF_HUB_OFFLINE is set: download it"),
+        (str(checkpoint), [], r"a single-file checkpoint, and loading those is not supported yet; convert it once with .*from_single_file"),
+        (tiny_sd_path, ["--resolution", "0"], r"--resolution 0: must be a positive size"),
+    ]
+    for model, extra, match in cases:
+        with pytest.raises(TrainingError, match=match) as e:
+            run(common(model, concept_dir, tmp_path / "o") + extra)
+        assert "\n" not in str(e.value)
+
+
+def test_a_cached_hub_id_trains_from_the_cache(tiny_sd_path, concept_dir, tmp_path, monkeypatch):
+    from diffusers import DiffusionPipeline
+
+    def cached(repo_id, local_files_only=False, **kw):
+        assert repo_id == "some-org/tiny" and local_files_only
+        return tiny_sd_path
+
+    monkeypatch.setattr(DiffusionPipeline, "download", cached)
+    out = tmp_path / "hub"
+    summary = run(common("some-org/tiny", concept_dir, out) + ["--max_train_steps", "1"])
+    assert summary["base_model"] == "tiny" and "base_model: some-org/tiny" in (out / "README.md").read_text()
+
+
+def test_start_warnings_that_save_time(tiny_sd_path, concept_dir, tmp_path, capsys, monkeypatch):
+    from loldu_diffusion.training import loop
+
+    monkeypatch.setattr(loop, "tracker_installed", lambda name: name != "wandb")
+    out = tmp_path / "warned"
+    run(common(tiny_sd_path, concept_dir, out) + ["--max_train_steps", "1", "--resolution", "64", "--mixed_precision", "fp16",
+                                                  "--report_to", "wandb"])
+    said = capsys.readouterr().out
+    assert "warning: --report_to wandb: wandb is not installed (pip install wandb); logging to tensorboard instead" in said
+    assert "warning: --mixed_precision fp16 on a CPU" in said and "slower" in said
+    assert "warning: --resolution 64 is 4× the base model's native 16 px: each step costs about 16× more" in said
+    assert os.path.isdir(out / "logs")  # tensorboard did log
+
+
+def test_photos_on_the_embedded_base_are_warned_about(concept_dir, tmp_path, capsys):
+    photos = tmp_path / "photos"
+    shutil.copytree(concept_dir, photos)
+    Image.new("RGB", (640, 480), (120, 90, 60)).save(photos / "dog.jpg")
+    run(["--instance_data_dir", str(photos), "--instance_prompt", "a photo of sks dog", "--max_train_steps", "1",
+         "--train_batch_size", "1", "--num_validation_images", "1", "--num_inference_steps", "1", "--validation_steps", "0",
+         "--report_to", "none", "--output_dir", str(tmp_path / "o")])
+    said = capsys.readouterr().out
+    assert "warning: the embedded base only knows its own toy world" in said and "1 of the instance images" in said

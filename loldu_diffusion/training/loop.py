@@ -32,15 +32,103 @@ class TrainingError(ValueError):
 
 
 # ---- models ------------------------------------------------------------------------------
+SINGLE_FILE = (".safetensors", ".ckpt", ".pt", ".pth", ".bin", ".sft")
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def resolve_model_path(args) -> str:
+    """The local diffusers folder for --pretrained_model_name_or_path, found before anything
+    heavy loads; each way the flag can be wrong has its own sentence."""
+    flag, given = "--pretrained_model_name_or_path", args.pretrained_model_name_or_path
+    if os.path.isfile(given):
+        if given.lower().endswith(SINGLE_FILE):
+            out = os.path.splitext(given)[0] + "-diffusers"
+            raise TrainingError(f"{flag} {given}: a single-file checkpoint, and loading those is not supported yet; convert it once with "
+                                f"python -c \"from diffusers import StableDiffusionPipeline as P; P.from_single_file('{given}').save_pretrained('{out}')\" "
+                                f"(StableDiffusionXLPipeline for SDXL) and pass {out}")
+        raise TrainingError(f"{flag} {given}: a file, not a diffusers model folder (a folder with model_index.json)")
+    if os.path.isdir(given):
+        return given
+    if not HUB_ID.match(given):
+        raise TrainingError(f"{flag} {given}: no such folder")
+    return hub_snapshot(given, args)
+
+
+def hub_snapshot(repo_id: str, args) -> str:
+    """A Hugging Face Hub id: its cached snapshot, else a download; one line if neither works."""
+    from diffusers import DiffusionPipeline
+    from huggingface_hub import constants
+
+    kw = dict(revision=args.revision, variant=args.variant)
+    try:
+        return DiffusionPipeline.download(repo_id, local_files_only=True, **kw)
+    except Exception:  # noqa: BLE001 — not (fully) cached: try the Hub below
+        pass
+    where = (f"--pretrained_model_name_or_path {repo_id}: no such folder, and as a Hugging Face Hub id it is not in the local cache "
+             f"({constants.HF_HUB_CACHE})")
+    fix = f"download it where there is network (huggingface-cli download {repo_id}) or pass a local diffusers folder"
+    if constants.HF_HUB_OFFLINE:
+        raise TrainingError(f"{where} and HF_HUB_OFFLINE is set: {fix}")
+    from huggingface_hub import model_info
+    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
+
+    try:
+        model_info(repo_id, revision=args.revision, timeout=15)
+    except GatedRepoError:
+        raise TrainingError(f"{where}, and it is gated: accept its license on huggingface.co, then huggingface-cli login") from None
+    except RepositoryNotFoundError:
+        raise TrainingError(f"{where}, and the Hub has no such model (or it is private: huggingface-cli login)") from None
+    except Exception:  # noqa: BLE001 — connection errors differ between huggingface_hub releases
+        raise TrainingError(f"{where}, and the Hub cannot be reached (no network?): {fix}") from None
+    try:
+        return DiffusionPipeline.download(repo_id, **kw)
+    except Exception as e:  # noqa: BLE001
+        raise TrainingError(f"--pretrained_model_name_or_path {repo_id}: the download failed: {(str(e).splitlines() or [''])[0]}") from None
+
+
+TRACKERS = {"tensorboard": ("tensorboard", "tensorboardX"), "wandb": ("wandb",), "comet_ml": ("comet_ml",), "mlflow": ("mlflow",),
+            "clearml": ("clearml",), "dvclive": ("dvclive",), "aim": ("aim",)}
+
+
+def tracker_installed(name: str) -> bool:
+    import importlib.util
+
+    return any(importlib.util.find_spec(module) is not None for module in TRACKERS.get(name, (name,)))
+
+
+def choose_tracker(report_to: str | None) -> tuple[str | None, str | None]:
+    """(tracker, warning): a tracker that is not installed falls back to tensorboard (or none)
+    with one line saying how to install it, rather than failing after the model has loaded."""
+    if report_to in (None, "none", ""):
+        return None, None
+    if report_to not in TRACKERS or tracker_installed(report_to):
+        return report_to, None
+    fallback = "tensorboard" if report_to != "tensorboard" and tracker_installed("tensorboard") else None
+    return fallback, (f"--report_to {report_to}: {report_to} is not installed (pip install {report_to.replace('_', '-')}); "
+                      + ("logging to tensorboard instead" if fallback else "training without a tracker"))
+
+
+def check_inputs(args) -> None:
+    """What can be checked before anything heavy loads (and before accelerate starts), so that
+    a mistake costs seconds, not a model load."""
+    if args.resolution is not None and args.resolution < 1:
+        raise TrainingError(f"--resolution {args.resolution}: must be a positive size in pixels (e.g. 512 for SD 1.5); "
+                            "leave it out for the base model's native size")
+    folder = args.instance_data_dir
+    if not os.path.isdir(folder):
+        raise TrainingError(f"--instance_data_dir {folder!r}: no such folder")
+    args.model_path = resolve_model_path(args)
+
+
 def load_models(args):
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import AutoTokenizer, CLIPTextModel, CLIPTextModelWithProjection
 
-    path = args.pretrained_model_name_or_path
+    path = getattr(args, "model_path", None) or args.pretrained_model_name_or_path
     index_path = os.path.join(path, "model_index.json")
     if not os.path.isfile(index_path):
-        raise TrainingError(f"--pretrained_model_name_or_path {path}: not a diffusers model folder (no model_index.json); "
-                            "convert single-file checkpoints with diffusers' convert scripts first")
+        raise TrainingError(f"--pretrained_model_name_or_path {args.pretrained_model_name_or_path}: not a diffusers model folder "
+                            "(no model_index.json); a single-file checkpoint needs converting first (see the README)")
     with open(index_path) as f:
         index = json.load(f)
     kw = dict(revision=args.revision)
@@ -250,12 +338,13 @@ def train(args) -> dict:
         args = resolve_defaults(args)
     except ValueError as e:
         raise TrainingError(str(e)) from None
+    check_inputs(args)
     resume_path = resolve_resume(args)
     if not args.resume_from_checkpoint and not args.overwrite and existing_outputs(args.output_dir):
         raise TrainingError(f"--output_dir {args.output_dir} already holds {', '.join(existing_outputs(args.output_dir))}; "
                             "pass --overwrite to replace it, --resume_from_checkpoint latest to continue, or choose another --output_dir")
 
-    report_to = None if args.report_to in (None, "none", "") else args.report_to
+    report_to, tracker_warning = choose_tracker(args.report_to)
     from accelerate.state import AcceleratorState
 
     if not (torch.distributed.is_available() and torch.distributed.is_initialized()) and hasattr(AcceleratorState, "_reset_state"):
@@ -272,11 +361,22 @@ def train(args) -> dict:
     )
     main = accelerator.is_main_process
     say = accelerator.print
+    if tracker_warning:
+        say(f"warning: {tracker_warning}")
+    if accelerator.device.type == "cpu" and accelerator.mixed_precision == "fp16":
+        say("warning: --mixed_precision fp16 on a CPU: CPUs have no fast fp16 arithmetic, so every step runs many times slower "
+            "than in fp32; use --mixed_precision no (or bf16, which CPUs do run fast under autocast)")
     if args.allow_tf32 and torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True
 
     m = load_models(args)
-    resolution = args.resolution or native_resolution(m)
+    native = native_resolution(m)
+    resolution = args.resolution or native
+    if not 0.5 < resolution / native < 2:
+        ratio = resolution / native
+        say(f"warning: --resolution {resolution} is {ratio:.3g}× the base model's native {native} px: "
+            + (f"each step costs about {ratio ** 2:.0f}× more, and " if ratio > 1 else "")
+            + f"the base draws poorly at sizes it was not trained at; leave --resolution out to train at {native}")
     if resolution % (8 if m.vae_scale >= 8 else m.vae_scale):
         raise TrainingError(f"--resolution {resolution} must be a multiple of {m.vae_scale}")
     try:
@@ -286,6 +386,18 @@ def train(args) -> dict:
     warning = check_identifier(args.instance_prompt)
     if warning:
         say(f"warning: {warning}")
+    if args.embedded and main:
+        from PIL import Image
+
+        def shorter_side(path):
+            with Image.open(path) as im:  # reads the header only
+                return min(im.size)
+
+        photos = [p for p in instance.paths if shorter_side(p) > 2 * native]
+        if photos:
+            say(f"warning: the embedded base only knows its own toy world ({native} px scenes of six shapes in eight colours); "
+                f"{len(photos)} of the instance images are larger pictures, likely photos, which it cannot learn recognisably: "
+                "for photos, pass a real Stable Diffusion model with --pretrained_model_name_or_path")
     device = accelerator.device
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
     for mod in (m.vae, m.text_encoder, m.text_encoder_2, m.unet):
@@ -549,6 +661,9 @@ def main(argv=None) -> int:
     try:
         train(args)
     except (TrainingError, AdapterFileError, FileExistsError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        if int(os.environ.get("RANK", "0")) == 0:  # every process finds the same mistake: say it once
+            print(f"error: {e}", file=sys.stderr)
+        # `accelerate launch` answers any other exit status with a traceback of its own that buries
+        # the one line that matters; nothing was trained or written, and the line says why
+        return 0 if "ACCELERATE_DYNAMO_BACKEND" in os.environ else 2
     return 0
