@@ -30,9 +30,62 @@ def _inspect(args) -> int:
     return 0
 
 
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _check_specs(specs) -> None:
+    """FILE[:WEIGHT] arguments, checked before anything loads: a mistyped weight is reported as
+    a weight, not as a missing file."""
+    for spec in specs or []:
+        if os.path.exists(spec):
+            continue
+        path, colon, weight = spec.rpartition(":")
+        if colon and path and not _is_number(weight):
+            raise ValueError(f"{spec}: {weight!r} is not a weight; write FILE:WEIGHT with a number, e.g. {path}:0.7")
+        left, eq, right = spec.rpartition("=")
+        if not colon and eq and left and _is_number(right):
+            raise ValueError(f"{spec}: write the weight after a colon: {left}:{right}")
+
+
+def _check_output(args, folder: bool = False) -> None:
+    """-o, checked before anything loads: its parent folder must exist (a typo would otherwise
+    create a tree of folders) and an existing output needs --overwrite."""
+    parent = os.path.dirname(os.path.abspath(args.output))
+    if not os.path.isdir(parent):
+        raise ValueError(f"-o {args.output}: the folder {parent} does not exist; create it first or fix the path")
+    if folder:
+        if os.path.exists(args.output) and not os.path.isdir(args.output):
+            raise ValueError(f"-o {args.output}: a file, not a folder")
+    elif os.path.exists(args.output) and not args.overwrite:
+        raise FileExistsError(f"-o {args.output} already exists: choose another name, or add --overwrite to replace it")
+
+
+def _check_device(device: str | None) -> None:
+    if device is None:
+        return
+    import torch
+
+    try:
+        kind = torch.device(device).type
+    except RuntimeError:
+        raise ValueError(f"--device {device}: not a device name (cpu, cuda, cuda:1, mps)") from None
+    if kind == "cuda" and not torch.cuda.is_available():
+        why = "this PyTorch is a CPU-only build" if torch.version.cuda is None else "no CUDA GPU is visible"
+        raise ValueError(f"--device {device}: {why}; leave --device out to run on the CPU")
+    if kind == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"--device {device}: Apple's MPS is not available here; leave --device out to run on the CPU")
+
+
 def _blend(args) -> int:
     from .pipeline import blend_files
 
+    _check_specs(args.adapters)
+    _check_output(args)
     f = blend_files(args.adapters)
     f.save(args.output, overwrite=args.overwrite)
     print(f"wrote {args.output}: blend of {len(args.adapters)} adapters, rank {f.rank}, {os.path.getsize(args.output):,} bytes")
@@ -43,6 +96,8 @@ def _export_lora(args) -> int:
     from .export import export_lora
     from .pipeline import load_adapter_specs, load_base
 
+    _check_specs(args.adapters)
+    _check_output(args)
     pipe = load_base(args.base)
     load_adapter_specs(pipe, args.adapters)
     export_lora(pipe, args.output, args.format, overwrite=args.overwrite)
@@ -58,6 +113,8 @@ def _fuse(args) -> int:
     from .model import fuse_loldu, remove_loldu
     from .pipeline import load_adapter_specs, load_base
 
+    _check_specs(args.adapters)
+    _check_output(args)
     refuse_existing(args.output, args.overwrite)
     pipe = load_base(args.base)
     load_adapter_specs(pipe, args.adapters)
@@ -75,17 +132,35 @@ def _generate(args) -> int:
 
     from .pipeline import load_adapter_specs, load_base
 
+    for flag in ("steps", "num_images"):
+        if getattr(args, flag) < 1:
+            raise ValueError(f"--{flag} {getattr(args, flag)}: must be at least 1")
+    if args.size is not None and (args.size < 8 or args.size % 8):
+        raise ValueError(f"--size {args.size}: must be a positive multiple of 8; leave it out for the base model's native size")
+    _check_device(args.device)
+    _check_specs(args.adapter)
+    _check_output(args, folder=True)
     pipe = load_base(args.base, device=args.device)
     weights = load_adapter_specs(pipe, args.adapter or [])
     os.makedirs(args.output, exist_ok=True)
     size = args.size or pipe.unet.config.sample_size * pipe.vae_scale_factor
-    written = []
+    first = args.seed
+    if first is None:  # a new seed each run: running the command again makes new images, not copies
+        import random
+
+        first = random.randrange(2**31)
+        print(f"seed {first} (random; --seed {first} makes these images again)")
+    written, present = [], []
     for i in tqdm(range(args.num_images), desc="generating"):
-        seed = args.seed + i
-        image = pipe(args.prompt, negative_prompt=args.negative_prompt, num_inference_steps=args.steps, guidance_scale=args.guidance,
-                     generator=torch.Generator("cpu").manual_seed(seed), height=size, width=size).images[0]
+        seed = first + i
         settings = {"prompt": args.prompt, "negative_prompt": args.negative_prompt, "seed": seed, "steps": args.steps,
                     "guidance": args.guidance, "size": size, "base": pipe._loldu_base_path, "adapters": weights}
+        same = _same_image(args.output, seed, json.dumps(settings))
+        if same:  # the same settings and seed make the same image: do not write a copy
+            present.append(same)
+            continue
+        image = pipe(args.prompt, negative_prompt=args.negative_prompt, num_inference_steps=args.steps, guidance_scale=args.guidance,
+                     generator=torch.Generator("cpu").manual_seed(seed), height=size, width=size).images[0]
         info = PngInfo()
         info.add_text("parameters", json.dumps(settings))
         k = 0
@@ -95,7 +170,25 @@ def _generate(args) -> int:
         os.replace(path + ".tmp.png", path)
         written.append(path)
     print(f"wrote {len(written)} image(s) to {args.output}")
+    if present:
+        print(f"{len(present)} image(s) with these settings and seeds were already there ({', '.join(present)}); "
+              "another --seed, or none, makes new ones")
     return 0
+
+
+def _same_image(folder: str, seed: int, parameters: str) -> str | None:
+    """The name of a PNG in `folder` generated with exactly these settings and seed, if any."""
+    from PIL import Image
+
+    for name in sorted(os.listdir(folder)):
+        if name.endswith(f"_seed{seed}.png"):
+            try:
+                with Image.open(os.path.join(folder, name)) as im:
+                    if im.text.get("parameters") == parameters:
+                        return name
+            except OSError:
+                continue  # not a readable PNG: not ours
+    return None
 
 
 def _eval(args) -> int:
@@ -119,67 +212,87 @@ def _bench(args) -> int:
     return bench_main(args.bench_args)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="loldu", description="LoLDU adapters for Stable Diffusion")
-    sub = p.add_subparsers(dest="command", required=True)
+class _Help(argparse.ArgumentDefaultsHelpFormatter):
+    """Descriptions with their defaults (none shown for flags and options without one)."""
 
-    s = sub.add_parser("inspect", help="print an adapter file's metadata, layers, rank and size")
-    s.add_argument("file")
+    def _get_help_string(self, action):
+        if action.default in (None, False, argparse.SUPPRESS) or not action.help:
+            return action.help
+        return super()._get_help_string(action)
+
+
+BASE_HELP = "diffusers model folder (SD 1.x/2.x/SDXL); default: the embedded base"
+SPEC_HELP = "adapter file, optionally with its weight after a colon (a.safetensors:0.7; default weight 1)"
+OVERWRITE_HELP = "replace -o if it exists"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="loldu", description="LoLDU adapters for Stable Diffusion: inspect, blend, export, fuse, "
+                                "generate, evaluate; `loldu COMMAND --help` describes each command", formatter_class=_Help)
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(name, help, **kw):
+        return sub.add_parser(name, help=help, description=help, formatter_class=_Help, **kw)
+
+    s = command("inspect", "print an adapter file's metadata, layers, rank and size")
+    s.add_argument("file", help="a .safetensors adapter file")
     s.add_argument("--json", action="store_true", help="print one JSON object")
     s.set_defaults(func=_inspect)
 
-    s = sub.add_parser("blend", help="one adapter file holding a weighted blend: loldu blend A:0.7 B:0.3 -o C")
-    s.add_argument("adapters", nargs="+", metavar="FILE[:WEIGHT]")
-    s.add_argument("-o", "--output", required=True)
-    s.add_argument("--overwrite", action="store_true")
+    s = command("blend", "one adapter file holding a weighted blend: loldu blend A:0.7 B:0.3 -o C (no base model needed)")
+    s.add_argument("adapters", nargs="+", metavar="FILE[:WEIGHT]", help=SPEC_HELP)
+    s.add_argument("-o", "--output", required=True, help="the blended adapter file to write (its folder must exist)")
+    s.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     s.set_defaults(func=_blend)
 
-    s = sub.add_parser("export-lora", help="write an adapter (or blend) as an exact standard LoRA")
-    s.add_argument("adapters", nargs="+", metavar="ADAPTER[:WEIGHT]")
-    s.add_argument("--base", default=None, help="diffusers base model folder (default: the embedded base)")
-    s.add_argument("--format", default="diffusers", choices=["diffusers", "kohya"])
-    s.add_argument("-o", "--output", required=True)
-    s.add_argument("--overwrite", action="store_true")
+    s = command("export-lora", "write an adapter (or blend) as an exact standard LoRA")
+    s.add_argument("adapters", nargs="+", metavar="ADAPTER[:WEIGHT]", help=SPEC_HELP)
+    s.add_argument("--base", default=None, help=BASE_HELP + " (the one the adapters were trained on)")
+    s.add_argument("--format", default="diffusers", choices=["diffusers", "kohya"],
+                   help="diffusers (load_lora_weights) or kohya (A1111, ComfyUI, kohya)")
+    s.add_argument("-o", "--output", required=True, help="the LoRA .safetensors file to write (its folder must exist)")
+    s.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     s.set_defaults(func=_export_lora)
 
-    s = sub.add_parser("fuse", help="a full diffusers model folder with the adapter(s) fused in")
-    s.add_argument("adapters", nargs="+", metavar="ADAPTER[:WEIGHT]")
-    s.add_argument("--base", default=None)
-    s.add_argument("-o", "--output", required=True)
-    s.add_argument("--overwrite", action="store_true")
+    s = command("fuse", "a full diffusers model folder with the adapter(s) fused in")
+    s.add_argument("adapters", nargs="+", metavar="ADAPTER[:WEIGHT]", help=SPEC_HELP)
+    s.add_argument("--base", default=None, help=BASE_HELP)
+    s.add_argument("-o", "--output", required=True, help="the model folder to write (its parent folder must exist)")
+    s.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     s.set_defaults(func=_fuse)
 
-    s = sub.add_parser("generate", help="generate PNGs (settings in their metadata)")
-    s.add_argument("--base", default=None)
-    s.add_argument("--adapter", action="append", metavar="FILE[:WEIGHT]", help="repeatable")
-    s.add_argument("--prompt", required=True)
-    s.add_argument("--negative_prompt", default=None)
-    s.add_argument("--steps", type=int, default=20)
-    s.add_argument("--guidance", type=float, default=4.0)
-    s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--num_images", type=int, default=4)
-    s.add_argument("--size", type=int, default=None, help="default: the base model's native size")
-    s.add_argument("--device", default=None)
-    s.add_argument("-o", "--output", required=True, help="folder")
+    s = command("generate", "generate PNGs with an adapter blend (settings and seed in each PNG's metadata)")
+    s.add_argument("--base", default=None, help=BASE_HELP)
+    s.add_argument("--adapter", action="append", metavar="FILE[:WEIGHT]", help=SPEC_HELP + "; repeat for a blend")
+    s.add_argument("--prompt", required=True, help="e.g. 'a photo of sks heart'")
+    s.add_argument("--negative_prompt", default=None, help="what the images should not show")
+    s.add_argument("--steps", type=int, default=20, help="sampling steps")
+    s.add_argument("--guidance", type=float, default=4.0, help="classifier-free guidance scale")
+    s.add_argument("--seed", type=int, default=None, help="seed of the first image (image i uses seed + i); default: a random "
+                   "seed, printed and saved in the PNGs")
+    s.add_argument("--num_images", type=int, default=4, help="how many images")
+    s.add_argument("--size", type=int, default=None, help="width and height in pixels; default: the base model's native size")
+    s.add_argument("--device", default=None, help="cpu, cuda, cuda:1 or mps; default: cpu")
+    s.add_argument("-o", "--output", required=True, help="folder for the PNGs (created if its parent exists)")
     s.set_defaults(func=_generate)
 
-    s = sub.add_parser("eval", help="DreamBooth metrics (DINO, CLIP-I, CLIP-T) with evaluation models on disk")
+    s = command("eval", "DreamBooth metrics (DINO, CLIP-I, CLIP-T) with evaluation models on disk")
     s.add_argument("--images", required=True, help="folder of generated images")
     s.add_argument("--reference", required=True, help="folder of real subject images")
     s.add_argument("--prompt", required=True, help="the prompt the images were generated from (for CLIP-T)")
     s.add_argument("--clip", required=True, help="local CLIP model folder (transformers CLIPModel)")
     s.add_argument("--dino", default=None, help="local DINO ViT-S/16 folder (transformers)")
-    s.add_argument("--json", action="store_true")
+    s.add_argument("--json", action="store_true", help="print one JSON object")
     s.set_defaults(func=_eval)
 
-    s = sub.add_parser("app", help="start the web app")
-    s.add_argument("--base", default=None)
-    s.add_argument("--adapters", default=None, help="folder of adapter files to list")
-    s.add_argument("--host", default="127.0.0.1")
-    s.add_argument("--port", type=int, default=7860)
+    s = command("app", "start the web app")
+    s.add_argument("--base", default=None, help=BASE_HELP)
+    s.add_argument("--adapters", default=None, help="folder of adapter files to list; default: the bundled examples with the embedded base")
+    s.add_argument("--host", default="127.0.0.1", help="address to serve on (0.0.0.0: every network interface)")
+    s.add_argument("--port", type=int, default=7860, help="port to serve on")
     s.set_defaults(func=_app)
 
-    s = sub.add_parser("bench", help="benchmarks: loldu bench cost|learning [--quick] [--json]", add_help=False)
+    s = command("bench", "benchmarks: loldu bench cost|learning [--quick] [--json]", add_help=False)
     s.add_argument("bench_args", nargs=argparse.REMAINDER)
     s.set_defaults(func=_bench)
     return p
@@ -187,7 +300,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     from .adapter_file import AdapterFileError
+    from .quiet import quiet_libraries
 
+    quiet_libraries()
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)

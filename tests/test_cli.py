@@ -110,7 +110,7 @@ def test_fuse_writes_a_model_folder_with_the_adapter_baked_in(embedded, adapters
     assert loldu(["fuse", str(adapters / "a.safetensors"), "--base", embedded, "-o", str(out)]) == 2  # exists
 
 
-def test_generate_writes_pngs_with_settings(embedded, adapters, tmp_path):
+def test_generate_writes_pngs_with_settings(embedded, adapters, tmp_path, capsys):
     out = tmp_path / "gen"
     argv = ["generate", "--base", embedded, "--adapter", f"{adapters}/a.safetensors:0.5", "--prompt", "a photo of sks heart",
             "--steps", "2", "--num_images", "2", "--seed", "7", "-o", str(out)]
@@ -119,8 +119,16 @@ def test_generate_writes_pngs_with_settings(embedded, adapters, tmp_path):
     assert files == ["0000_seed7.png", "0000_seed8.png"]
     meta = json.loads(Image.open(out / files[0]).text["parameters"])
     assert meta["seed"] == 7 and meta["adapters"] == {"a": 0.5} and meta["prompt"] == "a photo of sks heart"
-    assert loldu(argv) == 0  # a second run never overwrites
-    assert len(os.listdir(out)) == 4
+    stamp = os.path.getmtime(out / files[0])
+    assert loldu(argv) == 0  # the same settings and seeds: nothing is overwritten, and no copies are made
+    assert sorted(os.listdir(out)) == files and os.path.getmtime(out / files[0]) == stamp
+    assert "2 image(s) with these settings and seeds were already there" in capsys.readouterr().out
+    no_seed = [a for a in argv if a not in ("--seed", "7")]
+    assert loldu(no_seed) == 0 and loldu(no_seed) == 0  # a random seed each run, printed and in the PNGs
+    said = capsys.readouterr().out
+    seeds = [int(line.split()[1]) for line in said.splitlines() if line.startswith("seed ")]
+    assert len(seeds) == 2 and seeds[0] != seeds[1] and len(os.listdir(out)) == 6
+    assert f"0000_seed{seeds[1] + 1}.png" in os.listdir(out)
 
 
 def test_command_errors(embedded, tiny_sd_path, adapters, tmp_path, capsys):
@@ -170,3 +178,53 @@ def test_eval_metrics_with_tiny_clip_and_dino(tmp_path):
     r2 = dreambooth_metrics(str(same), str(ref), "a red circle", str(clip_dir), str(dino_dir))
     assert r2["clip_i"] < 1.0 - 1e-4
     assert loldu(["eval", "--images", str(same), "--reference", str(ref), "--prompt", "x", "--clip", str(tmp_path)]) == 2
+
+
+def test_mistakes_are_one_line_errors_before_anything_loads(adapters, tmp_path, capsys, monkeypatch):
+    from loldu_diffusion import pipeline
+
+    def no_loading(*a, **kw):
+        raise AssertionError("the base was loaded before the arguments were checked")
+
+    monkeypatch.setattr(pipeline, "load_base", no_loading)
+    a = str(adapters / "a.safetensors")
+    gen = ["generate", "--prompt", "x", "-o", str(tmp_path / "g")]
+    cases = [
+        (gen + ["--steps", "0"], "loldu generate: error: --steps 0: must be at least 1"),
+        (gen + ["--num_images", "0"], "--num_images 0: must be at least 1"),
+        (gen + ["--size", "30"], "--size 30: must be a positive multiple of 8"),
+        (gen + ["--adapter", f"{a}:abc"], f"{a}:abc: 'abc' is not a weight; write FILE:WEIGHT with a number, e.g. {a}:0.7"),
+        (gen + ["--adapter", f"{a}=0.7"], f"{a}=0.7: write the weight after a colon: {a}:0.7"),
+        (["blend", f"{a}:abc", "-o", str(tmp_path / "c.safetensors")], "'abc' is not a weight"),
+        (["blend", a, "-o", str(tmp_path / "missing" / "dir" / "c.safetensors")], f"the folder {tmp_path / 'missing' / 'dir'} does not exist"),
+        (gen[:-1] + [str(tmp_path / "missing" / "g")], f"the folder {tmp_path / 'missing'} does not exist"),
+        (["export-lora", a, "-o", a], f"-o {a} already exists: choose another name, or add --overwrite to replace it"),
+        (["fuse", a, "-o", str(adapters)], "already exists: choose another name, or add --overwrite"),
+    ]
+    import torch
+
+    if not torch.cuda.is_available():
+        cases.append((gen + ["--device", "cuda"], "--device cuda: " + ("this PyTorch is a CPU-only build" if torch.version.cuda is None
+                                                                     else "no CUDA GPU is visible")))
+    cases.append((gen + ["--device", "gpu"], "--device gpu: not a device name"))
+    for argv, message in cases:
+        assert loldu(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1 and "=True" not in err, (argv, err)
+    assert not (tmp_path / "missing").exists()
+
+
+def test_help_describes_every_option_with_its_default(capsys):
+    from loldu_diffusion.cli import build_parser
+
+    parser = build_parser()
+    commands = parser._subparsers._group_actions[0].choices
+    for name, sub in commands.items():
+        if name == "bench":
+            continue  # its own parser, in loldu_diffusion.bench
+        for action in sub._actions:
+            assert action.help, (name, action.dest)
+    with pytest.raises(SystemExit):
+        loldu(["generate", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "sampling steps (default: 20)" in text and "(default: 4.0)" in text and "default: a random seed" in text
