@@ -215,6 +215,18 @@ def test_checkpoints_total_limit_keeps_the_newest(tiny_sd_path, concept_dir, tmp
     assert sorted(p for p in os.listdir(out) if p.startswith("checkpoint")) == ["checkpoint-4", "checkpoint-6"]
 
 
+def test_the_last_step_is_checkpointed_as_in_diffusers(tiny_sd_path, concept_dir, tmp_path):
+    """diffusers' test_dreambooth_lora: 6 steps, every 2, limit 2 → {checkpoint-4, checkpoint-6},
+    and a run resumed from checkpoint-4 to 8 steps continues from there."""
+    out = tmp_path / "six"
+    run(common(tiny_sd_path, concept_dir, out) + ["--max_train_steps", "6", "--checkpointing_steps", "2", "--checkpoints_total_limit", "2"])
+    assert sorted(p for p in os.listdir(out) if p.startswith("checkpoint")) == ["checkpoint-4", "checkpoint-6"]
+    summary = run(common(tiny_sd_path, concept_dir, out) + ["--max_train_steps", "8", "--checkpointing_steps", "2",
+                                                            "--checkpoints_total_limit", "2", "--resume_from_checkpoint", "checkpoint-4"])
+    assert summary["steps"] == 8
+    assert sorted(p for p in os.listdir(out) if p.startswith("checkpoint")) == ["checkpoint-6", "checkpoint-8"]
+
+
 @pytest.mark.parametrize("precision", ["fp16", "bf16"])
 def test_mixed_precision_runs_end_to_end_on_cpu(tiny_sd_path, concept_dir, tmp_path, capsys, precision):
     out = tmp_path / precision

@@ -614,7 +614,7 @@ def train(args) -> dict:
                 val_grids.append((global_step, imgs))
                 report.save_grid([imgs], os.path.join(args.output_dir, f"validation_step_{global_step}.png"))
                 report.log_images(accelerator, "validation", imgs, global_step)
-        if global_step % args.checkpointing_steps == 0 and global_step < args.max_train_steps:
+        if global_step % args.checkpointing_steps == 0:  # the last step too, as diffusers' scripts do
             save_checkpoint(global_step)
     bar.close()
     accelerator.wait_for_everyone()
