@@ -1,4 +1,4 @@
-"""loldu-diffusion web app: python app/app.py [--base PATH] [--adapters DIR] [--host H] [--port P]"""
+"""loldu-diffusion web app: python app/app.py [--base PATH] [--adapters DIR] [--host H] [--port P] [--auth USER:PASSWORD]"""
 import argparse
 import os
 import sys
@@ -13,5 +13,6 @@ if __name__ == "__main__":
     p.add_argument("--adapters", default=None, help="folder of .safetensors adapters to list (default: assets/adapters)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=7860)
+    p.add_argument("--auth", default=None, metavar="USER:PASSWORD", help="ask for this login (Gradio's auth)")
     a = p.parse_args()
-    launch(a.base, a.adapters, a.host, a.port)
+    launch(a.base, a.adapters, a.host, a.port, auth=a.auth)

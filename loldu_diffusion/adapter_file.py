@@ -10,25 +10,47 @@ and one JSON metadata entry "loldu" holding the format, version, settings, and t
 Files come from strangers: nothing but safetensors is parsed, every name, shape, dtype and
 value is checked, and loading recomputes the factors from the base and compares pivots and d,
 so an adapter trained on another base model is refused instead of silently misapplied.
+
+Every bound lives here, in the reader, so the library, the CLI and the app refuse the same
+files with the same one-line error: resource limits are checked on the safetensors header
+before any tensor is read (and the work is linear in the file's size); layer names must be
+canonical (exactly as the base names them: no `to_out.00`, no non-ASCII digits) and unique;
+δ must be finite and bounded by the scale of the base weights (below).
 """
 from __future__ import annotations
 
 import json
+import math
 import os
+import re
+import stat
+import struct
 from dataclasses import dataclass, field
 
 import torch
 
 from .io import atomic_save_safetensors, refuse_existing
 from .layer import LoLDUVector
-from .model import attach_layer, components, install_processors, iter_layers, resolve_submodule
-from .processor import projection
+from .model import (_attentions, adapter_name_from_path, all_or_nothing, attach_layer, canonical_path, check_adapter_name,
+                    components, install_processors, iter_layers, resolve_submodule)
+from .processor import UNET_TARGETS, projection
 
 FORMAT = "loldu-diffusion-adapter"
 VERSION = 1
 MAX_FILE_BYTES = 64 * 2**20  # SDXL with both text encoders at rank 128 is ~2 MB
+MAX_HEADER_BYTES = 2**20  # the safetensors header (names, shapes, the layer list): SDXL needs ~60 KB
+MAX_LAYERS = 4096  # rows per file; SDXL with both text encoders has ~830 adaptable layers
+COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
+# |δ| of a layer ≤ DELTA_BOUND × max|d| of that layer: a rank-1 term of L̃ diag(δ) U_r is about
+# δ_k / d_k times the size of the base weight, and trained adapters stay within a few times d
+# (the bundled one: 1.7×). The file's d is the base's (check_against compares them).
+DELTA_BOUND = 1000.0
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 _INTS = (torch.int16, torch.int32, torch.int64)
+_PART = r"(?:[A-Za-z_][A-Za-z0-9_]*|0|[1-9][0-9]*)"  # ASCII only: '٠' and '00' are not indices
+_MODULE_PATH = re.compile(rf"{_PART}(?:\.{_PART})*")
+_IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_TEXT_FIELDS = ("instance_prompt", "class_prompt", "validation_prompt", "base_model", "base_architecture")
 
 
 class AdapterFileError(ValueError):
@@ -82,11 +104,16 @@ class AdapterFile:
         from safetensors import safe_open
 
         name = os.path.basename(path)
-        if not os.path.isfile(path):
-            raise AdapterFileError(f"{path}: no such adapter file")
-        nbytes = os.path.getsize(path)
+        try:
+            st = os.stat(path)
+        except OSError:
+            raise AdapterFileError(f"{path}: no such adapter file") from None
+        if not stat.S_ISREG(st.st_mode):
+            raise AdapterFileError(f"{name}: not a regular file")
+        nbytes = st.st_size
         if nbytes > max_bytes:
             raise AdapterFileError(f"{name}: {nbytes} bytes is larger than the {max_bytes}-byte limit for an adapter file")
+        _check_header(path, name, nbytes)  # limits first: nothing is allocated for what follows
         try:
             with safe_open(path, framework="pt") as f:
                 raw_meta = f.metadata() or {}
@@ -96,20 +123,19 @@ class AdapterFile:
         if "loldu" not in raw_meta:
             raise AdapterFileError(f"{name}: no LoLDU metadata; this is not a loldu-diffusion adapter (a LoRA file? use diffusers' load_lora_weights)")
         try:
-            meta = json.loads(raw_meta["loldu"])
+            meta = json.loads(raw_meta["loldu"], object_pairs_hook=_unique_keys)
             assert isinstance(meta, dict)
-        except Exception:
-            raise AdapterFileError(f"{name}: the LoLDU metadata is not valid JSON") from None
+        except Exception:  # also RecursionError from absurd nesting
+            raise AdapterFileError(f"{name}: the LoLDU metadata is not valid JSON (or repeats a key)") from None
         if meta.get("format") != FORMAT:
             raise AdapterFileError(f"{name}: format {meta.get('format')!r} is not {FORMAT!r}")
-        if meta.get("version") != VERSION:
-            raise AdapterFileError(f"{name}: adapter format version {meta.get('version')!r} is not supported (this loldu-diffusion reads version {VERSION}); upgrade loldu-diffusion")
-        try:
-            layers = {c: [(str(m), str(t)) for m, ts in mods.items() for t in ts] for c, mods in meta["layers"].items()}
-        except Exception:
-            raise AdapterFileError(f"{name}: the metadata's layer list is malformed") from None
-        if not layers:
-            raise AdapterFileError(f"{name}: the adapter holds no layers")
+        version = meta.get("version")
+        if type(version) is not int or version != VERSION:  # `true == 1` in Python: not a version
+            raise AdapterFileError(f"{name}: adapter format version {version!r} is not supported (this loldu-diffusion reads version {VERSION}); upgrade loldu-diffusion")
+        for key in _TEXT_FIELDS:
+            if not isinstance(meta.get(key) or "", str):
+                raise AdapterFileError(f"{name}: metadata {key!r} must be a string")
+        layers = _layer_list(meta.get("layers"), name)
 
         expected = {f"{c}.{k}" for c in layers for k in ("delta", "pivots", "d")}
         unexpected, missing = sorted(set(tensors) - expected), sorted(expected - set(tensors))
@@ -125,14 +151,35 @@ class AdapterFile:
                     raise AdapterFileError(f"{name}: tensor {key!r} has dtype {t.dtype}, expected one of {[str(x) for x in dtypes]}")
                 if t.dim() != 2 or t.shape[0] != len(rows) or t.shape != dl.shape or t.shape[1] < 1:
                     raise AdapterFileError(f"{name}: tensor {key!r} has shape {tuple(t.shape)}, expected ({len(rows)}, rank) like {c}.delta")
-            for key, t in ((f"{c}.delta", dl), (f"{c}.d", dg)):
-                bad = (~torch.isfinite(t.float())).nonzero()
+            delta[c], pivots[c], d[c] = dl.float(), pv.long(), dg.float()
+        f = cls(meta, layers, delta, pivots, d, path=path, nbytes=nbytes)
+        f.validate()
+        return f
+
+    def validate(self) -> "AdapterFile":
+        """The value bounds (also for files built in memory, e.g. a blend): finite d and δ,
+        |δ| ≤ DELTA_BOUND × the layer's max |d|, distinct non-negative pivots."""
+        name = os.path.basename(self.path) or "adapter"
+        for c, rows in self.layers.items():
+            for key, t in ((f"{c}.delta", self.delta[c]), (f"{c}.d", self.d[c])):
+                bad = (~torch.isfinite(t)).nonzero()
                 if len(bad):
                     raise AdapterFileError(f"{name}: tensor {key!r} holds NaN/inf values (layer {'.'.join(rows[int(bad[0, 0])])})")
+            scale = self.d[c].abs().amax(dim=1).clamp_min(1e-6)
+            ratio = self.delta[c].abs().amax(dim=1) / scale
+            i = int(ratio.argmax())
+            if float(ratio[i]) > DELTA_BOUND:
+                raise AdapterFileError(
+                    f"{name}: layer {c}.{'.'.join(rows[i])}: |δ| = {float(self.delta[c][i].abs().max()):.3g} exceeds the bound "
+                    f"{DELTA_BOUND:g} × max|d| = {DELTA_BOUND * float(scale[i]):.3g} (d: the base weight's LDU diagonal); "
+                    "this is not a trained adapter")
+            pv = self.pivots[c]
             if (pv < 0).any():
                 raise AdapterFileError(f"{name}: tensor {c}.pivots holds negative row indices")
-            delta[c], pivots[c], d[c] = dl.float(), pv.long(), dg.float()
-        return cls(meta, layers, delta, pivots, d, path=path, nbytes=nbytes)
+            srt = pv.sort(dim=1).values
+            if (srt[:, 1:] == srt[:, :-1]).any():
+                raise AdapterFileError(f"{name}: tensor {c}.pivots repeats a row index within a layer")
+        return self
 
     # ---- against a base model -------------------------------------------------------------
     def check_against(self, model) -> dict:
@@ -147,13 +194,18 @@ class AdapterFile:
         model_arch = base_description(model)["base_architecture"]
         if arch != "unknown" and model_arch != "unknown" and arch != model_arch:
             raise AdapterFileError(f"{name}: the adapter is for a different architecture: {arch}; this model is {model_arch}")
+        if any(layer.fused_delta is not None for layer in attached.values()):
+            raise AdapterFileError(f"{name}: the model's adapters are fused; call unfuse_loldu(model) before loading")
         found = {}
         for c, rows in self.layers.items():
             if c not in comps:
                 raise AdapterFileError(f"{name}: adapter has {c} layers but the model has no {c} (adapter base: {arch})")
+            valid = adaptable_layers(comps[c], c)
+            if len(rows) > len(valid):  # before any decomposition: rows are unique, so this is a bound
+                raise AdapterFileError(f"{name}: {len(rows)} {c} layers, but this base model has only {len(valid)}; the adapter is for a different architecture ({arch})")
             for i, (mod_path, target) in enumerate(rows):
                 layer_name = f"{c}.{mod_path}.{target}"
-                linear = _linear(comps[c], c, mod_path, target)
+                linear = _linear(comps[c], c, mod_path, target) if (mod_path, target) in valid else None
                 if linear is None:
                     raise AdapterFileError(f"{name}: layer {layer_name} does not exist in this base model; the adapter is for a different architecture ({arch})")
                 r = self.delta[c].shape[1]
@@ -162,8 +214,6 @@ class AdapterFile:
                 if int(self.pivots[c][i].max()) >= linear.weight.shape[0]:
                     raise AdapterFileError(f"{name}: layer {layer_name}: pivot index beyond the layer's {linear.weight.shape[0]} rows; different architecture ({arch})")
                 layer = attached.get((c, mod_path, target))
-                if layer is not None and layer.fused_delta is not None:
-                    raise AdapterFileError(f"{name}: the model's adapters are fused; call unfuse_loldu(model) before loading")
                 if layer is not None and layer.rank >= r:
                     piv, dg, factors = layer.pivots[:r].cpu(), layer.d[:r].cpu(), None
                 else:
@@ -182,6 +232,85 @@ class AdapterFile:
                     raise AdapterFileError(f"{name}: layer {layer_name} does not match this base model's weights; the adapter was trained on {base}")
                 found[(c, mod_path, target)] = factors
         return found
+
+
+def _unique_keys(pairs):
+    keys = [k for k, _ in pairs]
+    if len(set(keys)) != len(keys):
+        raise ValueError("repeated key")  # json would keep the last silently
+    return dict(pairs)
+
+
+def _check_header(path: str, name: str, nbytes: int) -> None:
+    """The safetensors header, read by hand before safetensors allocates anything: its size
+    and the number of tensors are bounded (an adapter holds 3 per component)."""
+    corrupt = f"{name}: not a readable safetensors file (truncated or corrupt?)"
+    with open(path, "rb") as fh:
+        head = fh.read(8)
+        if len(head) < 8:
+            raise AdapterFileError(f"{corrupt}: {nbytes} bytes")
+        (n,) = struct.unpack("<Q", head)
+        if n > nbytes - 8:
+            raise AdapterFileError(f"{corrupt}: header length {n} beyond the end of the file")
+        if n > MAX_HEADER_BYTES:
+            raise AdapterFileError(f"{name}: safetensors header of {n} bytes is larger than the {MAX_HEADER_BYTES}-byte limit for an adapter file")
+        try:
+            header = json.loads(fh.read(n), object_pairs_hook=_unique_keys)
+            assert isinstance(header, dict)
+        except Exception:
+            raise AdapterFileError(f"{corrupt}: the header is not valid JSON") from None
+    count = len(header) - ("__metadata__" in header)
+    if count > 3 * len(COMPONENTS):
+        raise AdapterFileError(f"{name}: {count} tensors; an adapter file holds at most {3 * len(COMPONENTS)} (delta, pivots, d per component)")
+
+
+def _layer_list(raw, name: str) -> dict[str, list[tuple[str, str]]]:
+    """{component: [(module path, target)]} from the metadata, canonical and unique."""
+    if not isinstance(raw, dict) or not all(isinstance(v, dict) for v in raw.values()):
+        raise AdapterFileError(f"{name}: the metadata's layer list is malformed")
+    layers: dict[str, list[tuple[str, str]]] = {}
+    total = 0
+    for c, mods in raw.items():
+        if c not in COMPONENTS:
+            raise AdapterFileError(f"{name}: unknown component {c!r} in the layer list (expected {', '.join(COMPONENTS)})")
+        rows = layers[c] = []
+        for mod, targets in mods.items():
+            if not isinstance(targets, list) or not targets or not all(isinstance(t, str) for t in targets):
+                raise AdapterFileError(f"{name}: the metadata's layer list is malformed at {c}.{mod}")
+            total += len(targets)
+            if total > MAX_LAYERS:
+                raise AdapterFileError(f"{name}: more than {MAX_LAYERS} layers listed; no base model has that many")
+            rows += [(mod, t) for t in targets]
+        for mod, t in rows:
+            layer = f"{c}.{mod}.{t}"
+            if not _MODULE_PATH.fullmatch(mod):
+                raise AdapterFileError(f"{name}: layer name {layer!r} is not canonical (ASCII names and plain indices like 'to_out.0' only)")
+            if c == "unet" and (t not in UNET_TARGETS or mod.split(".")[0] == "text_model"):
+                raise AdapterFileError(f"{name}: layer {layer!r} is not a UNet attention projection ({', '.join(UNET_TARGETS)})")
+            if c != "unet" and (not _IDENTIFIER.fullmatch(t) or mod.split(".")[0] != "text_model"):
+                raise AdapterFileError(f"{name}: layer {layer!r} is not a text-encoder projection named as in CLIP checkpoints ('text_model.encoder.layers.N.self_attn', 'q_proj')")
+        if not rows:
+            raise AdapterFileError(f"{name}: the layer list of {c} is empty")
+        seen = set()
+        for row in rows:
+            if row in seen:  # load: the last would win; blend: summed twice
+                raise AdapterFileError(f"{name}: layer {c}.{'.'.join(row)} is listed twice")
+            seen.add(row)
+    if not layers:
+        raise AdapterFileError(f"{name}: the adapter holds no layers")
+    return layers
+
+
+def adaptable_layers(component, comp_name: str) -> set[tuple[str, str]]:
+    """(module path, target) of every projection an adapter may name, as the base names it."""
+    if comp_name == "unet":
+        return {(p, t) for p, attn in _attentions(component).items() for t in UNET_TARGETS if projection(attn, t) is not None}
+    found = set()
+    for path, m in component.named_modules():
+        parent, _, leaf = path.rpartition(".")
+        if isinstance(m, torch.nn.Linear) and ".loldu" not in path:
+            found.add((canonical_path(comp_name, parent), leaf))
+    return found
 
 
 def _linear(component, comp_name, mod_path, target):
@@ -265,19 +394,23 @@ def save_adapter(model, path: str, adapter_name: str | None = None, metadata: di
 
 
 def load_adapter(model, path_or_file, adapter_name: str | None = None, weight: float = 1.0) -> AdapterFile:
-    """Load an adapter file onto `model` under `adapter_name` (default: the file's stem),
-    active with `weight`. Injects LoLDU where needed. The model is unchanged if the file is
-    refused."""
+    """Load an adapter file onto `model` under `adapter_name` (default: derived from the file
+    name), active with `weight`. Injects LoLDU where needed. All or nothing: everything is
+    checked and built first, and the model is unchanged if the file is refused."""
     f = path_or_file if isinstance(path_or_file, AdapterFile) else AdapterFile.read(path_or_file)
-    adapter_name = adapter_name or os.path.splitext(os.path.basename(f.path))[0] or "adapter"
+    adapter_name = check_adapter_name(adapter_name) if adapter_name is not None else adapter_name_from_path(f.path or "adapter")
+    if not math.isfinite(float(weight)):
+        raise ValueError(f"adapter weight must be a finite number, got {weight}")
     for *_, layer in iter_layers(model):
         if adapter_name in layer.adapters:
             raise ValueError(f"an adapter named {adapter_name!r} is already loaded; pick another adapter_name or delete_adapter() it")
     factors = f.check_against(model)
+    vectors = {(c, m, t): LoLDUVector.fixed(f.delta[c][i]) for c, rows in f.layers.items() for i, (m, t) in enumerate(rows)}
     comps = components(model)
-    for c, rows in f.layers.items():
-        install_processors(comps[c], c, [m for m, _ in rows])
-        for i, (m, t) in enumerate(rows):
-            layer = attach_layer(comps[c], c, m, t, f.delta[c].shape[1], factors[(c, m, t)])
-            layer.add_adapter(adapter_name, LoLDUVector.fixed(f.delta[c][i]), weight)
+    with all_or_nothing(model, adapter_name):
+        for c, rows in f.layers.items():
+            install_processors(comps[c], c, [m for m, _ in rows])
+            for m, t in rows:
+                layer = attach_layer(comps[c], c, m, t, f.delta[c].shape[1], factors[(c, m, t)])
+                layer.add_adapter(adapter_name, vectors[(c, m, t)], weight)
     return f

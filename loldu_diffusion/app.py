@@ -3,6 +3,9 @@
 `Studio` holds the state and does the work (tested directly); `build_ui` wires it to Gradio.
 Switching or re-weighting adapters only recomputes each layer's blended δ: the base is never
 reloaded, so it takes milliseconds.
+
+The base is shared by everyone using the app, so no error may leave it changed: loading is
+all or nothing, and a failed generation unfuses (which restores the exact base weights).
 """
 from __future__ import annotations
 
@@ -102,6 +105,13 @@ class Studio:
             self.fused = True
         elif not fuse:
             self._unfuse()
+        try:
+            return self._generate(prompt, negative_prompt, steps, guidance, seed, num_images, size, compare, progress, active)
+        except BaseException:
+            self._unfuse()  # the next user gets the exact base back, whatever failed
+            raise
+
+    def _generate(self, prompt, negative_prompt, steps, guidance, seed, num_images, size, compare, progress, active):
         total = num_images * (2 if compare and active else 1) * steps
         done = [0]
 
@@ -140,6 +150,32 @@ class Studio:
 
 
 # ---- Gradio -------------------------------------------------------------------------------
+def _one_line(e: Exception) -> str:
+    lines = str(e).strip("'\"").splitlines()
+    return lines[0] if lines and lines[0] else type(e).__name__
+
+
+def parse_auth(auth: str | None) -> tuple[str, str] | None:
+    """'user:password' → ('user', 'password') for Gradio's login page; None → no login."""
+    if auth is None:
+        return None
+    user, sep, password = auth.partition(":")
+    if not sep or not user or not password:
+        raise ValueError("--auth must be USER:PASSWORD (both non-empty)")
+    return user, password
+
+
+def is_loopback(host: str) -> bool:
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name: only "localhost" is known to stay on this machine
+        return False
+
+
 def build_ui(studio: Studio):
     import gradio as gr
 
@@ -160,8 +196,8 @@ def build_ui(studio: Studio):
             try:
                 a = studio.add(p)
                 msgs.append(f"loaded {a.name}")
-            except (AdapterFileError, ValueError, FileNotFoundError) as e:
-                msgs.append(f"**error:** {e}")
+            except Exception as e:  # noqa: BLE001 — whatever a stranger's file does, it is one line here
+                msgs.append(f"**error:** {_one_line(e)}")
         return ["<br>".join(msgs) or "nothing selected"] + slot_updates()
 
     def clear():
@@ -178,14 +214,14 @@ def build_ui(studio: Studio):
         try:
             return studio.generate(prompt, negative, int(steps), float(guidance), -1 if random_seed else int(seed), int(n),
                                    int(size), compare, fuse, progress=progress), "done"
-        except (ValueError, RuntimeError) as e:
-            return [], f"**error:** {e}"
+        except Exception as e:  # noqa: BLE001 — Studio.generate has restored the base
+            return [], f"**error:** {_one_line(e)}"
 
     def export(fmt):
         try:
             return studio.export_lora(fmt), f"exported the active blend as a {fmt} LoRA"
-        except ValueError as e:
-            return None, f"**error:** {e}"
+        except Exception as e:  # noqa: BLE001
+            return None, f"**error:** {_one_line(e)}"
 
     with gr.Blocks(title="loldu-diffusion") as demo:
         gr.Markdown(f"# loldu-diffusion\nBase model: `{studio.base_path}`. Adapters are a few kilobytes: load, blend, generate.")
@@ -238,17 +274,24 @@ def build_ui(studio: Studio):
     return demo
 
 
-def launch(base=None, adapters_dir=None, host="127.0.0.1", port=7860, block=True):
+def launch(base=None, adapters_dir=None, host="127.0.0.1", port=7860, block=True, auth: str | None = None):
+    import sys
+
     from .quiet import quiet_libraries
     from .toy import ASSETS
 
+    credentials = parse_auth(auth)
+    if credentials is None and not is_loopback(host):
+        print(f"warning: serving on {host} without --auth USER:PASSWORD: anyone who can reach port {port} can use "
+              "this app (and this machine's compute)", file=sys.stderr, flush=True)
     quiet_libraries()
     studio = Studio(base, adapters_dir or (os.path.join(ASSETS, "adapters") if base is None else None))
     demo = build_ui(studio)
     demo.queue(default_concurrency_limit=1)
     # quiet: Gradio's start-up lines end with a share=True hint that a local tool does not need;
     # the address is the one line people do need
-    demo.launch(server_name=host, server_port=port, prevent_thread_lock=True, max_file_size=MAX_UPLOAD_BYTES, quiet=True)
+    demo.launch(server_name=host, server_port=port, prevent_thread_lock=True, max_file_size=MAX_UPLOAD_BYTES, quiet=True,
+                auth=credentials)
     print(f"loldu app: open {demo.local_url} in a browser (Ctrl+C stops it)", flush=True)
     if block:
         demo.block_thread()

@@ -40,7 +40,7 @@ def _is_number(text: str) -> bool:
 
 def _check_specs(specs) -> None:
     """FILE[:WEIGHT] arguments, checked before anything loads: a mistyped weight is reported as
-    a weight, not as a missing file."""
+    a weight, not as a missing file; the files are read (a few KB each) and checked on their own."""
     for spec in specs or []:
         if os.path.exists(spec):
             continue
@@ -50,6 +50,11 @@ def _check_specs(specs) -> None:
         left, eq, right = spec.rpartition("=")
         if not colon and eq and left and _is_number(right):
             raise ValueError(f"{spec}: write the weight after a colon: {left}:{right}")
+    from .adapter_file import AdapterFile
+    from .pipeline import parse_adapter_spec
+
+    for spec in specs or []:
+        AdapterFile.read(parse_adapter_spec(spec)[0])  # a bad file is refused before the base loads
 
 
 def _check_output(args, folder: bool = False) -> None:
@@ -202,7 +207,7 @@ def _eval(args) -> int:
 def _app(args) -> int:
     from .app import launch
 
-    launch(base=args.base, adapters_dir=args.adapters, host=args.host, port=args.port)
+    launch(base=args.base, adapters_dir=args.adapters, host=args.host, port=args.port, auth=args.auth)
     return 0
 
 
@@ -290,6 +295,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--adapters", default=None, help="folder of adapter files to list; default: the bundled examples with the embedded base")
     s.add_argument("--host", default="127.0.0.1", help="address to serve on (0.0.0.0: every network interface)")
     s.add_argument("--port", type=int, default=7860, help="port to serve on")
+    s.add_argument("--auth", default=None, metavar="USER:PASSWORD",
+                   help="ask for this login (Gradio's auth); without it a non-local --host prints a warning")
     s.set_defaults(func=_app)
 
     s = command("bench", "benchmarks: loldu bench cost|learning [--quick] [--json]", add_help=False)
@@ -309,6 +316,11 @@ def main(argv=None) -> int:
     except (AdapterFileError, FileExistsError, FileNotFoundError, ValueError, KeyError) as e:
         msg = str(e).strip("'\"")
         print(f"loldu {args.command}: error: {msg}", file=sys.stderr)
+        return 2
+    except OSError as e:  # a read-only folder, a full disk: one sentence naming the path
+        from .io import describe_os_error
+
+        print(f"loldu {args.command}: error: {describe_os_error(e)}", file=sys.stderr)
         return 2
 
 

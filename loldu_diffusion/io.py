@@ -1,9 +1,23 @@
 """Writing files so that nothing the user had is lost: temp file + rename, no silent overwrite."""
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import tempfile
+
+TEMP_PREFIX = ".tmp-"  # atomic_save_safetensors' temp files: `.tmp-XXXX.safetensors`
+
+
+def describe_os_error(e: OSError) -> str:
+    """One sentence for an I/O error, naming the path: what the user sees instead of a stack."""
+    what = e.strerror or (str(e).splitlines() or [type(e).__name__])[0]
+    if e.filename is not None:
+        what = f"{e.filename}: {what}"
+    hint = {errno.ENOSPC: "free some space or write elsewhere", errno.EDQUOT: "free some space or write elsewhere",
+            errno.EROFS: "write to another folder", errno.EACCES: "check the permissions or write to another folder",
+            errno.EPERM: "check the permissions or write to another folder"}.get(e.errno)
+    return f"{what} ({hint})" if hint else what
 
 
 def refuse_existing(path: str, overwrite: bool) -> None:
@@ -18,10 +32,16 @@ def atomic_save_safetensors(tensors: dict, path: str, metadata: dict | None = No
     refuse_existing(path, overwrite)
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".safetensors", dir=directory)
+    fd, tmp = tempfile.mkstemp(prefix=TEMP_PREFIX, suffix=".safetensors", dir=directory)
     os.close(fd)
     try:
-        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
+        try:
+            save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
+        except Exception as e:  # safetensors reports a full disk as its own SafetensorError
+            if isinstance(e, OSError):
+                raise
+            code = errno.ENOSPC if "space" in str(e).lower() else errno.EIO
+            raise OSError(code, f"could not write ({str(e).splitlines()[0]})", path) from None
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         umask = os.umask(0)

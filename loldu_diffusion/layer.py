@@ -6,8 +6,17 @@ The base weight W is never modified (except by an explicit `fuse`), so the outpu
 injection equals the base model's for every init, and an adapter is fully described relative
 to the pristine base by δ. Several named adapters on one layer blend by summing their δ's
 (rank-r factors are prefixes of rank-R ones): one low-rank product whatever their number.
+
+That sum is cached: it is recomputed only when the adapters, their weights or their values
+change (tensor version counters), and computed live, with gradients, only while one of the
+active adapters trains. A blend of 16 loaded adapters then costs one adapter per forward.
+
+Fusing keeps a CPU copy of the weight it changes, and unfusing restores that copy: W + Δ − Δ
+is not W in floating point, and a served base must come back bit for bit whatever was fused.
 """
 from __future__ import annotations
+
+from types import MappingProxyType
 
 import torch
 import torch.nn.functional as F
@@ -71,10 +80,32 @@ class LoLDULayer(nn.Module):
         super().__init__()
         self._base = [base]  # a plain reference: the base weight stays where the base model keeps it
         self.adapters = nn.ModuleDict()
-        self.weights: dict[str, float] = {}  # adapter name → blend weight; absent = inactive
+        self._weights: dict[str, float] = {}  # adapter name → blend weight; absent = inactive
         self.enabled = True
         self.fused_delta: torch.Tensor | None = None
+        self._saved_weight: torch.Tensor | None = None  # the base weight as it was before fuse
+        self._plan = None  # (active [(vector, weight)], trainable?) until adapters or weights change
+        self._cache_key = None  # version counters of the active values when the cache was computed
+        # a buffer so that .to() / .half() move it with the factors; never saved
+        self.register_buffer("_delta_cache", None, persistent=False)
         self._set_factors(rank, factors)
+
+    @property
+    def weights(self):
+        """Adapter name → blend weight (read-only: assign a new dict to change it)."""
+        return MappingProxyType(self._weights)
+
+    @weights.setter
+    def weights(self, weights: dict) -> None:
+        self._weights = {str(n): float(w) for n, w in weights.items()}
+        self._invalidate()
+
+    def _invalidate(self) -> None:
+        self._plan, self._cache_key, self._delta_cache = None, None, None
+
+    def _apply(self, fn, *args, **kwargs):  # .to(), .half(), …: the plan's tensors may be new ones
+        self._invalidate()
+        return super()._apply(fn, *args, **kwargs)
 
     @property
     def base(self) -> nn.Linear:
@@ -106,13 +137,34 @@ class LoLDULayer(nn.Module):
         if vector.rank > self.rank:
             self.ensure_rank(vector.rank)
         self.adapters[name] = vector.to(self.L.device)
-        self.weights[name] = float(weight)
+        self._weights[name] = float(weight)
+        self._invalidate()
+
+    def remove_adapter(self, name: str) -> None:
+        if name in self.adapters:
+            del self.adapters[name]
+        self._weights.pop(name, None)
+        self._invalidate()
 
     def delta_vector(self) -> torch.Tensor | None:
-        """Σ_a w_a δ_a, zero-padded to the largest active rank: (r,) or None."""
-        active = [(self.adapters[n], w) for n, w in self.weights.items() if w != 0.0 and n in self.adapters]
+        """Σ_a w_a δ_a, zero-padded to the largest active rank: (r,) or None. Cached unless an
+        active adapter trains."""
+        if self._plan is None:
+            active = [(self.adapters[n], w) for n, w in self._weights.items() if w != 0.0 and n in self.adapters]
+            self._plan = (active, [t for v, _ in active for t in (v.z, v.sigma)])
+        active, values = self._plan
         if not active:
             return None
+        if any(t.requires_grad for t in values):
+            return self._blend(active)  # live: gradients reach what trains
+        key = [t._version for t in values]  # in-place edits of an adapter's values bump these
+        if self._delta_cache is None or key != self._cache_key:
+            with torch.no_grad():
+                self._delta_cache = self._blend(active)
+            self._cache_key = key
+        return self._delta_cache
+
+    def _blend(self, active) -> torch.Tensor:
         if len(active) == 1:
             vec, w = active[0]
             return vec.delta() if w == 1.0 else w * vec.delta()
@@ -138,21 +190,34 @@ class LoLDULayer(nn.Module):
 
     @torch.no_grad()
     def fuse(self) -> None:
+        """W += L̃ diag(δ) U_r, keeping a copy of W for `unfuse`. Refuses (W unchanged) if the
+        result does not fit the weight's dtype."""
         if self.fused_delta is not None:
             return
         delta = self.delta_vector()
         if delta is None or not self.enabled:
             return
         w = self.base.weight
-        w.data += self.delta_weight(delta.detach()).to(w.dtype)
+        fused = w.data + self.delta_weight(delta.detach()).to(w.dtype)
+        if not torch.isfinite(fused).all():
+            raise OverflowError(f"fusing gives non-finite {w.dtype} weights (shape {tuple(w.shape)}): "
+                                "run this adapter unfused")
+        self._saved_weight = w.detach().to("cpu", copy=True)
+        w.data.copy_(fused)
         self.fused_delta = delta.detach().clone()
 
     @torch.no_grad()
     def unfuse(self) -> None:
+        """Restore W exactly as it was before `fuse`."""
         if self.fused_delta is None:
             return
-        w = self.base.weight
-        w.data -= self.delta_weight(self.fused_delta).to(w.dtype)
+        self.base.weight.data.copy_(self._saved_weight)
+        self._saved_weight = None
+        self.fused_delta = None
+
+    def forget_fused(self) -> None:
+        """Keep the fused weights for good (remove_loldu(keep_fused=True)): drop the copy."""
+        self._saved_weight = None
         self.fused_delta = None
 
     def extra_repr(self) -> str:

@@ -7,6 +7,8 @@ encoders have no processors, so each targeted projection gets a forward hook and
 """
 from __future__ import annotations
 
+import math
+import re
 from contextlib import contextmanager
 from typing import Iterator
 
@@ -112,6 +114,34 @@ def attach_layer(component: nn.Module, comp_name: str, module_path: str, target:
     return layer
 
 
+@contextmanager
+def all_or_nothing(model, adapter_name: str):
+    """Undo a partial attach if the block fails: the adapter's vectors, new LoLDU layers,
+    processors and text-encoder hooks. (Factors grown to a larger rank are kept: same output.)"""
+    comps = components(model)
+    procs = {c: dict(m.attn_processors) for c, m in comps.items() if c == "unet"}
+    layers = {id(p): (p, p.targets, set(p.layers)) for c in procs for p in procs[c].values() if isinstance(p, LoLDUAttnProcessor)}
+    hooked = {id(m) for c, comp in comps.items() if c != "unet" for m in comp.modules() if isinstance(getattr(m, "loldu", None), LoLDULayer)}
+    try:
+        yield
+    except BaseException:
+        for *_, layer in iter_layers(model):
+            layer.remove_adapter(adapter_name)
+        for proc, targets, keys in layers.values():
+            proc.targets = targets
+            for k in set(proc.layers) - keys:
+                del proc.layers[k]
+        for c, p in procs.items():
+            comps[c].set_attn_processor(dict(p))
+        for c, comp in comps.items():
+            for m in comp.modules() if c != "unet" else ():
+                if isinstance(getattr(m, "loldu", None), LoLDULayer) and id(m) not in hooked:
+                    m._loldu_hook.remove()
+                    del m.loldu
+                    del m._loldu_hook
+        raise
+
+
 def install_processors(component: nn.Module, comp_name: str, module_paths) -> None:
     """Give every listed attention a (still empty) LoLDUAttnProcessor, with one
     unet.set_attn_processor call for all of them."""
@@ -151,10 +181,37 @@ def find_targets(component: nn.Module, comp_name: str, targets: tuple[str, ...])
     return found
 
 
+_PROBE = nn.ModuleDict()  # adapter names must not shadow its attributes
+
+
+def check_adapter_name(name) -> str:
+    """An adapter name must be a key of the layers' nn.ModuleDict: a non-empty string without
+    dots that is not one of its attributes ('items', 'keys', 'training', …)."""
+    if not isinstance(name, str) or not name or "." in name or hasattr(_PROBE, name) or name.startswith("_"):
+        raise ValueError(f"adapter_name {name!r} is not usable: use a non-empty name without dots that does not start "
+                         "with '_' (and is not 'items', 'keys', 'values', …)")
+    return name
+
+
+def adapter_name_from_path(path: str, taken=()) -> str:
+    """A safe adapter name from any file name ('sks.v2.safetensors' → 'sks_v2'; spaces and
+    punctuation → '_'; letters of any script kept), made unique against `taken`."""
+    stem = str(path).replace("\\", "/").rsplit("/", 1)[-1]
+    stem = stem[: -len(".safetensors")] if stem.lower().endswith(".safetensors") else stem
+    stem = re.sub(r"[^\w-]+", "_", stem).strip("_")[:64] or "adapter"
+    if hasattr(_PROBE, stem) or stem.startswith("_"):
+        stem = f"adapter_{stem}"
+    name, k = stem, 2
+    while name in taken:
+        name, k = f"{stem}_{k}", k + 1
+    return name
+
+
 def inject_loldu(model, config: LoLDUConfig | None = None, adapter_name: str = "default") -> list[LoLDULayer]:
     """Attach a trainable LoLDU adapter. Base parameters are frozen; the model's output is
     unchanged until the adapter trains. Returns the adapted layers."""
     config = config or LoLDUConfig()
+    check_adapter_name(adapter_name)
     comps = components(model)
     plan = []
     for comp_name, comp in comps.items():
@@ -205,6 +262,9 @@ def set_adapter_weights(model, weights: dict[str, float]) -> None:
     unknown = [n for n in weights if n not in known]
     if unknown:
         raise KeyError(f"unknown adapter(s) {unknown}; loaded: {known}")
+    bad = {n: w for n, w in weights.items() if not math.isfinite(float(w))}
+    if bad:
+        raise ValueError(f"adapter weights must be finite numbers, got {bad}")
     for *_, layer in iter_layers(model):
         if layer.fused_delta is not None:
             raise RuntimeError("the LoLDU adapters are fused: call unfuse_loldu(model) before changing weights")
@@ -223,14 +283,21 @@ def delete_adapter(model, adapter_name: str) -> None:
         if adapter_name in layer.adapters:
             if layer.fused_delta is not None:
                 raise RuntimeError("the LoLDU adapters are fused: call unfuse_loldu(model) first")
-            del layer.adapters[adapter_name]
-            layer.weights.pop(adapter_name, None)
+            layer.remove_adapter(adapter_name)
 
 
 def fuse_loldu(model) -> None:
-    """W += L̃ diag(δ) U_r for every layer: inference at the base model's cost."""
-    for *_, layer in iter_layers(model):
-        layer.fuse()
+    """W += L̃ diag(δ) U_r for every layer: inference at the base model's cost. All or nothing:
+    if one layer cannot be fused, the ones already fused are restored and the error raised."""
+    try:
+        for comp, path, target, layer in iter_layers(model):
+            try:
+                layer.fuse()
+            except OverflowError as e:
+                raise OverflowError(f"{comp}.{path}.{target}: {e}") from None
+    except BaseException:
+        unfuse_loldu(model)
+        raise
 
 
 def unfuse_loldu(model) -> None:
@@ -258,8 +325,11 @@ def loldu_disabled(model):
 def remove_loldu(model, keep_fused: bool = False) -> None:
     """Unfuse (unless keep_fused: bake the adapters into the weights for good), then restore
     the previous attention processors and drop all hooks and layers."""
-    if not keep_fused:
-        unfuse_loldu(model)
+    for *_, layer in iter_layers(model):
+        if keep_fused:
+            layer.forget_fused()
+        else:
+            layer.unfuse()
     for comp_name, comp in components(model).items():
         if comp_name == "unet":
             attns = _attentions(comp)

@@ -6,6 +6,7 @@ import os
 import torch
 
 from .adapter_file import AdapterFile, AdapterFileError, load_adapter
+from .model import adapter_name_from_path
 
 
 def load_base(path: str | None = None, dtype=torch.float32, device: str | None = None):
@@ -27,23 +28,26 @@ def load_base(path: str | None = None, dtype=torch.float32, device: str | None =
     return pipe.to(device) if device else pipe
 
 
+MAX_WEIGHT = 100.0  # the app's sliders go to ±2; beyond ±100 a weight is a typo or an attack
+
+
 def parse_adapter_spec(spec: str) -> tuple[str, float]:
     """'concept.safetensors:0.7' → (path, 0.7); no weight → 1.0."""
     path, sep, weight = spec.rpartition(":")
     if sep and path and not os.path.exists(spec):
         try:
-            return path, float(weight)
+            w = float(weight)
         except ValueError:
-            pass
+            return spec, 1.0
+        if not -MAX_WEIGHT <= w <= MAX_WEIGHT:  # also NaN
+            raise ValueError(f"{spec}: the weight must be a number between {-MAX_WEIGHT:g} and {MAX_WEIGHT:g}")
+        return path, w
     return spec, 1.0
 
 
 def adapter_name_for(path: str, taken) -> str:
-    stem = os.path.splitext(os.path.basename(path))[0] or "adapter"
-    name, k = stem, 2
-    while name in taken:
-        name, k = f"{stem}_{k}", k + 1
-    return name
+    """A safe adapter name from any file name ('sks.v2.safetensors' → 'sks_v2'), unique in `taken`."""
+    return adapter_name_from_path(path, taken)
 
 
 def load_adapter_specs(pipe, specs: list[str]) -> dict[str, float]:
@@ -59,21 +63,21 @@ def load_adapter_specs(pipe, specs: list[str]) -> dict[str, float]:
 
 def blend_files(specs: list[str]) -> AdapterFile:
     """One adapter file holding Σ wᵢ δᵢ, from the files alone: rank-r factors are prefixes of
-    rank-R ones of the same base, so pivots must agree on their common prefix."""
+    rank-R ones of the same base, so pivots must agree on their common prefix. Linear in the
+    number of rows; each component keeps its own rank."""
     files = [(AdapterFile.read(p), w) for p, w in map(parse_adapter_spec, specs)]
     if not files:
         raise ValueError("nothing to blend: give FILE[:WEIGHT] arguments")
-    rank = max(f.rank for f, _ in files)
     top = max(files, key=lambda fw: fw[0].rank)[0]
-    layers: dict[str, list] = {}
+    index: dict[str, dict[tuple[str, str], int]] = {}  # component → row → position
     for f, _ in files:
         for c, rows in f.layers.items():
+            idx = index.setdefault(c, {})
             for row in rows:
-                if row not in layers.setdefault(c, []):
-                    layers[c].append(row)
+                idx.setdefault(row, len(idx))
     delta, pivots, d = {}, {}, {}
-    for c, rows in layers.items():
-        n = len(rows)
+    for c, idx in index.items():
+        n, rank = len(idx), max(f.delta[c].shape[1] for f, _ in files if c in f.layers)
         delta[c] = torch.zeros(n, rank)
         pivots[c] = torch.full((n, rank), -1, dtype=torch.long)
         d[c] = torch.zeros(n, rank)
@@ -81,16 +85,21 @@ def blend_files(specs: list[str]) -> AdapterFile:
             if c not in f.layers:
                 continue
             r = f.delta[c].shape[1]
-            for i, row in enumerate(f.layers[c]):
-                j = rows.index(row)
-                delta[c][j, :r] += w * f.delta[c][i]
-                known = pivots[c][j, :r] >= 0
-                if (known & (pivots[c][j, :r] != f.pivots[c][i])).any():
-                    raise AdapterFileError(f"{os.path.basename(f.path)}: layer {c}.{'.'.join(row)} has other pivots than the other adapters: they were trained on different base models")
-                if r >= int((pivots[c][j] >= 0).sum()):
-                    pivots[c][j, :r], d[c][j, :r] = f.pivots[c][i], f.d[c][i]
+            j = torch.tensor([idx[row] for row in f.layers[c]])
+            delta[c][j, :r] += w * f.delta[c]
+            known = pivots[c][j, :r]
+            clash = ((known >= 0) & (known != f.pivots[c])).any(dim=1)
+            if clash.any():
+                row = f.layers[c][int(clash.nonzero()[0, 0])]
+                raise AdapterFileError(f"{os.path.basename(f.path)}: layer {c}.{'.'.join(row)} has other pivots than the other adapters: they were trained on different base models")
+            grow = r >= (pivots[c][j] >= 0).sum(dim=1)  # this file knows at least as many pivots
+            pivots[c][j[grow], :r], d[c][j[grow], :r] = f.pivots[c][grow], f.d[c][grow]
         if (pivots[c] < 0).any():
-            raise AdapterFileError("blending adapters of different ranks that do not share every layer needs --base (not supported from files alone)")
+            row = next(r for r, i in idx.items() if (pivots[c][i] < 0).any())
+            raise AdapterFileError(f"layer {c}.{'.'.join(row)} is only in adapters of a rank below {rank}: blending adapters of "
+                                   "different ranks that do not share every layer needs a base model (use export-lora or the library)")
     meta = {k: v for k, v in top.metadata.items() if k not in ("layers", "format", "version")}
-    meta.update(method="loldu", rank=rank, blend=[{"file": os.path.basename(f.path), "weight": w} for f, w in files])
-    return AdapterFile(meta, layers, delta, pivots, d)
+    meta.update(method="loldu", rank=max(t.shape[1] for t in delta.values()),
+                blend=[{"file": os.path.basename(f.path), "weight": w} for f, w in files])
+    layers = {c: list(idx) for c, idx in index.items()}
+    return AdapterFile(meta, layers, delta, pivots, d, path="blend").validate()

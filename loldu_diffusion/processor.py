@@ -13,6 +13,10 @@ from torch import nn
 from .layer import LoLDULayer
 
 
+# the projections __call__ adapts: an adapter layer on anything else would act only when fused
+UNET_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "add_k_proj", "add_v_proj")
+
+
 def _key(target: str) -> str:
     return target.replace(".", "_")  # "to_out.0" → "to_out_0" (ModuleDict keys cannot hold dots)
 

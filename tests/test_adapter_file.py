@@ -62,7 +62,7 @@ def test_sd15_unet_attention_rank32_fits_in_40kb(tmp_path):
         {"method": "loldu", "rank": r, "alpha": 32, "init": "lu", "unet_targets": ["to_q", "to_k", "to_v", "to_out.0"],
          "base_model": "stable-diffusion-v1-5", "base_architecture": "sd1", "instance_prompt": "a photo of sks dog",
          "training": {"steps": 1000, "learning_rate": 5e-4, "batch_size": 1}},
-        {"unet": rows}, {"unet": torch.randn(n, r)}, {"unet": torch.randint(0, 1280, (n, r))},
+        {"unet": rows}, {"unet": torch.randn(n, r)}, {"unet": torch.stack([torch.randperm(1280)[:r] for _ in range(n)])},
         {"unet": torch.randn(n, r)},
     )
     path = str(tmp_path / "sd15.safetensors")
