@@ -7,6 +7,8 @@ uninterrupted one would have seen, and each process of a multi-process run sees 
 from __future__ import annotations
 
 import os
+import stat
+import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -14,6 +16,11 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
+# Checked on the header, before decoding: a few-KB PNG can declare 20000×20000 pixels, and a
+# 1×20000 strip would be upscaled to resolution × 20000·resolution.
+MAX_PIXELS = 64_000_000  # an 8000×8000 photo; larger ones are skipped (downscale them)
+MAX_ASPECT = 8.0  # longer side / shorter side; a panorama beyond that is not a subject photo
+MAX_CAPTION_BYTES = 64 * 1024
 
 
 class DataError(ValueError):
@@ -43,20 +50,47 @@ def read_images(folder: str, flag: str = "--instance_data_dir") -> tuple[list[tu
     for n in names:
         path = os.path.join(folder, n)
         try:
-            with Image.open(path) as im:
-                im.load()
-                images.append((path, to_rgb(im)))
+            if not stat.S_ISREG(os.stat(path).st_mode):  # a FIFO or device would block or never end
+                skipped.append(f"{n} (not a regular file)")
+                continue
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # bounded below
+                with Image.open(path) as im:
+                    problem = _size_problem(*im.size)
+                    if problem:
+                        skipped.append(f"{n} ({problem})")
+                        continue
+                    im.load()
+                    images.append((path, to_rgb(im)))
+        except Image.DecompressionBombError:  # PIL's own limit, hit while reading the header
+            skipped.append(f"{n} (more than {MAX_PIXELS // 1_000_000} megapixels; downscale it)")
         except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
             skipped.append(f"{n} ({type(e).__name__})")
     return images, skipped
 
 
+def _size_problem(w: int, h: int) -> str | None:
+    if w < 1 or h < 1:
+        return f"{w}×{h} pixels"
+    if w * h > MAX_PIXELS:
+        return f"{w}×{h} is more than {MAX_PIXELS // 1_000_000} megapixels; downscale it"
+    if max(w, h) > MAX_ASPECT * min(w, h):
+        return f"{w}×{h}: aspect ratio beyond {MAX_ASPECT:g}:1; crop it"
+    return None
+
+
 def caption_for(path: str, default: str) -> str:
     """A per-image caption from NAME.txt beside the image, else the instance prompt."""
     txt = os.path.splitext(path)[0] + ".txt"
-    if os.path.isfile(txt):
-        with open(txt, encoding="utf-8") as f:
-            text = f.read().strip()
+    if os.path.isfile(txt):  # a regular file (or a link to one): a FIFO named x.txt is ignored
+        with open(txt, "rb") as f:
+            raw = f.read(MAX_CAPTION_BYTES + 1)
+        if len(raw) > MAX_CAPTION_BYTES:
+            raise DataError(f"caption {txt}: longer than {MAX_CAPTION_BYTES:,} bytes; a caption is one sentence")
+        try:
+            text = raw.decode("utf-8-sig").strip()
+        except UnicodeDecodeError as e:
+            raise DataError(f"caption {txt}: not UTF-8 text (byte {e.start}); save it as UTF-8") from None
         if text:
             return text
     return default

@@ -20,15 +20,13 @@ from ..quiet import no_loading_bars, quiet_libraries
 from . import report
 from .args import resolve_defaults
 from .data import DataError, ImageSet, check_identifier, read_images, sample_indices, step_generator
+from .errors import TrainingError
 from .methods import ADAPTER_FILE, LORA_FILE, make_method, make_optimizer
+from .outdir import claim_output_dir, refuse_to_replace
 
 CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 TRAINABLE_FILE = "trainable.safetensors"
 RUN_FILE = "run.json"
-
-
-class TrainingError(ValueError):
-    """Bad input the user must fix; printed as one line."""
 
 
 # ---- models ------------------------------------------------------------------------------
@@ -340,9 +338,7 @@ def train(args) -> dict:
         raise TrainingError(str(e)) from None
     check_inputs(args)
     resume_path = resolve_resume(args)
-    if not args.resume_from_checkpoint and not args.overwrite and existing_outputs(args.output_dir):
-        raise TrainingError(f"--output_dir {args.output_dir} already holds {', '.join(existing_outputs(args.output_dir))}; "
-                            "pass --overwrite to replace it, --resume_from_checkpoint latest to continue, or choose another --output_dir")
+    refuse_to_replace(args.output_dir, existing_outputs(args.output_dir), bool(args.resume_from_checkpoint), resume_path, args.overwrite)
 
     report_to, tracker_warning = choose_tracker(args.report_to)
     from accelerate.state import AcceleratorState
@@ -361,6 +357,7 @@ def train(args) -> dict:
     )
     main = accelerator.is_main_process
     say = accelerator.print
+    lock = claim_output_dir(args, accelerator, resume_path, existing_outputs)  # noqa: F841 — held until train() returns
     if tracker_warning:
         say(f"warning: {tracker_warning}")
     if accelerator.device.type == "cpu" and accelerator.mixed_precision == "fp16":
@@ -567,7 +564,10 @@ def train(args) -> dict:
         if main:
             shutil.rmtree(tmp, ignore_errors=True)
         accelerator.wait_for_everyone()
-        accelerator.save_state(tmp)
+        try:
+            accelerator.save_state(tmp)
+        except RuntimeError as e:  # torch.save on a full disk: "basic_ios::clear", "PytorchStreamWriter failed"
+            raise OSError(f"could not write the checkpoint {tmp}: {str(e).splitlines()[0]} (is the disk full?)") from None
         if main:
             with open(os.path.join(tmp, "history.json"), "w") as f:
                 json.dump(history, f)
@@ -660,9 +660,11 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     try:
         train(args)
-    except (TrainingError, AdapterFileError, FileExistsError) as e:
+    except (TrainingError, AdapterFileError, FileExistsError, OSError) as e:
         if int(os.environ.get("RANK", "0")) == 0:  # every process finds the same mistake: say it once
-            print(f"error: {e}", file=sys.stderr)
+            from ..io import describe_os_error
+
+            print(f"error: {describe_os_error(e) if isinstance(e, OSError) and not isinstance(e, FileExistsError) else e}", file=sys.stderr)
         # A failure must fail (scripts and CI read the status). `accelerate launch` answers it with
         # a traceback of its own unless launched with --quiet (-q); the README says so.
         return 2
