@@ -1,0 +1,406 @@
+"""Hostile inputs, generated here (no committed binaries): every kind of crafted adapter file
+through every entry point (library, CLI inspect / blend / export-lora, the app), hostile image
+folders through the trainer's reader, and faults (locks, full or read-only disks). Each is a
+one-line error, and a refusal leaves the model's output bit-identical."""
+import errno
+import json
+import os
+import re
+import struct
+import zlib
+
+import pytest
+import torch
+from PIL import Image
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from loldu_diffusion import AdapterFileError, fuse_loldu, iter_layers, load_adapter, remove_loldu, unfuse_loldu
+from loldu_diffusion.adapter_file import DELTA_BOUND, MAX_LAYERS, adaptable_layers
+from loldu_diffusion.cli import main as loldu
+from test_cli import trained_adapter, unet_out
+
+
+@pytest.fixture(scope="module")
+def good(tiny_sd_path, tmp_path_factory):
+    path = tmp_path_factory.mktemp("good") / "good.safetensors"
+    trained_adapter(tiny_sd_path, path, 1)
+    return str(path)
+
+
+def craft(src, dst, tensors=None, meta=None, raw=None, extra_meta=None):
+    """A copy of `src` with its tensors / LoLDU metadata / raw metadata string edited."""
+    with safe_open(src, "pt") as f:
+        m = f.metadata()
+    t = load_file(src)
+    if tensors:
+        tensors(t)
+    if meta:
+        lm = json.loads(m["loldu"])
+        meta(lm)
+        m["loldu"] = json.dumps(lm)
+    if raw:
+        m["loldu"] = raw(m["loldu"])
+    m.update(extra_meta or {})
+    save_file(t, dst, metadata=m)
+    return dst
+
+
+def _first_rows(n):
+    def edit_tensors(t):
+        for k in ("delta", "pivots", "d"):
+            t[f"unet.{k}"] = t[f"unet.{k}"][:1].repeat(n, 1).contiguous()
+    return edit_tensors
+
+
+def _set(key, value):
+    def edit(m):
+        m[key] = value
+    return edit
+
+
+def _layers(layers):
+    return _set("layers", layers)
+
+
+def _scale_delta(value, row=0):
+    def edit(t):
+        t["unet.delta"][row, 0] = value
+    return edit
+
+
+def _fake_rows(n, rank):
+    """n distinct, canonical, non-existent UNet rows."""
+    def edit_tensors(t):
+        t["unet.delta"] = torch.zeros(n, rank)
+        t["unet.d"] = torch.ones(n, rank)
+        t["unet.pivots"] = torch.arange(rank, dtype=torch.int16).repeat(n, 1).contiguous()
+
+    def edit_meta(m):
+        m["layers"] = {"unet": {f"down_blocks.0.attentions.0.transformer_blocks.{k}.attn1": ["to_q"] for k in range(n)}}
+    return edit_tensors, edit_meta
+
+
+def first_row(path):
+    with safe_open(path, "pt") as f:
+        layers = json.loads(f.metadata()["loldu"])["layers"]["unet"]
+    mod = next(iter(layers))
+    return mod, layers[mod][0]
+
+
+# name → (how to craft it, what the error says, whether the file alone is wrong: inspect/blend refuse it too)
+def hostile_files(good, d, base_layers):
+    mod, target = first_row(good)
+    rank = load_file(good)["unet.delta"].shape[1]
+    over_base, over_base_meta = _fake_rows(base_layers + 1, rank)
+    over_max, over_max_meta = _fake_rows(MAX_LAYERS + 1, 1)
+    cases = {
+        "huge_delta": (dict(tensors=_scale_delta(1e30)), "exceeds the bound", True),
+        "max_float_delta": (dict(tensors=_scale_delta(3.4e38)), "exceeds the bound", True),
+        "nan_delta": (dict(tensors=_scale_delta(float("nan"))), "NaN/inf", True),
+        "duplicate_row": (dict(tensors=_first_rows(2), meta=_layers({"unet": {mod: [target, target]}})), "listed twice", True),
+        "alias_00": (dict(tensors=_first_rows(1), meta=_layers({"unet": {mod: ["to_out.00"]}})), "not a UNet attention projection|not canonical", True),
+        "arabic_digit": (dict(tensors=_first_rows(1), meta=_layers({"unet": {mod.replace("0", "\u0660", 1): [target]}})), "not canonical", True),
+        "text_model_unet": (dict(tensors=_first_rows(1), meta=_layers({"unet": {"text_model." + mod: [target]}})), "not a UNet attention projection", True),
+        "unapplied_target": (dict(tensors=_first_rows(1), meta=_layers({"unet": {mod: ["add_q_proj"]}})), "not a UNet attention projection", True),
+        "zero_layers": (dict(meta=_layers({})), "holds no layers|unexpected tensor", True),
+        "empty_component": (dict(meta=_layers({"unet": {}})), "is empty", True),
+        "version_true": (dict(meta=_set("version", True)), "version True is not supported", True),
+        "unknown_component": (dict(meta=_layers({"vae": {mod: [target]}})), "unknown component 'vae'", True),
+        "repeated_key": (dict(raw=lambda s: '{"format":"x",' + s[1:]), "not valid JSON \\(or repeats a key\\)", True),
+        "repeated_pivot": (dict(tensors=lambda t: t["unet.pivots"][0].fill_(0)), "repeats a row index", True),
+        "many_tensors": (dict(tensors=lambda t: t.update({f"x{i}": torch.zeros(1) for i in range(10)})), "at most 9", True),
+        "huge_header": (dict(extra_meta={"pad": "x" * (2**20 + 1)}), "header of .* bytes is larger", True),
+        "over_max_layers": (dict(tensors=over_max, meta=over_max_meta), f"more than {MAX_LAYERS} layers", True),
+        "more_rows_than_base": (dict(tensors=over_base, meta=over_base_meta), "but this base model has only", False),
+    }
+    out = {}
+    for name, (kw, match, file_level) in cases.items():
+        out[name] = (craft(good, str(d / f"{name}.safetensors"), **kw), match, file_level)
+    fifo = str(d / "fifo.safetensors")
+    os.mkfifo(fifo)
+    out["fifo"] = (fifo, "not a regular file", True)
+    return out
+
+
+@pytest.fixture(scope="module")
+def hostile(good, tiny_sd_path, tmp_path_factory):
+    from loldu_diffusion.pipeline import load_base
+
+    n = len(adaptable_layers(load_base(tiny_sd_path).unet, "unet"))
+    return hostile_files(good, tmp_path_factory.mktemp("hostile"), n)
+
+
+CASES = ["huge_delta", "max_float_delta", "nan_delta", "duplicate_row", "alias_00", "arabic_digit", "text_model_unet",
+         "unapplied_target", "zero_layers", "empty_component", "version_true", "unknown_component", "repeated_key",
+         "repeated_pivot", "many_tensors", "huge_header", "over_max_layers", "more_rows_than_base", "fifo"]
+
+
+@pytest.fixture(scope="module")
+def served(tiny_sd_path, good):
+    """A pipeline with a good adapter loaded, as a busy app would hold it."""
+    from loldu_diffusion.pipeline import load_base
+
+    pipe = load_base(tiny_sd_path)
+    load_adapter(pipe, good, adapter_name="good")
+    return pipe
+
+
+def test_every_case_is_covered(hostile):
+    assert sorted(hostile) == sorted(CASES)
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_library_refuses_and_the_model_is_unchanged(served, hostile, case):
+    path, match, _ = hostile[case]
+    ref = unet_out(served)
+    state = {k: v.clone() for k, v in served.unet.state_dict().items()}
+    with pytest.raises(AdapterFileError, match=match) as e:
+        load_adapter(served, path)
+    assert "\n" not in str(e.value) and os.path.basename(path) in str(e.value)
+    assert torch.equal(unet_out(served), ref)
+    assert all(torch.equal(v, state[k]) for k, v in served.unet.state_dict().items())
+    assert {n for *_, layer in iter_layers(served) for n in layer.adapters} == {"good"}
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_cli_refuses_with_one_line(hostile, tiny_sd_path, tmp_path, capsys, case):
+    path, match, file_level = hostile[case]
+    commands = [["export-lora", path, "--base", tiny_sd_path, "-o", str(tmp_path / "lora.safetensors")]]
+    if file_level:
+        commands += [["inspect", path], ["blend", f"{path}:0.5", "-o", str(tmp_path / "blend.safetensors")]]
+    for argv in commands:
+        assert loldu(argv) == 2, argv
+        full = capsys.readouterr().err
+        err = full.strip().splitlines()[-1]  # after the base's loading bars, if it got that far
+        assert "Traceback" not in full and err.startswith(f"loldu {argv[0]}: error: "), full
+        if file_level:
+            assert "\n" not in full.strip(), full  # refused before the base loads: nothing else printed
+        assert re.search(match, err), (argv[0], err)
+    assert os.listdir(tmp_path) == []  # nothing written, no temp file
+
+
+@pytest.fixture(scope="module")
+def studio(tiny_sd_path):
+    from loldu_diffusion.app import Studio
+
+    return Studio(tiny_sd_path)
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_app_refuses_and_the_shared_base_is_unchanged(studio, hostile, case):
+    path, match, _ = hostile[case]
+    ref = unet_out(studio.pipe)
+    with pytest.raises(AdapterFileError, match=match):
+        studio.add(path)
+    assert studio.loaded == {} and list(iter_layers(studio.pipe)) == []
+    assert torch.equal(unet_out(studio.pipe), ref)
+
+
+def test_file_names_with_dots_spaces_and_unicode_load_everywhere(good, tiny_sd_path, tmp_path, capsys):
+    import shutil
+
+    from loldu_diffusion.app import Studio
+    from loldu_diffusion.pipeline import load_base
+
+    names = ["sks.v2.safetensors", "my dog (1).safetensors", "hündchen ☃.safetensors", "items.safetensors"]
+    paths = [shutil.copy(good, tmp_path / n) for n in names]
+    pipe = load_base(tiny_sd_path)
+    loaded = [load_adapter(pipe, str(p)) for p in paths]
+    assert len(loaded) == 4 and len({n for *_, layer in iter_layers(pipe) for n in layer.adapters}) == 4
+    studio = Studio(tiny_sd_path)
+    assert studio.add(str(paths[0])).name == "sks_v2"
+    out = tmp_path / "out" / "lora.safetensors"
+    out.parent.mkdir()
+    assert loldu(["export-lora", str(paths[0]), "--base", tiny_sd_path, "-o", str(out)]) == 0, capsys.readouterr().err
+    with pytest.raises(ValueError, match="adapter_name 'a.b' is not usable"):
+        load_adapter(pipe, good, adapter_name="a.b")
+
+
+def test_fuse_unfuse_remove_restores_the_base_bit_identically(tiny_sd_path, good, tmp_path):
+    from loldu_diffusion.pipeline import load_base
+
+    pipe = load_base(tiny_sd_path)
+    before = {k: v.clone() for k, v in pipe.unet.state_dict().items()}
+    ref = unet_out(pipe)
+    # the largest δ the reader accepts, beside an ordinary adapter
+    d = load_file(good)["unet.d"].abs().amax(dim=1)
+    big = craft(good, str(tmp_path / "big.safetensors"), tensors=lambda t: t["unet.delta"].copy_(
+        0.99 * DELTA_BOUND * d[:, None] * torch.sign(torch.randn_like(t["unet.delta"]))))
+    load_adapter(pipe, good, adapter_name="a")
+    load_adapter(pipe, big, adapter_name="b", weight=0.7)
+    for _ in range(3):
+        fuse_loldu(pipe)
+        assert not all(torch.equal(v, before[k]) for k, v in pipe.unet.state_dict().items() if k in before)
+        unfuse_loldu(pipe)
+    remove_loldu(pipe)
+    after = pipe.unet.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(after[k], v) for k, v in before.items())
+    assert torch.equal(unet_out(pipe), ref)
+
+
+def test_app_restores_the_base_when_a_fused_generation_fails(tiny_sd_path, good, monkeypatch):
+    from loldu_diffusion.app import Studio
+
+    studio = Studio(tiny_sd_path)
+    studio.add(good)
+    with torch.no_grad():
+        weights = {k: v.clone() for k, v in studio.pipe.unet.state_dict().items() if "processor" not in k}
+
+    def broken(*a, **k):
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setattr(type(studio.pipe), "__call__", broken)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        studio.generate("a photo of sks heart", steps=1, seed=0, fuse=True)
+    assert not studio.fused
+    now = studio.pipe.unet.state_dict()
+    assert all(torch.equal(now[k], v) for k, v in weights.items())
+
+
+def test_a_blend_of_16_adapters_uses_the_cached_delta(tiny_sd_path, good, tmp_path, monkeypatch):
+    from loldu_diffusion import AdapterFile, set_adapter_weights
+    from loldu_diffusion.layer import LoLDUVector
+    from loldu_diffusion.pipeline import load_base
+
+    pipe = load_base(tiny_sd_path)
+    f = AdapterFile.read(good)
+    torch.manual_seed(0)
+    for k in range(16):
+        f.delta["unet"] = f.delta["unet"] * (1 + 0.1 * torch.randn_like(f.delta["unet"]))
+        load_adapter(pipe, f, adapter_name=f"a{k}", weight=1 / 16)
+    calls = []
+    real = LoLDUVector.delta
+    monkeypatch.setattr(LoLDUVector, "delta", lambda self: calls.append(1) or real(self))
+    first = unet_out(pipe)
+    layers = [layer for *_, layer in iter_layers(pipe)]
+    assert len(calls) == 16 * len(layers)  # computed once per layer
+    calls.clear()
+    for _ in range(3):
+        assert torch.equal(unet_out(pipe), first)
+    assert calls == []  # never per forward
+    # the live computation (as while training) gives the same output, bit for bit
+    for layer in layers:
+        for vec in layer.adapters.values():
+            vec.z.requires_grad_(True)
+    assert torch.equal(unet_out(pipe), first) and len(calls) > 0
+    for layer in layers:
+        for vec in layer.adapters.values():
+            vec.z.requires_grad_(False)
+    # new weights and in-place edits of an adapter's values are seen
+    calls.clear()
+    set_adapter_weights(pipe, {"a0": 1.0})
+    only = unet_out(pipe)
+    assert not torch.equal(only, first) and len(calls) == len(layers)
+    with torch.no_grad():
+        layers[0].adapters["a0"].z.mul_(2)
+    assert not torch.equal(unet_out(pipe), only)
+
+
+# ---- the trainer's image folders and output folder -------------------------------------------
+def png_header_only(path, w, h):
+    """A PNG that declares w×h pixels in a few bytes (a decompression bomb's header)."""
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    ihdr = struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b""))
+
+
+def test_hostile_image_folders_are_skipped_by_name(tmp_path):
+    from loldu_diffusion.training.data import DataError, ImageSet
+
+    Image.new("RGB", (16, 16), (200, 0, 200)).save(tmp_path / "good.png")
+    png_header_only(tmp_path / "bomb.png", 20000, 20000)
+    png_header_only(tmp_path / "huge.png", 9000, 9000)  # under PIL's own limit, over ours
+    Image.new("RGB", (1, 2000)).save(tmp_path / "strip.png")
+    os.mkfifo(tmp_path / "fifo.png")
+    os.mkfifo(tmp_path / "fifo.txt")  # a caption that is a FIFO is not opened
+    warnings = []
+    s = ImageSet.from_folder(str(tmp_path), "a photo of sks heart", 8, warn=warnings.append)
+    assert len(s) == 1 and s.images[0].shape == (3, 8, 8) and len(warnings) == 1
+    for name in ("bomb.png (more than", "huge.png (9000×9000 is more than", "strip.png (1×2000: aspect ratio", "fifo.png (not a regular file)"):
+        assert name in warnings[0], name
+    (tmp_path / "good.txt").write_bytes(b"\xff\xfe\x00 caption in UTF-16?")
+    with pytest.raises(DataError, match=r"caption .*good.txt: not UTF-8 text \(byte 0\); save it as UTF-8") as e:
+        ImageSet.from_folder(str(tmp_path), "a photo of sks heart", 8, warn=lambda m: None)
+    assert "\n" not in str(e.value)
+
+
+def trainer_argv(tiny_sd_path, concept_dir, out):
+    return ["--pretrained_model_name_or_path", tiny_sd_path, "--instance_data_dir", concept_dir,
+            "--instance_prompt", "a photo of sks heart", "--output_dir", str(out), "--max_train_steps", "1"]
+
+
+def test_second_trainer_on_one_output_dir_refuses(tiny_sd_path, concept_dir, tmp_path, capsys):
+    from loldu_diffusion.training import main
+    from loldu_diffusion.training.outdir import lock_output_dir
+
+    held = lock_output_dir(str(tmp_path / "out"))  # the first run
+    try:
+        assert main(trainer_argv(tiny_sd_path, concept_dir, tmp_path / "out")) == 2
+    finally:
+        held.close()
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "is in use by another training run" in err
+
+
+def test_resume_latest_without_checkpoint_does_not_replace_an_adapter(tiny_sd_path, concept_dir, tmp_path, capsys):
+    from loldu_diffusion.training import main
+
+    (tmp_path / "loldu_adapter.safetensors").write_bytes(b"a finished run's adapter")
+    assert main(trainer_argv(tiny_sd_path, concept_dir, tmp_path) + ["--resume_from_checkpoint", "latest"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "no checkpoint in" in err and "--overwrite" in err
+    assert (tmp_path / "loldu_adapter.safetensors").read_bytes() == b"a finished run's adapter"
+
+
+def test_stale_temp_files_are_removed_under_the_lock(tmp_path):
+    from loldu_diffusion.training.outdir import lock_output_dir, remove_stale_temp
+
+    (tmp_path / ".tmp-abc123.safetensors").write_bytes(b"half an adapter")
+    (tmp_path / "checkpoint-4.tmp").mkdir()
+    (tmp_path / "train_summary.json.tmp").write_text("{")
+    (tmp_path / "loldu_adapter.safetensors").write_bytes(b"keep")
+    lock = lock_output_dir(str(tmp_path))
+    try:
+        assert remove_stale_temp(str(tmp_path)) == [".tmp-abc123.safetensors", "checkpoint-4.tmp", "train_summary.json.tmp"]
+    finally:
+        lock.close()
+    assert sorted(os.listdir(tmp_path)) == [".loldu-train.lock", "loldu_adapter.safetensors"]
+
+
+def test_read_only_output_folder_is_one_line(tiny_sd_path, concept_dir, tmp_path, capsys, monkeypatch):
+    from loldu_diffusion.training import main, outdir
+
+    def read_only(path, exist_ok=False):
+        raise OSError(errno.EROFS, "Read-only file system", path)
+
+    monkeypatch.setattr(outdir.os, "makedirs", read_only)
+    assert main(trainer_argv(tiny_sd_path, concept_dir, tmp_path / "out")) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"error: {tmp_path / 'out'}: Read-only file system (write to another folder)"
+
+
+def test_full_disk_in_the_cli_is_one_line(good, tmp_path, capsys, monkeypatch):
+    import safetensors.torch
+
+    def disk_full(*a, **k):
+        raise safetensors.SafetensorError("Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: \"No space left on device\" })")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", disk_full)
+    out = tmp_path / "out"
+    out.mkdir()
+    assert loldu(["blend", f"{good}:0.5", "-o", str(out / "b.safetensors")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "b.safetensors" in err and "free some space" in err
+    assert os.listdir(out) == []
+
+
+def test_app_auth_and_loopback():
+    from loldu_diffusion.app import is_loopback, parse_auth
+
+    assert parse_auth("ann:s3cret:x") == ("ann", "s3cret:x") and parse_auth(None) is None
+    with pytest.raises(ValueError, match="--auth must be USER:PASSWORD"):
+        parse_auth("ann")
+    assert is_loopback("127.0.0.1") and is_loopback("localhost") and is_loopback("::1")
+    assert not is_loopback("0.0.0.0") and not is_loopback("192.168.1.5") and not is_loopback("example.org")
