@@ -404,3 +404,18 @@ def test_app_auth_and_loopback():
         parse_auth("ann")
     assert is_loopback("127.0.0.1") and is_loopback("localhost") and is_loopback("::1")
     assert not is_loopback("0.0.0.0") and not is_loopback("192.168.1.5") and not is_loopback("example.org")
+
+
+def test_components_of_different_ranks_blend_alone_and_together(tiny_sd_path, tmp_path, capsys):
+    src = tmp_path / "te.safetensors"
+    trained_adapter(tiny_sd_path, src, 3, text=True)
+    mixed = craft(str(src), str(tmp_path / "mixed.safetensors"), tensors=lambda t: t.update(
+        {f"text_encoder.{k}": t[f"text_encoder.{k}"][:, :2].contiguous() for k in ("delta", "pivots", "d")}))
+    out = tmp_path / "out.safetensors"
+    assert loldu(["blend", f"{mixed}:0.5", f"{src}:0.5", "-o", str(out)]) == 0, capsys.readouterr().err
+    from loldu_diffusion import AdapterFile
+
+    f = AdapterFile.read(str(out))
+    assert f.delta["text_encoder"].shape[1] == 4 and f.delta["unet"].shape[1] == 4
+    assert loldu(["blend", mixed, "-o", str(tmp_path / "alone.safetensors")]) == 0, capsys.readouterr().err
+    assert AdapterFile.read(str(tmp_path / "alone.safetensors")).delta["text_encoder"].shape[1] == 2
