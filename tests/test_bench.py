@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from loldu_diffusion.bench.authors import AuthorsLoLDULinear
-from loldu_diffusion.bench import main as bench
+from loldu_diffusion.bench import learning, main as bench
 from loldu_diffusion.toy import default_base_path
 
 
@@ -45,7 +45,47 @@ def test_cost_suite_quick(tmp_path, capsys):
 def test_learning_suite_quick(tmp_path, capsys):
     assert bench(["learning", "--quick", "--json", "--out", str(tmp_path), "--steps", "4"]) == 0
     r = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert set(r["summary"]) == {"loldu-lu", "lora"}
+    assert {s["config"] for s in r["summary"].values()} == {"loldu", "lora-r4"}
+    base = r["base"]["sks"]
+    assert 0.0 <= base["ceiling"] <= 1.0 and isinstance(base["admitted"], bool)
     for s in r["summary"].values():
-        assert 0.0 <= s["subject"] <= 1.0 and 0.0 <= s["prior"] <= 1.0
+        assert s["steps"] == [2, 4] and len(s["subject"]) == 2 and len(s["drift"]) == 2
+        assert all(m >= 0.0 for m, _ in s["subject"])
+    # the measures of a run, relative to the base: drift is in points over the base's own rate
+    run = r["runs"][0]
+    rel = learning.relative(run, r["base"])
+    c = run["curve"][-1]
+    assert rel[-1]["drift"] == pytest.approx(100 * max(c["class_color"] - base["class_color"], c["class_marking"] - base["class_marking"]))
     assert os.path.isfile(tmp_path / "learning_quick.png")
+
+
+def test_mean_and_standard_error():
+    m, se = learning.mean_se([0.2, 0.4, 0.6, 0.8])
+    assert m == pytest.approx(0.5) and se == pytest.approx(0.2582 / 2, abs=1e-4)
+
+
+def _fake(subject, seed, subject_rate):
+    curve = [{"step": s, "subject": subject_rate * s / 100, "recontext": 0.1, "class_color": 0.2, "class_marking": 0.3, "class_subject": 0.0}
+             for s in (50, 100)]
+    return {"steps": 100, "checkpoints": [50, 100], "n": 48, "seeds": [seed], "configs": ["loldu"], "held_out": [],
+            "base": {subject: {"ceiling": 0.8, "ceiling_recontext": 0.5, "class_color": 0.1, "class_marking": 0.3, "subject": 0.0, "admitted": True}},
+            "runs": [{"config": "loldu", "subject": subject, "seed": seed, "curve": curve, "seconds_per_step": 0.1, "trainable": 10, "output_bytes": 100}]}
+
+
+def test_merge_joins_processes_and_summarizes_relative_to_the_ceiling(tmp_path):
+    paths = []
+    for i, (subj, rate) in enumerate((("sks", 0.8), ("zwx", 0.4))):
+        paths.append(str(tmp_path / f"{i}.json"))
+        json.dump(_fake(subj, i, rate), open(paths[-1], "w"))
+    r = learning.merge(paths)
+    s = r["summary"]["loldu|bench"]
+    assert s["runs"] == 2 and s["steps"] == [50, 100]
+    # subject / ceiling at step 100: 0.8/0.8 and 0.4/0.8 → mean 0.75, se 0.25
+    assert s["subject"][1] == pytest.approx((0.75, 0.25))
+    assert s["drift"][1][0] == pytest.approx(10.0)  # colour 0.2 vs base 0.1: +10 points (marking +0)
+    assert s["steps_to_learn"] == [100, None] and s["learnt_by_200"] == 1
+    bad = _fake("qlt", 2, 0.5)
+    bad["n"] = 12
+    json.dump(bad, open(tmp_path / "bad.json", "w"))
+    with pytest.raises(ValueError, match="cannot be merged"):
+        learning.merge(paths + [str(tmp_path / "bad.json")])

@@ -343,6 +343,6 @@ def test_photos_on_the_embedded_base_are_warned_about(concept_dir, tmp_path, cap
     Image.new("RGB", (640, 480), (120, 90, 60)).save(photos / "dog.jpg")
     run(["--instance_data_dir", str(photos), "--instance_prompt", "a photo of sks dog", "--max_train_steps", "1",
          "--train_batch_size", "1", "--num_validation_images", "1", "--num_inference_steps", "1", "--validation_steps", "0",
-         "--report_to", "none", "--output_dir", str(tmp_path / "o")])
+         "--judge_images", "0", "--report_to", "none", "--output_dir", str(tmp_path / "o")])
     said = capsys.readouterr().out
     assert "warning: the embedded base only knows its own toy world" in said and "1 of the instance images" in said

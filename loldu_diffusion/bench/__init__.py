@@ -15,8 +15,18 @@ def main(argv=None) -> int:
     p.add_argument("--json", action="store_true", help="print the result as one JSON line, last")
     p.add_argument("--out", default="bench_results")
     p.add_argument("--device", default=None)
-    p.add_argument("--steps", type=int, default=None, help="learning: training steps per run (default: the embedded trainer default, 600)")
-    p.add_argument("--subjects", type=int, default=None, help="learning: how many of the three subjects (default all; 1 = the bundled one)")
+    p.add_argument("--steps", type=int, default=None, help="learning: training steps per run (default 300, judged at 50, 100, 200, 300)")
+    p.add_argument("--subjects", type=int, default=None, help="learning: how many bench subjects (default all five; 1 = the bundled one)")
+    p.add_argument("--seeds", type=int, default=None, help="learning: training seeds per subject (default 2)")
+    p.add_argument("--n", type=int, default=None, help="learning: images per prompt kind and checkpoint (default 48)")
+    p.add_argument("--configs", default=None, help="learning: comma-separated config names to run (default all)")
+    p.add_argument("--core", action="store_true", help="learning: LoLDU and the small-file peers only (LoRA r4, VeRA, IA³, TI)")
+    p.add_argument("--no_held_out", action="store_true", help="learning: skip the held-out subjects")
+    p.add_argument("--subject_names", default=None, help="learning: comma-separated subject identifiers to run (e.g. sks,zwx)")
+    p.add_argument("--plan", default=None, metavar="JSON", help="learning: run exactly these [config, subject, seed] triples, in order "
+                   "(docs/learning_plan_*.json are the published runs)")
+    p.add_argument("--merge", nargs="+", default=None, metavar="JSON", help="learning: merge results (e.g. learning_partial.json of "
+                   "processes that ran different subjects) instead of running")
     a = p.parse_args(argv)
     os.makedirs(a.out, exist_ok=True)
     if a.suite == "cost":
@@ -26,7 +36,17 @@ def main(argv=None) -> int:
     else:
         from . import learning as suite
 
-        result = suite.run(quick=a.quick, steps=a.steps, out_dir=a.out, subjects=a.subjects)
+        if a.merge:
+            result = suite.merge(a.merge)
+        elif a.plan:
+            with open(a.plan) as f:
+                plan = [tuple(x) for x in json.load(f)]
+            result = suite.run_plan(plan, a.steps or suite.CHECKPOINTS[-1], a.n or 48, a.out)
+        else:
+            result = suite.run(quick=a.quick, steps=a.steps, out_dir=a.out, subjects=a.subjects, seeds=a.seeds, n=a.n,
+                               which="core" if a.core else "all", held_out=not a.no_held_out,
+                               configs_only=a.configs.split(",") if a.configs else None,
+                               subject_names=a.subject_names.split(",") if a.subject_names else None)
     name = f"{a.suite}{'_quick' if a.quick else ''}"
     with open(os.path.join(a.out, f"{name}.json"), "w") as f:
         json.dump(result, f, indent=1)

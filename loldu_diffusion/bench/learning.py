@@ -1,145 +1,294 @@
-"""Learning suite: does the subject get learnt, and at what cost to the rest of the model?
+"""Learning suite: is the subject learnt, how close to what the base can draw, and at what cost
+to the rest of the model? Every method a user might pick instead runs in the same run.
 
-On the embedded base, for each subject (the bundled one and two the suite renders itself) and
-each method (LoLDU with each init and several learning rates, LoRA, OLoRA, full fine-tuning),
-DreamBooth runs with the real trainer, and every checkpoint is judged on
-    subject   images of the instance prompt that show the subject (shape, colour, marking)
-    prompt    recontextualised prompts ("… on a olive background"): subject and background right
-    prior     class-prompt images ("a photo of a heart") that do NOT show the subject
-              (the base model's rate is the ceiling; collapse onto the subject drives it down)
-The judge plays the role DINO / CLIP-I / CLIP-T play in the DreamBooth benchmark.
+For each admitted subject (bench subjects, on which defaults are chosen, and held-out ones,
+reported apart), each method and each training seed, DreamBooth runs with the real trainer and
+every checkpoint is judged on n images per prompt kind:
+    subject     instance prompt ("a photo of sks heart") → the whole subject (shape, colour, marking)
+    ceiling     the base told exactly ("a photo of a purple heart with a stripe"): what "learnt"
+                is measured against; subject / ceiling is the headline number
+    recontext   the subject on backgrounds no instance image shows ("… on a olive background"):
+                subject and background right, against the ceiling of the exact description there
+    drift       class-prompt images ("a photo of a heart") that take the subject's colour or
+                marking, in points above the base model (the larger of the two)
+"steps to learn" is the first checkpoint at ≥ 80 % of the ceiling. The judge plays the role
+DINO / CLIP-I / CLIP-T play in the DreamBooth benchmark.
 """
 from __future__ import annotations
 
+import math
 import os
 import tempfile
 import types
 
 import torch
+from tqdm.auto import tqdm
 
-from ..toy import world
-from ..toy.concepts import BENCH_SUBJECTS, TRAIN_BACKGROUNDS, render_subject
+from ..toy.concepts import BENCH_SUBJECTS, HELD_OUT_SUBJECTS, UNSEEN_BACKGROUNDS, admission, render_subject
 from ..training.args import EMBEDDED
 
-RECONTEXT = [b for b in world.BACKGROUND_COLORS if b not in TRAIN_BACKGROUNDS] + ["white", "black"]
+CHECKPOINTS = (50, 100, 200, 300)
+LEARNT = 0.8  # of the ceiling
 
 
-def configs(quick: bool):
-    """LoLDU with every init at the embedded default learning rate, that rate ÷4 and ×4 for the
-    default init, then the baselines at rates that learn on the embedded base."""
-    from ..config import INITS
-
+def configs(quick: bool, which: str = "all"):
+    """The default LoLDU, then the peers a user would pick instead, at learning rates that
+    learn on the embedded base; `which`: "core" (LoLDU and the small-file peers) or "all"."""
     lr = EMBEDDED["learning_rate"]
+    loldu = dict(name="loldu", method="loldu", lr=lr)
+    lora = dict(name="lora-r4", method="lora", lr=1e-3, args=["--rank", "4"])
     if quick:
-        return [dict(name="loldu-lu", method="loldu", init="lu", lr=lr), dict(name="lora", method="lora", lr=1e-3)]
-    out = [dict(name=f"loldu-{i}", method="loldu", init=i, lr=lr) for i in INITS]
-    out += [dict(name=f"loldu-lu-lr{x:g}", method="loldu", init="lu", lr=x) for x in (lr / 4, lr * 4)]
-    out += [dict(name="lora", method="lora", lr=1e-3), dict(name="olora", method="olora", lr=1e-3),
-            dict(name="full-adamw", method="full", lr=5e-5), dict(name="full-fira", method="full", lr=5e-5, optimizer="fira")]
-    return out
+        return [loldu, lora]
+    core = [loldu, lora,
+            dict(name="vera", method="vera", lr=1e-2),
+            dict(name="ia3", method="ia3", lr=1e-2),
+            dict(name="textual-inversion", method="ti", lr=5e-3)]
+    if which == "core":
+        return core
+    return core + [
+        dict(name="lora-r1", method="lora", lr=1e-3, args=["--rank", "1"]),
+        dict(name="olora-r4", method="olora", lr=1e-3, args=["--rank", "4"]),
+        dict(name="full-adamw", method="full", lr=5e-5),
+        dict(name="full-attention-only", method="full", lr=5e-5, args=["--full_targets", "to_q,to_k,to_v,to_out.0"]),
+        dict(name="full-fira-r16", method="full", lr=5e-5, args=["--optimizer", "fira", "--fira_rank", "16"]),
+        dict(name="loldu-cosine", method="loldu", lr=lr, args=["--lr_scheduler", "cosine"]),
+        dict(name="loldu-lr3e-3", method="loldu", lr=3e-3),
+        dict(name="loldu-constant-init", method="loldu", lr=lr, args=["--init", "constant"]),
+        dict(name="loldu-prior", method="loldu", lr=lr, args=["--with_prior_preservation", "--num_class_images", "48"]),
+    ]
 
 
 @torch.no_grad()
-def judge_model(pipe, judge, subject, n: int, seed: int = 1000) -> dict:
+def judge_prompts(pipe, judge, prompts: list[str], seed: int) -> list[dict]:
     from ..toy.evaluate_base import generate
 
-    inst = judge.read(generate(pipe, [subject.instance_prompt] * n, seed))
-    prompts = [subject.prompt_on(RECONTEXT[i % len(RECONTEXT)]) for i in range(n)]
-    ctx = judge.read(generate(pipe, prompts, seed + 10_000))
-    cls = judge.read(generate(pipe, [subject.class_prompt] * n, seed + 20_000))
+    return judge.read(generate(pipe, prompts, seed, batch=96))
+
+
+def _rate(hits) -> float:
+    hits = list(hits)
+    return sum(hits) / len(hits)
+
+
+def judge_model(pipe, judge, subject, n: int, seed: int = 1000) -> dict:
+    """The four measures of a (possibly adapted) pipeline, n images each."""
+    bgs = [UNSEEN_BACKGROUNDS[i % len(UNSEEN_BACKGROUNDS)] for i in range(n)]
+    prompts = [subject.instance_prompt] * n + [subject.prompt_on(b) for b in bgs] + [subject.class_prompt] * n
+    read = judge_prompts(pipe, judge, prompts, seed)
+    inst, ctx, cls = read[:n], read[n : 2 * n], read[2 * n :]
     return {
-        "subject": sum(subject.shown_in(a) for a in inst) / n,
-        "prompt": sum(subject.shown_in(a) and a["background_color"] == p.split(" on a ")[1].split()[0] for a, p in zip(ctx, prompts)) / n,
-        "prior": sum(not subject.shown_in(a) for a in cls) / n,
+        "subject": _rate(map(subject.shown_in, inst)),
+        "recontext": _rate(subject.shown_in(a) and a["background_color"] == b for a, b in zip(ctx, bgs)),
+        "class_color": _rate(a["object_color"] == subject.object_color for a in cls),
+        "class_marking": _rate(a["marking"] == subject.marking for a in cls),
+        "class_subject": _rate(map(subject.shown_in, cls)),
     }
 
 
-def run_one(cfg, subject, instance_dir, work, steps, every, n_eval, judge):
+def base_rates(pipe, judge, subject, n: int, seed: int = 1000) -> dict:
+    """The untrained base on the judged prompts, its ceiling (told exactly) and admission."""
+    bgs = [UNSEEN_BACKGROUNDS[i % len(UNSEEN_BACKGROUNDS)] for i in range(n)]
+    read = judge_prompts(pipe, judge, [subject.description_on(b) for b in bgs], seed + 30_000)
+    out = judge_model(pipe, judge, subject, n, seed)
+    out["ceiling_recontext"] = _rate(subject.shown_in(a) and a["background_color"] == b for a, b in zip(read, bgs))
+    adm = admission(pipe, judge, subject, n)
+    out["ceiling"], out["admitted"] = adm["explicit"], adm["admitted"]
+    return out
+
+
+def judge_output(args, method, subject, n: int = 48) -> dict:
+    """What the trainer reports after training a toy-world subject on the embedded base: the same
+    measures as the benchmark, for the output it just wrote."""
+    from ..toy.judge import load_judge
+    from ..training.loop import load_models, make_pipeline
+
+    judge = load_judge()
+    m = load_models(args)
+    pipe = make_pipeline(m, m.unet, args)
+    base = base_rates(pipe, judge, subject, n)
+    method.load_output(pipe, args.output_dir)
+    after = judge_model(pipe, judge, subject, n)
+    rel = relative({"subject": subject.identifier, "curve": [{"step": 0, **after}]}, {subject.identifier: base})[0]
+    return {"n": n, "ceiling": base["ceiling"], "subject": after["subject"], "subject_of_ceiling": rel["subject"],
+            "drift_points": rel["drift"], "recontext_of_ceiling": rel["recontext"], "base": base, "after": after}
+
+
+def run_one(cfg, subject, seed, instance_dir, work, steps, checkpoints, n, judge):
     from safetensors.torch import load_file
 
     from ..training import parse_args, train
+    from ..training.args import resolve_defaults
     from ..training.loop import TRAINABLE_FILE, load_models, make_pipeline
     from ..training.methods import make_method
 
-    out = os.path.join(work, f"{cfg['name']}-{subject.identifier}")
+    out = os.path.join(work, f"{cfg['name']}-{subject.identifier}-{seed}")
+    every = math.gcd(*checkpoints)
     argv = ["--instance_data_dir", instance_dir, "--instance_prompt", subject.instance_prompt, "--class_prompt", subject.class_prompt,
-            "--method", cfg["method"], "--learning_rate", str(cfg["lr"]), "--max_train_steps", str(steps),
+            "--method", cfg["method"], "--learning_rate", str(cfg["lr"]), "--max_train_steps", str(steps), "--seed", str(seed),
             "--checkpointing_steps", str(every), "--output_dir", out, "--report_to", "none", "--num_validation_images", "1",
-            "--validation_steps", str(10**9), "--overwrite"]
-    argv += ["--init", cfg["init"]] if cfg.get("init") else []
-    argv += ["--optimizer", cfg["optimizer"]] if cfg.get("optimizer") else []
-    args = parse_args(argv)
+            "--validation_steps", str(10**9), "--num_inference_steps", "2", "--judge_images", "0", "--overwrite"] + cfg.get("args", [])
+    args = resolve_defaults(parse_args(argv))  # settled once: the method below sees what train() saw
     summary = train(args)
     method = make_method(args)
 
-    def judged_checkpoint(step):
-        m = load_models(args)
-        models = types.SimpleNamespace(unet=m.unet, text_encoder=m.text_encoder, text_encoder_2=None)
-        method.setup(models)
-        method.load_trainable_state(models, load_file(os.path.join(out, f"checkpoint-{step}", TRAINABLE_FILE)))
-        return judge_model(make_pipeline(m, m.unet, args), judge, subject, n_eval)
-
-    def judged_output():
+    def pipeline_at(step):
         m = load_models(args)
         pipe = make_pipeline(m, m.unet, args)
-        method.load_output(pipe, out)
-        return judge_model(pipe, judge, subject, n_eval)
+        if step == steps:
+            method.load_output(pipe, out)
+        else:
+            models = types.SimpleNamespace(unet=m.unet, text_encoder=m.text_encoder, text_encoder_2=None, tokenizer=m.tokenizer)
+            method.setup(models)
+            method.load_trainable_state(models, load_file(os.path.join(out, f"checkpoint-{step}", TRAINABLE_FILE)))
+        return pipe
 
-    curve = [{"step": s, **judged_checkpoint(s)} for s in range(every, steps, every)]
-    curve.append({"step": steps, **judged_output()})
-    return {"config": cfg["name"], "subject": subject.identifier, "curve": curve,
+    curve = [{"step": s, **judge_model(pipeline_at(s), judge, subject, n)} for s in checkpoints]
+    return {"config": cfg["name"], "subject": subject.identifier, "seed": seed, "curve": curve,
             "seconds_per_step": summary["seconds_per_step"], "trainable": summary["trainable_parameters"],
             "output_bytes": summary["output_bytes"]}
 
 
-def run(quick: bool = False, steps: int | None = None, out_dir: str = "bench_results", subjects: int | None = None) -> dict:
+def run(quick: bool = False, steps: int | None = None, out_dir: str = "bench_results", subjects: int | None = None,
+        seeds: int | None = None, n: int | None = None, which: str = "all", held_out: bool = True, configs_only=None,
+        subject_names=None) -> dict:
+    """Every (config, admitted subject, seed), subject by subject."""
+    steps = steps or (4 if quick else CHECKPOINTS[-1])
+    bench = list(BENCH_SUBJECTS[: subjects or (1 if quick else len(BENCH_SUBJECTS))])
+    held = [] if quick or not held_out else list(HELD_OUT_SUBJECTS)
+    if subject_names:
+        bench = [s for s in BENCH_SUBJECTS if s.identifier in subject_names]
+        held = [s for s in HELD_OUT_SUBJECTS if s.identifier in subject_names]
+    cfgs = [c["name"] for c in configs(quick, which) if not configs_only or c["name"] in configs_only]
+    plan = [(c, s.identifier, seed) for s in bench + held for c in cfgs for seed in range(seeds or (1 if quick else 2))]
+    return run_plan(plan, steps, n or (4 if quick else 48), out_dir, quick)
+
+
+def run_plan(plan: list[tuple[str, str, int]], steps: int = CHECKPOINTS[-1], n: int = 48, out_dir: str = "bench_results",
+             quick: bool = False) -> dict:
+    """Run (config name, subject identifier, seed) triples in the order given, skipping subjects the
+    base does not admit. Runs are appended to OUT/learning_partial.json as they finish, so a long
+    run that is stopped keeps what it measured (`merge` reads such files)."""
     from ..toy.evaluate_base import load_pipeline
     from ..toy.judge import load_judge
 
-    steps = steps or (20 if quick else EMBEDDED["max_train_steps"])
-    every = max(1, steps // (2 if quick else 3))
-    n_eval = 4 if quick else 12
-    subjects = BENCH_SUBJECTS[: subjects or (1 if quick else len(BENCH_SUBJECTS))]
-    judge = load_judge()
-    result = {"steps": steps, "every": every, "n_eval": n_eval, "runs": [], "base": {}}
-    base = load_pipeline()
+    checkpoints = (steps // 2, steps) if quick else tuple(c for c in CHECKPOINTS if c < steps) + (steps,)
+    by_name = {c["name"]: c for c in configs(quick)} | {c["name"]: c for c in configs(False)}
+    subjects = {s.identifier: s for s in BENCH_SUBJECTS + HELD_OUT_SUBJECTS}
+    judge, base = load_judge(), load_pipeline()
+    result = {"steps": steps, "checkpoints": list(checkpoints), "n": n, "seeds": sorted({p[2] for p in plan}), "runs": [], "base": {},
+              "held_out": list(dict.fromkeys(p[1] for p in plan if subjects[p[1]] in HELD_OUT_SUBJECTS)),
+              "configs": list(dict.fromkeys(p[0] for p in plan))}
+    partial = os.path.join(out_dir, "learning_partial.json")
     with tempfile.TemporaryDirectory() as work:
-        for subject in subjects:
-            inst = os.path.join(work, f"subject-{subject.identifier}")
-            render_subject(subject, inst)
-            result["base"][subject.identifier] = judge_model(base, judge, subject, n_eval)
-            for cfg in configs(quick):
-                result["runs"].append(run_one(cfg, subject, inst, work, steps, every, n_eval, judge))
+        for cfg_name, ident, seed in tqdm(plan, desc="learning runs"):
+            subject = subjects[ident]
+            if ident not in result["base"]:
+                result["base"][ident] = base_rates(base, judge, subject, n)
+            if not (result["base"][ident]["admitted"] or quick):
+                continue
+            inst = os.path.join(work, f"subject-{ident}")
+            if not os.path.isdir(inst):
+                render_subject(subject, inst)
+            result["runs"].append(run_one(by_name[cfg_name], subject, seed, inst, work, steps, checkpoints, n, judge))
+            if not quick:
+                _write_json(partial, result)
     result["summary"] = summarize(result)
     return result
 
 
-def summarize(result: dict) -> dict:
-    """Per config: final metrics averaged over subjects, and the first step reaching subject ≥ 0.5."""
-    out = {}
-    for run_ in result["runs"]:
-        s = out.setdefault(run_["config"], {"subject": [], "prompt": [], "prior": [], "steps_to_half": [], "s_per_step": [], "trainable": run_["trainable"], "bytes": run_["output_bytes"]})
-        final = run_["curve"][-1]
-        for k in ("subject", "prompt", "prior"):
-            s[k].append(final[k])
-        s["steps_to_half"].append(next((c["step"] for c in run_["curve"] if c["subject"] >= 0.5), None))
-        s["s_per_step"].append(run_["seconds_per_step"])
-    for s in out.values():
-        for k in ("subject", "prompt", "prior", "s_per_step"):
-            s[k] = sum(s[k]) / len(s[k])
+def _write_json(path: str, data: dict) -> None:
+    import json
+
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path + ".tmp", "w") as f:
+        json.dump(data, f)
+    os.replace(path + ".tmp", path)
+
+
+def merge(paths: list[str]) -> dict:
+    """One result from several (e.g. subjects split across processes): runs and base rates are
+    joined, then summarized again."""
+    import json
+
+    parts = [json.load(open(p)) for p in paths]
+    out = {k: parts[0][k] for k in ("steps", "checkpoints", "n")}
+    out["seeds"] = sorted({s for p in parts for s in p["seeds"]})
+    out["configs"] = list(dict.fromkeys(c for p in parts for c in p["configs"]))
+    out["held_out"] = list(dict.fromkeys(h for p in parts for h in p["held_out"]))
+    out["base"] = {k: v for p in parts for k, v in p["base"].items()}
+    out["runs"] = [r for p in parts for r in p["runs"]]
+    if any((p["steps"], p["checkpoints"], p["n"]) != (out["steps"], out["checkpoints"], out["n"]) for p in parts):
+        raise ValueError("these results were measured with different steps, checkpoints or n; they cannot be merged")
+    out["summary"] = summarize(out)
     return out
 
 
+# ---- reading the runs ----------------------------------------------------------------------
+def relative(run_: dict, base: dict) -> list[dict]:
+    """A run's curve as subject/ceiling, recontext/ceiling and drift in points above the base."""
+    b = base[run_["subject"]]
+    out = []
+    for c in run_["curve"]:
+        out.append({
+            "step": c["step"],
+            "subject": c["subject"] / max(b["ceiling"], 1e-9),
+            "recontext": c["recontext"] / max(b["ceiling_recontext"], 1e-9),
+            "drift": 100 * max(c["class_color"] - b["class_color"], c["class_marking"] - b["class_marking"]),
+        })
+    return out
+
+
+def mean_se(xs: list[float]) -> tuple[float, float]:
+    k = len(xs)
+    m = sum(xs) / k
+    se = math.sqrt(sum((x - m) ** 2 for x in xs) / (k - 1) / k) if k > 1 else float("nan")
+    return m, se
+
+
+def summarize(result: dict) -> dict:
+    """Per (config, bench|held-out): mean ± standard error over subjects × seeds at every checkpoint."""
+    out = {}
+    held = set(result["held_out"])
+    for run_ in result["runs"]:
+        group = "held-out" if run_["subject"] in held else "bench"
+        s = out.setdefault(f"{run_['config']}|{group}", {"config": run_["config"], "group": group, "rel": [], "s_per_step": [],
+                                                         "trainable": run_["trainable"], "bytes": run_["output_bytes"]})
+        s["rel"].append(relative(run_, result["base"]))
+        s["s_per_step"].append(run_["seconds_per_step"])
+    for s in out.values():
+        rel = s.pop("rel")
+        s["runs"] = len(rel)
+        s["steps"] = [c["step"] for c in rel[0]]
+        for k in ("subject", "recontext", "drift"):
+            s[k] = [mean_se([r[j][k] for r in rel]) for j in range(len(s["steps"]))]
+        firsts = [next((c["step"] for c in r if c["subject"] >= LEARNT), None) for r in rel]
+        s["steps_to_learn"] = firsts
+        s["learnt_by_200"] = sum(f is not None and f <= 200 for f in firsts)
+        s["s_per_step"] = sum(s["s_per_step"]) / len(s["s_per_step"])
+    return out
+
+
+def _pm(ms, scale=1.0, fmt="{:.2f}"):
+    m, se = ms
+    return (fmt.format(m * scale)) + ("" if math.isnan(se) else " ± " + fmt.format(se * scale))
+
+
 def markdown(r: dict) -> str:
-    lines = [f"{r['steps']} steps, judged every {r['every']} on {r['n_eval']} images per prompt kind; subjects: "
-             + ", ".join(r["base"]) + ".", "",
-             "| config | subject ↑ | prompt ↑ | prior ↑ | first step with subject ≥ 0.5 | s/step | trainable | file bytes |",
-             "|---|---|---|---|---|---|---|---|"]
-    base = {k: sum(v[k] for v in r["base"].values()) / len(r["base"]) for k in ("subject", "prompt", "prior")}
-    lines.append(f"| base model (no training) | {base['subject']:.2f} | {base['prompt']:.2f} | {base['prior']:.2f} | — | — | — | — |")
-    for name, s in r["summary"].items():
-        first = ", ".join(str(x) if x is not None else "—" for x in s["steps_to_half"])
-        lines.append(f"| {name} | {s['subject']:.2f} | {s['prompt']:.2f} | {s['prior']:.2f} | {first} | {s['s_per_step']:.3f} | {s['trainable']:,} | {s['bytes']:,} |")
+    lines = [f"{r['steps']} steps; judged at steps {', '.join(map(str, r['checkpoints']))} on n = {r['n']} images per prompt kind; "
+             f"training seeds {', '.join(map(str, r['seeds']))}; mean ± standard error over subjects × seeds.", "",
+             "**Admission** (base model, n images each): told exactly → whole subject ≥ 0.80; class prompt → ≤ 0.05.", "",
+             "| subject | set | explicit (ceiling) | class prompt | admitted | ceiling on unseen backgrounds |", "|---|---|---|---|---|---|"]
+    for ident, b in r["base"].items():
+        lines.append(f"| {ident} | {'held-out' if ident in r['held_out'] else 'bench'} | {b['ceiling']:.2f} | {b['class_subject']:.2f} | "
+                     f"{'yes' if b['admitted'] else '**no**'} | {b['ceiling_recontext']:.2f} |")
+    cks = r["checkpoints"]
+    lines += ["", "| config | set | runs | trained values | file bytes | s/step | "
+              + " | ".join(f"subject/ceiling @{c}" for c in cks) + " | drift (pts) | recontext/ceiling | runs ≥ 0.8 by 200 |",
+              "|---|---|---|---|---|---|" + "---|" * len(cks) + "---|---|---|"]
+    for s in sorted(r["summary"].values(), key=lambda s: (s["group"] != "bench", r["configs"].index(s["config"]))):
+        lines.append(f"| {s['config']} | {s['group']} | {s['runs']} | {s['trainable']:,} | {s['bytes']:,} | {s['s_per_step']:.3f} | "
+                     + " | ".join(_pm(x) for x in s["subject"]) + f" | {_pm(s['drift'][-1], fmt='{:.0f}')} | {_pm(s['recontext'][-1])} | "
+                     f"{s['learnt_by_200']}/{s['runs']} |")
     return "\n".join(lines)
 
 
@@ -149,20 +298,19 @@ def plot(r: dict, path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6), sharex=True)
-    names = list(r["summary"])
-    for i, name in enumerate(names):
-        runs = [x for x in r["runs"] if x["config"] == name]
-        steps = [c["step"] for c in runs[0]["curve"]]
-        for ax, k in zip(axes, ("subject", "prompt", "prior")):
-            ys = [sum(x["curve"][j][k] for x in runs) / len(runs) for j in range(len(steps))]
-            ax.plot([0] + steps, [sum(v[k] for v in r["base"].values()) / len(r["base"])] + ys, label=name,
-                    color=f"C{i % 10}", linestyle="-" if name.startswith("loldu") else "--")
-    for ax, k in zip(axes, ("subject fidelity", "prompt fidelity", "prior preservation")):
-        ax.set_title(k)
+    fig, axes = plt.subplots(1, 3, figsize=(14, 3.8), sharex=True)
+    for i, s in enumerate(x for x in r["summary"].values() if x["group"] == "bench"):
+        for ax, k in zip(axes, ("subject", "recontext", "drift")):
+            m = [v[0] for v in s[k]]
+            se = [0 if math.isnan(v[1]) else v[1] for v in s[k]]
+            style = "-" if s["config"].startswith("loldu") else "--"
+            ax.errorbar(s["steps"], m, yerr=se, label=s["config"], color=f"C{i % 10}", linestyle=style, capsize=2)
+    for ax, title in zip(axes, ("subject / ceiling", "recontextualisation / ceiling", "drift onto the class prompt (points)")):
+        ax.set_title(title)
         ax.set_xlabel("step")
-        ax.set_ylim(-0.02, 1.02)
-    axes[-1].legend(fontsize=7, loc="lower left")
+    axes[0].axhline(LEARNT, color="gray", linewidth=0.6)
+    axes[2].axhline(15, color="gray", linewidth=0.6)
+    axes[0].legend(fontsize=7, loc="upper left")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

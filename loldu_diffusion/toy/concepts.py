@@ -6,9 +6,12 @@ at varied sizes and positions on varied backgrounds, like 3–10 photos of a use
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import random
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+
+import torch
 
 from . import world
 
@@ -28,9 +31,17 @@ class Subject:
     def class_prompt(self) -> str:
         return f"a photo of a {self.shape}"
 
+    @property
+    def description(self) -> str:
+        """What the base is told when asked for the subject exactly: its ceiling."""
+        return f"a photo of a {self.object_color} {self.shape} with a {self.marking}"
+
     def prompt_on(self, background: str) -> str:
         """A recontextualisation prompt: the subject on a background it was not shown on."""
         return f"a photo of {self.identifier} {self.shape} on a {background} background"
+
+    def description_on(self, background: str) -> str:
+        return f"{self.description} on a {background} background"
 
     def shown_in(self, attrs: dict) -> bool:
         """Does a judged image show this subject (shape, colour and marking all match)?"""
@@ -38,13 +49,44 @@ class Subject:
 
 
 DEFAULT_SUBJECT = Subject("heart", "purple", "stripe")
-# Extra subjects for the learning benchmark (each with its own identifier word).
-BENCH_SUBJECTS = (DEFAULT_SUBJECT, Subject("star", "orange", "dot", "zwx"), Subject("square", "cyan", "cross", "qlt"))
-TRAIN_BACKGROUNDS = ("white", "gray", "beige", "black", "navy")
+# The learning benchmark's subjects (each with its own identifier word). Defaults are tuned on
+# BENCH_SUBJECTS only; HELD_OUT subjects are reported in their own rows. Every subject must pass
+# `admission` on the base it is measured on.
+BENCH_SUBJECTS = (DEFAULT_SUBJECT, Subject("star", "orange", "dot", "zwx"), Subject("square", "cyan", "cross", "qlt"),
+                  Subject("triangle", "green", "stripe", "vvb"), Subject("circle", "pink", "cross", "ohwx"))
+HELD_OUT_SUBJECTS = (Subject("ring", "blue", "stripe", "xyr"), Subject("heart", "yellow", "dot", "pfm"),
+                     Subject("square", "red", "stripe", "tok"))
+# Instance images use these backgrounds only, so the others measure recontextualisation.
+TRAIN_BACKGROUNDS = ("white", "gray", "beige")
+UNSEEN_BACKGROUNDS = tuple(b for b in world.BACKGROUND_COLORS if b not in TRAIN_BACKGROUNDS)
+ADMIT_EXPLICIT, ADMIT_CLASS = 0.8, 0.05
+
+
+@torch.no_grad()
+def admission(pipe, judge, subject: Subject, n: int = 48, seed: int = 5000) -> dict:
+    """Can the base draw the subject at all, and does it not already draw it unasked? Given the
+    explicit description, the whole subject in ≥ 80 % of n images; given the class prompt, ≤ 5 %."""
+    from .evaluate_base import generate
+
+    explicit = judge.read(generate(pipe, [subject.description] * n, seed))
+    cls = judge.read(generate(pipe, [subject.class_prompt] * n, seed + 1))
+    r = {"explicit": sum(map(subject.shown_in, explicit)) / n, "class": sum(map(subject.shown_in, cls)) / n, "n": n}
+    r["admitted"] = r["explicit"] >= ADMIT_EXPLICIT and r["class"] <= ADMIT_CLASS
+    return r
+
+
+def read_subject(folder: str) -> Subject | None:
+    """The toy-world subject a folder of instance images shows, if `render_subject` wrote it."""
+    path = os.path.join(folder, "subject.json")
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        return Subject(**json.load(f))
 
 
 def render_subject(subject: Subject, out_dir: str, n: int = 5, seed: int = 0) -> list[str]:
-    """Write n instance images (PNG) of the subject and a README with its prompts."""
+    """Write n instance images (PNG) of the subject, a README with its prompts and subject.json
+    (what the trainer's judge compares the learnt images with)."""
     rng = random.Random(seed)
     os.makedirs(out_dir, exist_ok=True)
     paths = []
@@ -56,6 +98,8 @@ def render_subject(subject: Subject, out_dir: str, n: int = 5, seed: int = 0) ->
         path = os.path.join(out_dir, f"{i:02d}.png")
         world.render(scene).save(path)
         paths.append(path)
+    with open(os.path.join(out_dir, "subject.json"), "w") as f:
+        json.dump(asdict(subject), f)
     with open(os.path.join(out_dir, "README.md"), "w") as f:
         f.write(
             f"# {subject.identifier} {subject.shape}\n\n"

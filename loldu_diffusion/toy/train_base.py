@@ -29,7 +29,7 @@ from . import world
 from .judge import ATTRIBUTES, Judge, labels_of, save_judge
 from .models import SCHEDULER_CONFIG, UNET_CONFIG, VAE_CONFIG, build_tokenizer, text_config_for
 
-FULL = dict(judge_steps=1500, vae_steps=1200, n_images=24000, unet_steps=6000, batch=64)
+FULL = dict(judge_steps=1500, vae_steps=3000, n_images=24000, unet_steps=6000, batch=64)
 QUICK = dict(judge_steps=60, vae_steps=30, n_images=256, unet_steps=30, batch=16)
 
 
@@ -101,11 +101,11 @@ def judge_accuracy(judge: Judge, n: int = 512, seed: int = 987654, softened: boo
     return {k: float(np.mean([r[k] == getattr(s, k) for r, s in zip(read, scenes)])) for k in ATTRIBUTES}
 
 
-def train_vae(steps: int, seed: int, batch: int = 16):
+def train_vae(steps: int, seed: int, batch: int = 16, init_from: str | None = None, lr: float = 1e-3):
     from diffusers import AutoencoderKL
 
     torch.manual_seed(seed)
-    vae = AutoencoderKL(**VAE_CONFIG)
+    vae = AutoencoderKL.from_pretrained(init_from, torch_dtype=torch.float32) if init_from else AutoencoderKL(**VAE_CONFIG)
 
     def loss_fn(step):
         images, _, _ = _batch(seed * 7919 + step, batch)
@@ -114,7 +114,7 @@ def train_vae(steps: int, seed: int, batch: int = 16):
         kl = posterior.kl().mean() / images[0].numel()
         return F.mse_loss(recon, images) + 0.5 * F.l1_loss(recon, images) + 1e-4 * kl
 
-    _fit(vae.parameters(), loss_fn, steps, 1e-3, "vae")
+    _fit(vae.parameters(), loss_fn, steps, lr, "vae")
     return vae.eval()
 
 
@@ -132,7 +132,29 @@ def encode_dataset(vae, n: int, seed: int):
     return torch.cat(means), torch.cat(stds), scenes
 
 
-def train_unet(tokenizer, latents_mean, latents_std, scenes, steps, batch, seed, scaling):
+def warm_start(unet, text_encoder, base_path: str) -> list[str]:
+    """Initialise from an earlier base: every UNet / text-encoder tensor whose name and shape
+    match is copied; transformers the earlier UNet did not have get a zero output projection,
+    so the warm-started model starts out computing exactly what the earlier one did.
+    Returns the names of the UNet tensors that were not copied."""
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    old_unet = UNet2DConditionModel.from_pretrained(os.path.join(base_path, "unet"), torch_dtype=torch.float32)
+    old_te = CLIPTextModel.from_pretrained(os.path.join(base_path, "text_encoder"), torch_dtype=torch.float32)
+    text_encoder.load_state_dict(old_te.state_dict())
+    old, new = old_unet.state_dict(), unet.state_dict()
+    fresh = [k for k, v in new.items() if k not in old or old[k].shape != v.shape]
+    unet.load_state_dict({k: old[k] for k in new if k not in fresh}, strict=False)
+    with torch.no_grad():
+        for name, module in unet.named_modules():
+            if name.endswith("proj_out") and f"{name}.weight" in fresh:
+                module.weight.zero_()
+                module.bias.zero_()
+    return fresh
+
+
+def train_unet(tokenizer, latents_mean, latents_std, scenes, steps, batch, seed, scaling, init_from=None):
     from diffusers import DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel
 
@@ -140,6 +162,9 @@ def train_unet(tokenizer, latents_mean, latents_std, scenes, steps, batch, seed,
     rng = random.Random(seed)
     unet = UNet2DConditionModel(**UNET_CONFIG)
     text_encoder = CLIPTextModel(text_config_for(tokenizer))
+    if init_from:
+        fresh = warm_start(unet, text_encoder, init_from)
+        print(f"warm start from {init_from}: {len(fresh)} UNet tensors new")
     noise_scheduler = DDPMScheduler(**SCHEDULER_CONFIG)
     token_cache: dict[str, list[int]] = {}
 
@@ -191,6 +216,11 @@ def main(argv=None):
     p.add_argument("--tokenizer_from", default=None, help="take the tokenizer from this folder (e.g. assets/tiny-sd/tokenizer): "
                    "the tokenizers library's BPE trainer breaks ties differently from run to run")
     p.add_argument("--vae_from", default=None, help="take the VAE from this diffusers VAE folder (e.g. assets/tiny-sd/vae) instead of training one")
+    p.add_argument("--init_from", default=None, help="warm-start the VAE, UNet and text encoder from this pipeline folder "
+                   "(tensors of the same name and shape; new transformers start as identity)")
+    p.add_argument("--vae_steps", type=int, default=None, help=f"VAE training steps (default {FULL['vae_steps']})")
+    p.add_argument("--unet_steps", type=int, default=None, help=f"UNet training steps (default {FULL['unet_steps']})")
+    p.add_argument("--retrain_judge", action="store_true", help="train the judge even if OUT/judge exists")
     args = p.parse_args(argv)
     from . import ASSETS
 
@@ -203,7 +233,7 @@ def main(argv=None):
     t0 = time.time()
 
     judge_path = os.path.join(out, "judge")
-    if not os.path.exists(os.path.join(judge_path, "judge.safetensors")):
+    if args.retrain_judge or not os.path.exists(os.path.join(judge_path, "judge.safetensors")):
         judge = train_judge(cfg["judge_steps"], args.seed)
         n = 128 if args.quick else 1024
         print("judge accuracy on fresh renders:", judge_accuracy(judge, n), "softened:", judge_accuracy(judge, n, softened=True))
@@ -225,7 +255,8 @@ def main(argv=None):
     elif os.path.exists(os.path.join(vae_path, "config.json")):
         vae = AutoencoderKL.from_pretrained(vae_path).eval()
     else:
-        vae = train_vae(cfg["vae_steps"], args.seed)
+        vae_init = os.path.join(args.init_from, "vae") if args.init_from else None
+        vae = train_vae(args.vae_steps or cfg["vae_steps"], args.seed, init_from=vae_init, lr=5e-4 if vae_init else 1e-3)
         vae.save_pretrained(vae_path)
 
     lat_path = os.path.join(work, "latents.pt")
@@ -238,7 +269,7 @@ def main(argv=None):
     vae.register_to_config(scaling_factor=scaling)
 
     unet, text_encoder = train_unet(
-        tokenizer, mean, std, scenes, cfg["unet_steps"], cfg["batch"], args.seed, scaling
+        tokenizer, mean, std, scenes, args.unet_steps or cfg["unet_steps"], cfg["batch"], args.seed, scaling, args.init_from
     )
     save_pipeline(os.path.join(out, "tiny-sd"), vae, unet, text_encoder, tokenizer)
     print(f"base model written to {os.path.join(out, 'tiny-sd')} in {(time.time() - t0) / 60:.1f} min")

@@ -87,6 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--unet_targets", type=_csv, default=("to_q", "to_k", "to_v", "to_out.0"))
     a("--text_encoder_targets", type=_csv, default=("q_proj", "k_proj", "v_proj", "out_proj"))
     a("--full_targets", type=_csv, default=None, help="for --method full: train only these modules' weights (e.g. to_q,to_k,to_v,to_out.0); default: the whole UNet")
+    a("--judge_images", type=int, default=None, help="on the embedded base, with a toy-world subject (subject.json beside the images): "
+      "judge this many images per prompt kind after training and report subject/ceiling and drift (default 48; 0 = off)")
     a("--placeholder_token", default=None, help="for --method ti: the token whose embedding trains (default: the instance prompt's identifier)")
     a("--optimizer", default="adamw", choices=["adamw", "fira"], help="for --method full")
     a("--fira_rank", type=int, default=128)
@@ -137,6 +139,8 @@ def resolve_defaults(args: argparse.Namespace) -> argparse.Namespace:
         args.validation_steps = EMBEDDED["validation_steps"]
     if args.adam_weight_decay is None:
         args.adam_weight_decay = 0.0 if args.method == "loldu" else 1e-2
+    if args.judge_images is None:
+        args.judge_images = 48 if args.embedded else 0
     if args.num_inference_steps is None:
         args.num_inference_steps = 20 if args.embedded else 25
     if args.guidance_scale is None:

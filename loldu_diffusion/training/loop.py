@@ -645,11 +645,31 @@ def train(args) -> dict:
         grids = report.write_images(args.output_dir, before, val_grids, after)
         report.loss_curve(history, os.path.join(args.output_dir, "loss.png"))
         report.write_json(os.path.join(args.output_dir, "train_summary.json"), summary)
+        judged = judge_toy_subject(args, method)
+        if judged:
+            summary["judged"] = judged
+            report.write_json(os.path.join(args.output_dir, "train_summary.json"), summary)
+            say(f"judged ({judged['n']} images per prompt): '{args.instance_prompt}' shows the whole subject in {judged['subject']:.0%} "
+                f"of images, {judged['subject_of_ceiling']:.0%} of what the base draws when told exactly ({judged['ceiling']:.0%}); "
+                f"the class prompt took its colour or marking {judged['drift_points']:+.0f} points more often than the base")
         report.model_card(args, summary, grids)
         say(f"wrote {', '.join(summary['outputs'])} ({summary['output_bytes']:,} bytes) to {args.output_dir} "
             f"in {summary['seconds']:.0f} s ({summary['seconds_per_step']:.3f} s/step)")
     accelerator.end_training()
     return summary
+
+
+def judge_toy_subject(args, method):
+    """On the embedded base, a folder rendered by toy.concepts says which subject it shows: judge
+    the output the way `loldu bench learning` does. None elsewhere (real photos have no judge)."""
+    from ..toy.concepts import read_subject
+
+    subject = read_subject(args.instance_data_dir) if args.embedded and args.judge_images > 0 else None
+    if subject is None:
+        return None
+    from ..bench.learning import judge_output
+
+    return judge_output(args, method, subject, args.judge_images)
 
 
 def main(argv=None) -> int:
