@@ -13,19 +13,48 @@ def size_of(path: str) -> int:
     return os.path.getsize(path)
 
 
-def save_grid(rows: list[list[Image.Image]], path: str, min_cell: int = 128) -> str:
-    """Rows of images → one PNG (small images are enlarged, pixel-exact, to be visible)."""
+def save_grid(rows: list[list[Image.Image]], path: str, min_cell: int = 128, labels: list[str] | None = None) -> str:
+    """Rows of images → one PNG (small images are enlarged, pixel-exact, to be visible); with
+    `labels`, a column at the left names each row ("before", "step 200", "after")."""
     w, h = rows[0][0].size
     scale = max(1, min_cell // max(w, h))
     cols = max(len(r) for r in rows)
-    grid = Image.new("RGB", (cols * w * scale, len(rows) * h * scale), (255, 255, 255))
+    left = _label_width(labels) if labels else 0
+    grid = Image.new("RGB", (left + cols * w * scale, len(rows) * h * scale), (255, 255, 255))
     for y, row in enumerate(rows):
         for x, im in enumerate(row):
-            grid.paste(im.resize((w * scale, h * scale), Image.NEAREST), (x * w * scale, y * h * scale))
+            grid.paste(im.resize((w * scale, h * scale), Image.NEAREST), (left + x * w * scale, y * h * scale))
+    if labels:
+        _draw_labels(grid, labels, h * scale)
     tmp = path + ".tmp.png"
     grid.save(tmp)
     os.replace(tmp, path)
     return path
+
+
+LABEL_FONT_PX = 14
+LABEL_PAD = 8
+
+
+def _font():
+    from PIL import ImageFont
+
+    return ImageFont.load_default(size=LABEL_FONT_PX)  # Pillow's bundled font: no system fonts needed
+
+
+def _label_width(labels: list[str]) -> int:
+    from PIL import ImageDraw
+
+    draw = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    return 2 * LABEL_PAD + max(int(draw.textlength(t, font=_font())) for t in labels)
+
+
+def _draw_labels(grid: Image.Image, labels: list[str], row_height: int) -> None:
+    from PIL import ImageDraw
+
+    draw = ImageDraw.Draw(grid)
+    for y, text in enumerate(labels):
+        draw.text((LABEL_PAD, y * row_height + row_height // 2), text, fill=(0, 0, 0), font=_font(), anchor="lm")
 
 
 def write_images(out_dir, before, during, after) -> dict:
@@ -36,8 +65,9 @@ def write_images(out_dir, before, during, after) -> dict:
     if before:
         grids["before"] = save_grid([before], os.path.join(out_dir, "validation_before.png"))
         rows = [before] + [imgs for _, imgs in during] + ([after] if after else [])
+        labels = ["before"] + [f"step {step}" for step, _ in during] + (["after"] if after else [])
         if len(rows) > 1:
-            grids["progress"] = save_grid(rows, os.path.join(out_dir, "validation_grid.png"))
+            grids["progress"] = save_grid(rows, os.path.join(out_dir, "validation_grid.png"), labels=labels)
     return grids
 
 
@@ -50,6 +80,19 @@ def log_images(accelerator, tag, images, step):
             tracker.writer.add_images(tag, arr, step, dataformats="NHWC")
 
 
+def smoothed(history: list[float], span: int | None = None) -> list[float]:
+    """Exponential moving average, debiased as TensorBoard's smoothing is (the first values are
+    not pulled towards 0). A diffusion loss depends mostly on each step's random timestep, so the
+    raw curve looks flat; the average shows the trend. Default span: a tenth of the run."""
+    span = span or max(5, len(history) // 10)
+    beta = 1 - 2 / (span + 1)
+    out, avg = [], 0.0
+    for i, x in enumerate(history, 1):
+        avg = beta * avg + (1 - beta) * x
+        out.append(avg / (1 - beta**i))
+    return out
+
+
 def loss_curve(history: list[float], path: str) -> str | None:
     if not history:
         return None
@@ -58,11 +101,11 @@ def loss_curve(history: list[float], path: str) -> str | None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    k = max(1, len(history) // 20)
-    smooth = [sum(history[max(0, i - k + 1) : i + 1]) / len(history[max(0, i - k + 1) : i + 1]) for i in range(len(history))]
+    span = max(5, len(history) // 10)
+    steps = range(1, len(history) + 1)
     fig, ax = plt.subplots(figsize=(6, 3.2))
-    ax.plot(range(1, len(history) + 1), history, alpha=0.3, label="loss")
-    ax.plot(range(1, len(history) + 1), smooth, label=f"mean of {k}")
+    ax.plot(steps, history, color="tab:blue", alpha=0.25, linewidth=0.8, label="loss per step")
+    ax.plot(steps, smoothed(history, span), color="tab:blue", linewidth=2, label=f"smoothed (EMA, span {span})")
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
     ax.legend()
@@ -77,6 +120,35 @@ def write_json(path: str, data: dict) -> None:
     with open(path + ".tmp", "w") as f:
         json.dump(data, f, indent=1)
     os.replace(path + ".tmp", path)
+
+
+MAX_CARD_INSTANCES = 10
+
+
+def save_instance_images(folder: str, size: int, path: str) -> str | None:
+    """The instance images (up to 10, centre-cropped to the training size) in one row: the model
+    card puts them beside the before/after validation images, so a reader sees what was taught."""
+    from PIL import ImageOps
+
+    from .data import read_images
+
+    try:
+        images, _ = read_images(folder)
+    except ValueError:  # the folder is gone since training started: the card goes without them
+        return None
+    if not images:
+        return None
+    row = [ImageOps.fit(im, (size, size), Image.BICUBIC) for _, im in images[:MAX_CARD_INSTANCES]]
+    return save_grid([row], path)
+
+
+def _comparison_table(instances: str | None, grids: dict) -> list[str]:
+    cells = [(name, path) for name, path in (("instance images", instances), ("before", grids.get("before")),
+                                             ("after", grids.get("after"))) if path]
+    if len(cells) < 2:
+        return []
+    return ["| " + " | ".join(n for n, _ in cells) + " |", "|" + "---|" * len(cells),
+            "| " + " | ".join(f"![{n}]({os.path.basename(p)})" for n, p in cells) + " |", ""]
 
 
 def model_card(args, summary: dict, grids: dict) -> str:
@@ -118,9 +190,15 @@ def model_card(args, summary: dict, grids: dict) -> str:
         "## Validation",
         "",
     ]
-    for name, path in grids.items():
-        body.append(f"{name}: ![{name}]({os.path.basename(path)})")
-        body.append("")
+    instances = save_instance_images(args.instance_data_dir, summary["resolution"],
+                                     os.path.join(args.output_dir, "instance_images.png"))
+    table = _comparison_table(instances, grids)
+    body += table
+    if "progress" in grids:
+        body += ["Validation images along the run (rows: before, the validation steps, after):", "",
+                 f"![progress]({os.path.basename(grids['progress'])})", ""]
+    if not table:  # one image of the three: no comparison to show, just the images there are
+        body += [f"{name}: ![{name}]({os.path.basename(path)})\n" for name, path in grids.items() if name != "progress"]
     body += ["## Use it", "", "```python", load.rstrip(), "```", ""]
     if args.method == "loldu":
         body += ["Other tools (A1111, ComfyUI, kohya) load it as a standard LoRA after "
