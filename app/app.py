@@ -1,4 +1,4 @@
-"""loldu-diffusion web app: python app/app.py [--base PATH] [--adapters DIR] [--host H] [--port P] [--auth USER:PASSWORD]"""
+"""loldu-diffusion web app: python app/app.py [--base PATH] [--adapters DIR] [--preload FILE] [--outputs DIR] [--host H] [--port P] [--auth USER:PASSWORD]"""
 import argparse
 import os
 import sys
@@ -11,8 +11,11 @@ if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--base", default=None, help="diffusers model folder (default: the embedded base)")
     p.add_argument("--adapters", default=None, help="folder of .safetensors adapters to list (default: assets/adapters)")
+    p.add_argument("--preload", action="append", default=None, metavar="FILE",
+                   help="adapter every new session starts with (repeatable; default: the bundled example on the embedded base)")
+    p.add_argument("--outputs", default=None, metavar="DIR", help="folder for the results' PNGs (default: ./loldu-outputs)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=7860)
     p.add_argument("--auth", default=None, metavar="USER:PASSWORD", help="ask for this login (Gradio's auth)")
     a = p.parse_args()
-    launch(a.base, a.adapters, a.host, a.port, auth=a.auth)
+    launch(a.base, a.adapters, a.host, a.port, auth=a.auth, preload=a.preload, outputs=a.outputs)

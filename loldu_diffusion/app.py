@@ -1,17 +1,25 @@
-"""The web app: one base model loaded once; kilobyte adapters listed, uploaded, blended.
+"""The web app: one base model loaded once and shared; each browser session has its own adapters.
 
-`Studio` holds the state and does the work (tested directly); `build_ui` wires it to Gradio.
-Switching or re-weighting adapters only recomputes each layer's blended δ: the base is never
-reloaded, so it takes milliseconds.
+`Studio` holds what everyone shares (the base, the adapter files loaded onto it, a lock);
+`Session` holds one browser tab's adapters, weights and results (tested directly); `build_ui`
+wires them to Gradio. Switching or re-weighting adapters only recomputes each layer's blended δ:
+the base is never reloaded, so it takes milliseconds.
+
+Sessions never see each other's adapters: an adapter file is loaded onto the shared base once,
+under a name no session shows, and each generation sets its own session's blend (every other
+adapter inactive) and generates under one lock. Generations of different sessions therefore run
+one after another, not batched together (the per-sample adapter path would allow that).
 
 The base is shared by everyone using the app, so no error may leave it changed: loading is
 all or nothing, and a failed generation unfuses (which restores the exact base weights).
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import random
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 
@@ -20,16 +28,22 @@ import torch
 from .adapter_file import AdapterFile, AdapterFileError, load_adapter
 from .model import delete_adapter, fuse_loldu, loldu_disabled, set_adapter_weights, unfuse_loldu
 from .pipeline import adapter_name_for, load_base
+from .schedulers import DEFAULT as DEFAULT_SAMPLER
+from .schedulers import make_scheduler
 
 MAX_SLOTS = 6
 MAX_UPLOAD_BYTES = 16 * 2**20
+MAX_HISTORY = 48  # results a session's gallery keeps (the PNGs stay on disk)
+DEFAULT_OUTPUTS = "loldu-outputs"  # beside where the app starts, as A1111's outputs/ folder
+EMBEDDED_CONTEXT = " on a navy background"  # the default prompt's scene on the embedded base
 
 
 @dataclass
 class LoadedAdapter:
-    name: str
+    name: str  # what the session shows
     path: str
     file: AdapterFile
+    key: str  # the file's content hash: its one copy on the shared base
     weight: float = 1.0
 
     def describe(self) -> str:
@@ -40,79 +54,177 @@ class LoadedAdapter:
                 f"{self.file.num_parameters:,} values · {self.file.nbytes:,} bytes · base {m.get('base_model') or '?'}")
 
 
+def file_key(path: str) -> str:
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read(MAX_UPLOAD_BYTES + 1)).hexdigest()
+
+
 class Studio:
-    def __init__(self, base: str | None = None, adapters_dir: str | None = None, device: str | None = None):
+    """What all sessions share: the base model, the adapter files loaded onto it, the lock."""
+
+    def __init__(self, base: str | None = None, adapters_dir: str | None = None, device: str | None = None,
+                 preload=(), outputs_dir: str | None = None, default_prompt: str | None = None):
         self.pipe = load_base(base, device=device)
         self.base_path = self.pipe._loldu_base_path
         self.adapters_dir = adapters_dir
-        self.loaded: dict[str, LoadedAdapter] = {}
-        self.fused = False
+        self.outputs_dir = outputs_dir  # None: results are not written to disk
         self.native = self.pipe.unet.config.sample_size * self.pipe.vae_scale_factor
+        self.lock = threading.RLock()  # one user of the base at a time: loading, blending, generating
+        self.on_base: dict[str, tuple[str, AdapterFile]] = {}  # file key → (name on the base, file)
+        self.users: dict[str, int] = {}  # file key → sessions holding it
+        self.fused: tuple | None = None  # the blend fused into the weights, if any
+        self.base_scheduler = self.pipe.scheduler
+        self.preload = [self.acquire(p) + (p,) for p in preload]  # loaded once, at start, for every session
+        trigger = next((f.metadata.get("instance_prompt") for _, _, f, _ in self.preload if f.metadata.get("instance_prompt")), None)
+        self.default_prompt = default_prompt or trigger or ""
 
-    # ---- adapters -----------------------------------------------------------------------
+    def new_session(self) -> "Session":
+        s = Session(self)
+        with self.lock:
+            for key, _, f, path in self.preload:
+                self.users[key] += 1  # the session's own hold; the studio keeps one for every later session
+                s._attach(path, f, key)
+        return s
+
     def folder_adapters(self) -> list[str]:
         d = self.adapters_dir
         if not d or not os.path.isdir(d):
             return []
         return sorted(os.path.join(d, n) for n in os.listdir(d) if n.endswith(".safetensors"))
 
-    def add(self, path: str, weight: float = 1.0, display_name: str | None = None) -> LoadedAdapter:
-        """Validate and load an adapter file; the model is untouched if it is refused."""
-        if len(self.loaded) >= MAX_SLOTS:
-            raise ValueError(f"at most {MAX_SLOTS} adapters at once; remove one first")
+    # ---- the adapter files on the shared base ----------------------------------------------
+    def acquire(self, path: str) -> tuple[str, str, AdapterFile]:
+        """(key, name on the base, file): the file checked, and loaded onto the base once however
+        many sessions use it. The base is untouched if the file is refused."""
         if not str(path).endswith(".safetensors"):
             raise AdapterFileError(f"{os.path.basename(path)}: only .safetensors adapter files are accepted")
         f = AdapterFile.read(path, max_bytes=MAX_UPLOAD_BYTES)
-        for a in self.loaded.values():
-            if os.path.abspath(a.path) == os.path.abspath(path):
-                return a
-        name = adapter_name_for(display_name or path, self.loaded)
-        self._unfuse()
-        load_adapter(self.pipe, f, adapter_name=name, weight=weight)
-        self.loaded[name] = LoadedAdapter(name, path, f, weight)
-        return self.loaded[name]
+        key = file_key(path)
+        with self.lock:
+            if key not in self.on_base:
+                name = adapter_name_for(path, {n for n, _ in self.on_base.values()})
+                self._unfuse()
+                load_adapter(self.pipe, f, adapter_name=name, weight=0.0)
+                self.on_base[key] = (name, f)
+            self.users[key] = self.users.get(key, 0) + 1
+            return key, self.on_base[key][0], f
 
-    def remove(self, name: str) -> None:
-        self._unfuse()
-        delete_adapter(self.pipe, name)
-        self.loaded.pop(name, None)
-
-    def set_weights(self, weights: dict[str, float]) -> float:
-        """Re-weight the loaded adapters; returns the seconds it took (no reload, δ only)."""
-        t0 = time.perf_counter()
-        self._unfuse()
-        for n, w in weights.items():
-            self.loaded[n].weight = float(w)
-        set_adapter_weights(self.pipe, {n: a.weight for n, a in self.loaded.items()})
-        return time.perf_counter() - t0
+    def release(self, key: str) -> None:
+        """A session let go of a file: the last one out removes it from the base."""
+        with self.lock:
+            self.users[key] -= 1
+            if self.users[key] == 0:
+                self._unfuse()
+                delete_adapter(self.pipe, self.on_base.pop(key)[0])
+                del self.users[key]
 
     def _unfuse(self):
-        if self.fused:
+        if self.fused is not None:
             unfuse_loldu(self.pipe)
-            self.fused = False
+            self.fused = None
+
+    def _activate(self, session: "Session", fuse: bool) -> dict[str, float]:
+        """Under the lock: make the base compute exactly this session's blend (nothing else's)."""
+        blend = {self.on_base[a.key][0]: a.weight for a in session.loaded.values() if a.weight != 0}
+        wanted = tuple(sorted(blend.items())) if fuse and blend else None
+        if self.fused != wanted:
+            self._unfuse()
+        if self.fused is None:
+            set_adapter_weights(self.pipe, blend)
+            if wanted:
+                fuse_loldu(self.pipe)
+                self.fused = wanted
+        return blend
+
+
+class Session:
+    """One browser tab: its adapters, their weights and its results, over the shared base."""
+
+    def __init__(self, studio: Studio):
+        self.studio = studio
+        self.loaded: dict[str, LoadedAdapter] = {}
+        self.history: list[tuple[object, str]] = []  # (image or PNG path, caption), newest first
+        self.closed = False
+
+    def __deepcopy__(self, memo):  # Gradio deep-copies state values: a copy would copy the shared base
+        return self
+
+    def _attach(self, path: str, f: AdapterFile, key: str, weight: float = 1.0, display_name: str | None = None):
+        name = adapter_name_for(display_name or path, self.loaded)
+        self.loaded[name] = LoadedAdapter(name, path, f, key, weight)
+        return self.loaded[name]
+
+    def add(self, path: str, weight: float = 1.0, display_name: str | None = None) -> LoadedAdapter:
+        """Validate and load an adapter file for this session; refused files change nothing."""
+        if len(self.loaded) >= MAX_SLOTS:
+            raise ValueError(f"at most {MAX_SLOTS} adapters at once; remove one first")
+        key, _, f = self.studio.acquire(path)
+        for a in self.loaded.values():
+            if a.key == key:  # the same file twice (or the preloaded one again) loads once
+                self.studio.release(key)
+                return a
+        return self._attach(path, f, key, weight, display_name)
+
+    def remove(self, name: str) -> None:
+        self.studio.release(self.loaded.pop(name).key)
+
+    def clear(self) -> None:
+        for n in list(self.loaded):
+            self.remove(n)
+
+    def close(self) -> None:
+        """The tab is gone: let go of its adapters (Gradio calls this when it drops the state)."""
+        if not self.closed:
+            self.clear()
+            self.closed = True
+
+    def set_weights(self, weights: dict[str, float]) -> float:
+        """Re-weight this session's adapters; returns the seconds it took. The base's δ is
+        recomputed at this session's next generation (milliseconds, no reload)."""
+        t0 = time.perf_counter()
+        for n, w in weights.items():
+            w = float(w)
+            if not -100 <= w <= 100:  # also NaN
+                raise ValueError(f"the weight of {n} must be a number between -100 and 100")
+            self.loaded[n].weight = w
+        return time.perf_counter() - t0
+
+    def blend_text(self) -> str:
+        return ", ".join(f"{n}:{a.weight:g}" for n, a in self.loaded.items() if a.weight != 0) or "no adapter"
 
     # ---- generation ---------------------------------------------------------------------
     def generate(self, prompt: str, negative_prompt: str = "", steps: int = 20, guidance: float = 4.0, seed: int = -1,
-                 num_images: int = 1, size: int | None = None, compare: bool = False, fuse: bool = False, progress=None):
-        """[(image, caption)]: with the active adapters, and (compare) the base beside each."""
+                 num_images: int = 1, size: int | None = None, compare: bool = False, fuse: bool = False, progress=None,
+                 sampler: str = DEFAULT_SAMPLER):
+        """[(image or PNG path, caption)] with this session's blend, and (compare) the base beside
+        each; added to the session's history. PNGs carry their settings when the studio saves."""
+        studio = self.studio
         if not prompt.strip():
             raise ValueError("enter a prompt")
-        size = int(size or self.native)
+        size = int(size or studio.native)
+        if size > studio.native:
+            raise ValueError(f"size {size}: above the base model's native {studio.native} px the picture tiles; "
+                             f"choose {studio.native} or less")
+        if size < 8 or size % 8:
+            raise ValueError(f"size {size}: must be a positive multiple of 8")
         seed = random.randint(0, 2**31 - 1) if seed is None or int(seed) < 0 else int(seed)
-        active = {n: a.weight for n, a in self.loaded.items() if a.weight != 0}
-        if fuse and active and not self.fused:
-            fuse_loldu(self.pipe)
-            self.fused = True
-        elif not fuse:
-            self._unfuse()
-        try:
-            return self._generate(prompt, negative_prompt, steps, guidance, seed, num_images, size, compare, progress, active)
-        except BaseException:
-            self._unfuse()  # the next user gets the exact base back, whatever failed
-            raise
+        scheduler = make_scheduler(sampler, studio.base_scheduler)
+        with studio.lock:
+            try:
+                blend = studio._activate(self, fuse)
+                studio.pipe.scheduler = scheduler
+                out = self._generate(prompt, negative_prompt, steps, guidance, seed, num_images, size, compare, progress, blend, sampler)
+            except BaseException:
+                studio._unfuse()  # the next user gets the exact base back, whatever failed
+                raise
+            finally:
+                studio.pipe.scheduler = studio.base_scheduler
+        self.history = (out + self.history)[:MAX_HISTORY]
+        return out
 
-    def _generate(self, prompt, negative_prompt, steps, guidance, seed, num_images, size, compare, progress, active):
-        total = num_images * (2 if compare and active else 1) * steps
+    def _generate(self, prompt, negative_prompt, steps, guidance, seed, num_images, size, compare, progress, blend, sampler):
+        studio, pipe = self.studio, self.studio.pipe
+        total = num_images * (2 if compare and blend else 1) * steps
         done = [0]
 
         def on_step(pipe, i, t, kw):
@@ -122,21 +234,30 @@ class Studio:
             return kw
 
         def run(s):
-            return self.pipe(prompt, negative_prompt=negative_prompt or None, num_inference_steps=int(steps),
-                             guidance_scale=float(guidance), generator=torch.Generator("cpu").manual_seed(s),
-                             height=size, width=size, callback_on_step_end=on_step).images[0]
+            return pipe(prompt, negative_prompt=negative_prompt or None, num_inference_steps=int(steps),
+                        guidance_scale=float(guidance), generator=torch.Generator("cpu").manual_seed(s),
+                        height=size, width=size, callback_on_step_end=on_step).images[0]
 
-        blend = ", ".join(f"{n}:{w:g}" for n, w in active.items()) or "no adapter"
+        def keep(image, s, caption, adapters):
+            if studio.outputs_dir is None:
+                return image, caption
+            from .io import save_png_with_settings
+
+            settings = {"prompt": prompt, "negative_prompt": negative_prompt, "seed": s, "steps": int(steps),
+                        "guidance": float(guidance), "size": size, "base": studio.base_path, "adapters": adapters,
+                        "sampler": sampler}
+            return save_png_with_settings(image, studio.outputs_dir, s, settings), caption
+
+        mine = {n: a.weight for n, a in self.loaded.items() if a.weight != 0}  # the names this session shows
         out = []
         for i in range(int(num_images)):
             s = seed + i
-            settings = f"seed {s} · {steps} steps · cfg {guidance:g} · {size}px"
-            out.append((run(s), f"{settings} · {blend}"))
-            if compare and active:
-                if self.fused:
-                    self._unfuse()
-                with loldu_disabled(self.pipe):
-                    out.append((run(s), f"{settings} · base model"))
+            settings = f"seed {s} · {steps} steps · cfg {guidance:g} · {size}px · {sampler}"
+            out.append(keep(run(s), s, f"{settings} · {self.blend_text()}", mine))
+            if compare and blend:
+                studio._unfuse()
+                with loldu_disabled(pipe):
+                    out.append(keep(run(s), s, f"{settings} · base model", {}))
         return out
 
     def export_lora(self, fmt: str = "diffusers") -> str:
@@ -144,9 +265,10 @@ class Studio:
 
         if not any(a.weight for a in self.loaded.values()):
             raise ValueError("load an adapter (with a non-zero weight) to export")
-        self._unfuse()
         path = os.path.join(tempfile.mkdtemp(prefix="loldu-export-"), f"blend_lora_{fmt}.safetensors")
-        return export_lora(self.pipe, path, fmt)
+        with self.studio.lock:
+            self.studio._activate(self, fuse=False)
+            return export_lora(self.studio.pipe, path, fmt)
 
 
 # ---- Gradio -------------------------------------------------------------------------------
@@ -179,102 +301,137 @@ def is_loopback(host: str) -> bool:
 def build_ui(studio: Studio):
     import gradio as gr
 
-    def slot_updates():
-        names = list(studio.loaded)
+    from .schedulers import NAMES as SAMPLERS
+
+    def slot_updates(session):
+        names = list(session.loaded)
         ups = []
         for i in range(MAX_SLOTS):
             if i < len(names):
-                a = studio.loaded[names[i]]
+                a = session.loaded[names[i]]
                 ups += [gr.update(visible=True), gr.update(value=a.describe()), gr.update(value=a.weight, label=f"weight of {a.name}")]
             else:
                 ups += [gr.update(visible=False), gr.update(value=""), gr.update(value=1.0)]
         return ups
 
-    def add_files(paths, uploads):
+    def add_files(session, paths, uploads):
         msgs = []
         for p in list(paths or []) + [getattr(u, "name", u) for u in (uploads or [])]:
             try:
-                a = studio.add(p)
+                a = session.add(p)
                 msgs.append(f"loaded {a.name}")
             except Exception as e:  # noqa: BLE001 — whatever a stranger's file does, it is one line here
                 msgs.append(f"**error:** {_one_line(e)}")
-        return ["<br>".join(msgs) or "nothing selected"] + slot_updates()
+        return ["<br>".join(msgs) or "nothing selected"] + slot_updates(session)
 
-    def clear():
-        for n in list(studio.loaded):
-            studio.remove(n)
-        return ["all adapters removed"] + slot_updates()
+    def clear(session):
+        session.clear()
+        return ["all adapters removed"] + slot_updates(session)
 
-    def reweight(*ws):
-        names = list(studio.loaded)
-        secs = studio.set_weights({n: w for n, w in zip(names, ws)})
+    def reweight(session, *ws):
+        names = list(session.loaded)
+        try:
+            secs = session.set_weights({n: w for n, w in zip(names, ws)})
+        except ValueError as e:
+            return f"**error:** {_one_line(e)}"
         return f"weights set in {secs * 1000:.1f} ms (no reload)"
 
-    def generate(prompt, negative, steps, guidance, seed, random_seed, n, size, compare, fuse, progress=gr.Progress()):
+    def generate(session, prompt, negative, sampler, steps, guidance, seed, random_seed, n, size, compare, fuse,
+                 progress=gr.Progress()):
         try:
-            return studio.generate(prompt, negative, int(steps), float(guidance), -1 if random_seed else int(seed), int(n),
-                                   int(size), compare, fuse, progress=progress), "done"
-        except Exception as e:  # noqa: BLE001 — Studio.generate has restored the base
-            return [], f"**error:** {_one_line(e)}"
+            session.generate(prompt, negative, int(steps), float(guidance), -1 if random_seed else int(seed), int(n),
+                             int(size), compare, fuse, progress=progress, sampler=sampler)
+        except Exception as e:  # noqa: BLE001 — Session.generate has restored the base
+            return session.history, f"**error:** {_one_line(e)}"
+        saved = f" · saved with their settings in `{studio.outputs_dir}`" if studio.outputs_dir else ""
+        return session.history, f"done: {session.blend_text()}{saved}"
 
-    def export(fmt):
+    def clear_history(session):
+        session.history = []
+        return [], "history cleared (saved files are kept)"
+
+    def export(session, fmt):
         try:
-            return studio.export_lora(fmt), f"exported the active blend as a {fmt} LoRA"
+            return session.export_lora(fmt), f"exported the active blend as a {fmt} LoRA"
         except Exception as e:  # noqa: BLE001
             return None, f"**error:** {_one_line(e)}"
 
+    # what a fresh page shows: the preloaded adapters of a new session (not a held one)
+    first = Session(studio)
+    for key, _, f, path in studio.preload:
+        first._attach(path, f, key)
+    first_names = list(first.loaded)
+    sampler_info = f"default: the base's own ({type(studio.base_scheduler).__name__})"
+
     with gr.Blocks(title="loldu-diffusion") as demo:
-        gr.Markdown(f"# loldu-diffusion\nBase model: `{studio.base_path}`. Adapters are a few kilobytes: load, blend, generate.")
+        # one Session per browser tab; a function (not a value) so that each tab gets its own
+        session = gr.State(lambda: studio.new_session(), delete_callback=lambda s: s.close())
+        gr.Markdown(f"# loldu-diffusion\nBase model: `{studio.base_path}` ({studio.native} px). "
+                    "Adapters are a few kilobytes: load, blend, generate. Your adapters and results are yours: "
+                    "other tabs and users do not see them.")
         with gr.Row():
             with gr.Column(scale=1):
-                prompt = gr.Textbox(label="Prompt", value="a photo of sks heart on a olive background", elem_id="prompt")
+                prompt = gr.Textbox(label="Prompt", value=studio.default_prompt, elem_id="prompt")
                 negative = gr.Textbox(label="Negative prompt", value="")
-                with gr.Row():
-                    steps = gr.Slider(1, 100, value=20, step=1, label="Steps")
-                    guidance = gr.Slider(0, 15, value=4.0, step=0.5, label="Guidance")
-                with gr.Row():
-                    seed = gr.Number(value=0, precision=0, label="Seed")
-                    random_seed = gr.Checkbox(value=False, label="Random seed")
-                with gr.Row():
-                    n = gr.Slider(1, 8, value=2, step=1, label="Images")
-                    size = gr.Slider(studio.native // 2, studio.native * 2, value=studio.native, step=8, label="Size")
-                with gr.Row():
-                    compare = gr.Checkbox(value=True, label="Side by side with the base model")
-                    fuse = gr.Checkbox(value=False, label="Fuse for speed")
                 go = gr.Button("Generate", variant="primary", elem_id="generate")
                 status = gr.Markdown("", elem_id="status")
+                with gr.Accordion("Adapters", open=True):
+                    slots = []
+                    for i in range(MAX_SLOTS):
+                        a = first.loaded[first_names[i]] if i < len(first_names) else None
+                        with gr.Group(visible=a is not None) as box:
+                            info = gr.Markdown(a.describe() if a else "")
+                            w = gr.Slider(-2, 2, value=1.0, step=0.05, label=f"weight of {a.name}" if a else "weight",
+                                          elem_id=f"weight-{i}")
+                        slots.append((box, info, w))
+                    with gr.Row():
+                        folder = gr.Dropdown(choices=[(os.path.basename(p), p) for p in studio.folder_adapters()],
+                                             multiselect=True, label="From the adapters folder", elem_id="folder")
+                        upload = gr.File(file_count="multiple", file_types=[".safetensors"], label="Upload .safetensors",
+                                         elem_id="upload")
+                    with gr.Row():
+                        add = gr.Button("Load selected / uploaded", elem_id="load")
+                        clear_btn = gr.Button("Remove all")
+                    adapter_status = gr.Markdown("", elem_id="adapter-status")
+                with gr.Accordion("Settings", open=True):
+                    with gr.Row():
+                        sampler = gr.Dropdown(list(SAMPLERS), value=SAMPLERS[0], label="Sampler", info=sampler_info,
+                                              elem_id="sampler")
+                        steps = gr.Slider(1, 100, value=20, step=1, label="Steps")
+                        guidance = gr.Slider(0, 15, value=4.0, step=0.5, label="Guidance")
+                    with gr.Row():
+                        seed = gr.Number(value=0, precision=0, label="Seed", elem_id="seed")
+                        random_seed = gr.Checkbox(value=False, label="Random seed")
+                    with gr.Row():
+                        n = gr.Slider(1, 8, value=2, step=1, label="Images", elem_id="num-images")
+                        # no larger sizes: a base tiles its picture above its native size
+                        size = gr.Slider(max(8, studio.native // 2), studio.native, value=studio.native, step=8,
+                                         label=f"Size (up to the base's native {studio.native} px)")
+                    with gr.Row():
+                        compare = gr.Checkbox(value=True, label="Side by side with the base model", elem_id="compare")
+                        fuse = gr.Checkbox(value=False, label="Fuse for speed")
             with gr.Column(scale=1):
-                gallery = gr.Gallery(label="Results", columns=2, elem_id="gallery", type="pil")
-        with gr.Accordion("Adapters", open=True):
-            with gr.Row():
-                folder = gr.Dropdown(choices=[(os.path.basename(p), p) for p in studio.folder_adapters()], multiselect=True, label="From the adapters folder", elem_id="folder")
-                upload = gr.File(file_count="multiple", file_types=[".safetensors"], label="Upload .safetensors", elem_id="upload")
-            with gr.Row():
-                add = gr.Button("Load selected / uploaded", elem_id="load")
-                clear_btn = gr.Button("Remove all")
-            adapter_status = gr.Markdown("", elem_id="adapter-status")
-            slots = []
-            for i in range(MAX_SLOTS):
-                with gr.Group(visible=False) as box:
-                    info = gr.Markdown("")
-                    w = gr.Slider(-2, 2, value=1.0, step=0.05, label="weight", elem_id=f"weight-{i}")
-                slots.append((box, info, w))
-            with gr.Row():
-                fmt = gr.Radio(["diffusers", "kohya"], value="diffusers", label="Export format")
-                export_btn = gr.Button("Export the blend as a standard LoRA")
-            exported = gr.File(label="LoRA file")
+                gallery = gr.Gallery(label="Results (this session, newest first)", columns=2, elem_id="gallery")
+                clear_hist = gr.Button("Clear history")
+                with gr.Accordion("Export", open=False):
+                    fmt = gr.Radio(["diffusers", "kohya"], value="diffusers", label="Export format")
+                    export_btn = gr.Button("Export the blend as a standard LoRA")
+                    exported = gr.File(label="LoRA file")
         slot_outputs = [c for s in slots for c in s]
-        add.click(add_files, [folder, upload], [adapter_status] + slot_outputs)
-        clear_btn.click(clear, None, [adapter_status] + slot_outputs)
+        add.click(add_files, [session, folder, upload], [adapter_status] + slot_outputs)
+        clear_btn.click(clear, session, [adapter_status] + slot_outputs)
         weights = [s[2] for s in slots]
         for w in weights:
-            w.release(reweight, weights, adapter_status)
-        go.click(generate, [prompt, negative, steps, guidance, seed, random_seed, n, size, compare, fuse], [gallery, status])
-        export_btn.click(export, fmt, [exported, adapter_status])
+            w.release(reweight, [session] + weights, adapter_status)
+        go.click(generate, [session, prompt, negative, sampler, steps, guidance, seed, random_seed, n, size, compare, fuse],
+                 [gallery, status])
+        clear_hist.click(clear_history, session, [gallery, status])
+        export_btn.click(export, [session, fmt], [exported, adapter_status])
     return demo
 
 
-def launch(base=None, adapters_dir=None, host="127.0.0.1", port=7860, block=True, auth: str | None = None):
+def launch(base=None, adapters_dir=None, host="127.0.0.1", port=7860, block=True, auth: str | None = None,
+           preload=None, outputs: str | None = None):
     import sys
 
     from .quiet import quiet_libraries
@@ -285,14 +442,23 @@ def launch(base=None, adapters_dir=None, host="127.0.0.1", port=7860, block=True
         print(f"warning: serving on {host} without --auth USER:PASSWORD: anyone who can reach port {port} can use "
               "this app (and this machine's compute)", file=sys.stderr, flush=True)
     quiet_libraries()
-    studio = Studio(base, adapters_dir or (os.path.join(ASSETS, "adapters") if base is None else None))
+    embedded = base is None
+    adapters_dir = adapters_dir or (os.path.join(ASSETS, "adapters") if embedded else None)
+    if preload is None:  # the bundled example is made for the embedded base only
+        preload = [os.path.join(ASSETS, "adapters", f) for f in os.listdir(os.path.join(ASSETS, "adapters"))
+                   if f.endswith(".safetensors")] if embedded else []
+    outputs = os.path.abspath(outputs or DEFAULT_OUTPUTS)
+    studio = Studio(base, adapters_dir, preload=sorted(preload), outputs_dir=outputs)
+    if embedded and studio.default_prompt:
+        # a scene the instance images do not show: the subject in a new context, the point of DreamBooth
+        studio.default_prompt += EMBEDDED_CONTEXT
     demo = build_ui(studio)
     demo.queue(default_concurrency_limit=1)
     # quiet: Gradio's start-up lines end with a share=True hint that a local tool does not need;
     # the address is the one line people do need
     demo.launch(server_name=host, server_port=port, prevent_thread_lock=True, max_file_size=MAX_UPLOAD_BYTES, quiet=True,
-                auth=credentials)
-    print(f"loldu app: open {demo.local_url} in a browser (Ctrl+C stops it)", flush=True)
+                auth=credentials, allowed_paths=[outputs])
+    print(f"loldu app: open {demo.local_url} in a browser (Ctrl+C stops it); results are saved in {outputs}", flush=True)
     if block:
         demo.block_thread()
     return demo

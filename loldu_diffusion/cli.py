@@ -132,9 +132,9 @@ def _fuse(args) -> int:
 
 def _generate(args) -> int:
     import torch
-    from PIL.PngImagePlugin import PngInfo
     from tqdm.auto import tqdm
 
+    from .io import save_png_with_settings
     from .pipeline import load_adapter_specs, load_base
 
     for flag in ("steps", "num_images"):
@@ -166,14 +166,7 @@ def _generate(args) -> int:
             continue
         image = pipe(args.prompt, negative_prompt=args.negative_prompt, num_inference_steps=args.steps, guidance_scale=args.guidance,
                      generator=torch.Generator("cpu").manual_seed(seed), height=size, width=size).images[0]
-        info = PngInfo()
-        info.add_text("parameters", json.dumps(settings))
-        k = 0
-        while os.path.exists(path := os.path.join(args.output, f"{k:04d}_seed{seed}.png")):
-            k += 1  # never overwrite an earlier image
-        image.save(path + ".tmp.png", pnginfo=info)
-        os.replace(path + ".tmp.png", path)
-        written.append(path)
+        written.append(save_png_with_settings(image, args.output, seed, settings))
     print(f"wrote {len(written)} image(s) to {args.output}")
     if present:
         print(f"{len(present)} image(s) with these settings and seeds were already there ({', '.join(present)}); "
@@ -207,7 +200,8 @@ def _eval(args) -> int:
 def _app(args) -> int:
     from .app import launch
 
-    launch(base=args.base, adapters_dir=args.adapters, host=args.host, port=args.port, auth=args.auth)
+    launch(base=args.base, adapters_dir=args.adapters, host=args.host, port=args.port, auth=args.auth, preload=args.preload,
+           outputs=args.outputs)
     return 0
 
 
@@ -293,6 +287,9 @@ def build_parser() -> argparse.ArgumentParser:
     s = command("app", "start the web app")
     s.add_argument("--base", default=None, help=BASE_HELP)
     s.add_argument("--adapters", default=None, help="folder of adapter files to list; default: the bundled examples with the embedded base")
+    s.add_argument("--preload", action="append", default=None, metavar="FILE",
+                   help="adapter every new session starts with (repeatable); default: the bundled example with the embedded base")
+    s.add_argument("--outputs", default=None, metavar="DIR", help="folder for the results' PNGs, with their settings; default: ./loldu-outputs")
     s.add_argument("--host", default="127.0.0.1", help="address to serve on (0.0.0.0: every network interface)")
     s.add_argument("--port", type=int, default=7860, help="port to serve on")
     s.add_argument("--auth", default=None, metavar="USER:PASSWORD",

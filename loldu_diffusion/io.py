@@ -69,3 +69,21 @@ def atomic_save_dir(save, path: str, overwrite: bool = False) -> str:
         shutil.rmtree(path)
     os.replace(tmp, path)
     return path
+
+
+def save_png_with_settings(image, folder: str, seed: int, settings: dict) -> str:
+    """`folder/NNNN_seedS.png` holding `settings` as JSON in its "parameters" text chunk (where
+    A1111 keeps its settings). Written to a temp name and renamed; never replaces an earlier image."""
+    import json
+
+    from PIL.PngImagePlugin import PngInfo
+
+    info = PngInfo()
+    info.add_text("parameters", json.dumps(settings))
+    os.makedirs(folder, exist_ok=True)
+    k = 0
+    while os.path.exists(path := os.path.join(folder, f"{k:04d}_seed{seed}.png")):
+        k += 1
+    image.save(path + ".tmp.png", pnginfo=info)
+    os.replace(path + ".tmp.png", path)
+    return path

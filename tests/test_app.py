@@ -1,12 +1,16 @@
-"""The app's functions on a tiny base: load, validate, blend, generate, export."""
+"""The app's functions on a tiny base: sessions over one shared base; load, validate, blend, generate, export."""
+import copy
+import json
 import os
 import shutil
+import threading
 
 import pytest
 import torch
 
-from loldu_diffusion import AdapterFileError
+from loldu_diffusion import AdapterFile, AdapterFileError
 from loldu_diffusion.app import MAX_SLOTS, Studio
+from loldu_diffusion.model import adapter_names
 from test_cli import trained_adapter
 
 
@@ -24,65 +28,197 @@ def studio(tiny_sd_path, adapter_dir):
     return Studio(tiny_sd_path, str(adapter_dir))
 
 
+@pytest.fixture()
+def session(studio):
+    return studio.new_session()
+
+
 def pixels(img):
     import numpy as np
 
     return torch.from_numpy(np.asarray(img).astype("float32"))
 
 
-def test_lists_loads_and_describes_adapters(studio, adapter_dir):
+def test_lists_loads_and_describes_adapters(studio, session, adapter_dir):
     assert [os.path.basename(p) for p in studio.folder_adapters()] == ["dog.safetensors", "style.safetensors"]
-    a = studio.add(str(adapter_dir / "dog.safetensors"))
+    a = session.add(str(adapter_dir / "dog.safetensors"))
     text = a.describe()
     assert "trigger `a photo of sks heart`" in text and "rank 4" in text and f"{a.file.nbytes:,} bytes" in text
-    assert studio.add(str(adapter_dir / "dog.safetensors")) is a  # the same file twice loads once
+    assert session.add(str(adapter_dir / "dog.safetensors")) is a  # the same file twice loads once
+    assert adapter_names(studio.pipe) == ["dog"] and studio.users == {a.key: 1}
 
 
-def test_generation_with_blend_side_by_side_and_fuse(studio, adapter_dir):
-    base_only = studio.generate("a photo of sks heart", steps=2, seed=3, num_images=1)
+def test_generation_with_blend_side_by_side_and_fuse(session, adapter_dir):
+    base_only = session.generate("a photo of sks heart", steps=2, seed=3, num_images=1)
     assert len(base_only) == 1 and "no adapter" in base_only[0][1]
-    studio.add(str(adapter_dir / "dog.safetensors"))
-    studio.add(str(adapter_dir / "style.safetensors"))
-    secs = studio.set_weights({"dog": 0.8, "style": -0.5})
-    out = studio.generate("a photo of sks heart", steps=2, seed=3, num_images=1, compare=True)
+    session.add(str(adapter_dir / "dog.safetensors"))
+    session.add(str(adapter_dir / "style.safetensors"))
+    secs = session.set_weights({"dog": 0.8, "style": -0.5})
+    out = session.generate("a photo of sks heart", steps=2, seed=3, num_images=1, compare=True)
     assert [c.split(" · ")[-1] for _, c in out] == ["dog:0.8, style:-0.5", "base model"]
     assert torch.equal(pixels(out[1][0]), pixels(base_only[0][0]))  # the side-by-side base is the base
     assert not torch.equal(pixels(out[0][0]), pixels(base_only[0][0]))
-    fused = studio.generate("a photo of sks heart", steps=2, seed=3, num_images=1, fuse=True)
+    fused = session.generate("a photo of sks heart", steps=2, seed=3, num_images=1, fuse=True)
     assert (pixels(fused[0][0]) - pixels(out[0][0])).abs().max() <= 2  # fused = unfused, up to rounding
     assert secs < 1.0  # re-weighting never reloads the base (measured by benchmarks; a loose sanity bound)
 
 
-def test_bad_uploads_are_refused_and_the_studio_keeps_working(studio, adapter_dir, tmp_path, tiny_sd_path):
+def test_bad_uploads_are_refused_and_the_studio_keeps_working(studio, session, adapter_dir, tmp_path, tiny_sd_path):
     bad = tmp_path / "bad.safetensors"
     bad.write_bytes(b"\x00" * 100)
     with pytest.raises(AdapterFileError, match="truncated or corrupt"):
-        studio.add(str(bad))
+        session.add(str(bad))
     with pytest.raises(AdapterFileError, match="only .safetensors"):
-        studio.add(str(adapter_dir / "notes.txt"))
+        session.add(str(adapter_dir / "notes.txt"))
     from pipelines import make_tiny_sd
 
     other = make_tiny_sd(str(tmp_path / "other"), seed=4)
     trained_adapter(other, tmp_path / "foreign.safetensors", 1)
     with pytest.raises(AdapterFileError, match="does not match this base model"):
-        studio.add(str(tmp_path / "foreign.safetensors"))
-    assert studio.loaded == {}
-    assert len(studio.generate("a red star", steps=2, seed=0)) == 1
+        session.add(str(tmp_path / "foreign.safetensors"))
+    assert session.loaded == {}
+    assert len(session.generate("a red star", steps=2, seed=0)) == 1
 
 
-def test_slots_are_limited(studio, adapter_dir, tmp_path):
+def distinct_copy(src, dst, i):
+    """The same adapter in a file of other bytes (a copy with the same bytes is the same adapter)."""
+    f = AdapterFile.read(str(src))
+    f.metadata = {**f.metadata, "instance_prompt": f"a photo of sks heart {i}"}
+    f.save(str(dst))
+    return str(dst)
+
+
+def test_slots_are_limited(session, adapter_dir, tmp_path):
     for i in range(MAX_SLOTS):
-        shutil.copy(adapter_dir / "dog.safetensors", tmp_path / f"d{i}.safetensors")
-        studio.add(str(tmp_path / f"d{i}.safetensors"))
+        session.add(distinct_copy(adapter_dir / "dog.safetensors", tmp_path / f"d{i}.safetensors", i))
     with pytest.raises(ValueError, match=f"at most {MAX_SLOTS}"):
-        studio.add(str(adapter_dir / "style.safetensors"))
+        session.add(str(adapter_dir / "style.safetensors"))
 
 
-def test_export_of_the_active_blend(studio, adapter_dir):
+def test_export_of_the_active_blend(session, adapter_dir):
     from safetensors.torch import load_file
 
     with pytest.raises(ValueError, match="load an adapter"):
-        studio.export_lora()
-    studio.add(str(adapter_dir / "dog.safetensors"))
-    path = studio.export_lora("kohya")
+        session.export_lora()
+    session.add(str(adapter_dir / "dog.safetensors"))
+    path = session.export_lora("kohya")
     assert path.endswith(".safetensors") and any(k.startswith("lora_unet_") for k in load_file(path))
+
+
+# ---- sessions: one shared base, nothing shared between tabs -----------------------------------
+PROMPT = "a photo of sks heart"
+
+
+def test_sessions_never_see_each_others_adapters(studio, adapter_dir):
+    a, b = studio.new_session(), studio.new_session()
+    a.add(str(adapter_dir / "dog.safetensors"))
+    assert b.loaded == {}  # a fresh tab shows no adapter, and generates with none
+    base = b.generate(PROMPT, steps=2, seed=3)
+    mine = a.generate(PROMPT, steps=2, seed=3)
+    assert base[0][1].endswith("no adapter") and mine[0][1].endswith("dog:1")
+    assert not torch.equal(pixels(mine[0][0]), pixels(base[0][0]))
+    # in turns, fused or not: each gets its own images, bit for bit
+    for fuse in (False, True):
+        again_b = b.generate(PROMPT, steps=2, seed=3)
+        again_a = a.generate(PROMPT, steps=2, seed=3, fuse=fuse)
+        assert torch.equal(pixels(again_b[0][0]), pixels(base[0][0]))
+        assert (pixels(again_a[0][0]) - pixels(mine[0][0])).abs().max() <= (2 if fuse else 0)
+    assert torch.equal(pixels(b.generate(PROMPT, steps=2, seed=3)[0][0]), pixels(base[0][0]))  # after a fused turn
+    # re-weighting one tab changes nothing for the other
+    a.set_weights({"dog": -1.0})
+    assert torch.equal(pixels(b.generate(PROMPT, steps=2, seed=3)[0][0]), pixels(base[0][0]))
+
+
+def test_concurrent_generations_do_not_leak(studio, adapter_dir):
+    a, b = studio.new_session(), studio.new_session()
+    a.add(str(adapter_dir / "dog.safetensors"))
+    b.add(str(adapter_dir / "style.safetensors"))
+    b.set_weights({"style": 1.5})
+    want = {s: s.generate(PROMPT, steps=2, seed=5)[0][0] for s in (a, b)}
+    got, errors = {a: [], b: []}, []
+
+    def work(s):
+        try:
+            for _ in range(3):
+                got[s].append(s.generate(PROMPT, steps=2, seed=5)[0][0])
+        except Exception as e:  # noqa: BLE001 — reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=work, args=(s,)) for s in (a, b)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    for s in (a, b):
+        assert len(got[s]) == 3 and all(torch.equal(pixels(im), pixels(want[s])) for im in got[s])
+
+
+def test_a_file_is_loaded_once_on_the_shared_base_and_released_by_its_last_user(studio, adapter_dir, tmp_path):
+    a, b = studio.new_session(), studio.new_session()
+    a.add(str(adapter_dir / "dog.safetensors"))
+    b.add(str(shutil.copy(adapter_dir / "dog.safetensors", tmp_path / "same bytes.safetensors")))
+    assert adapter_names(studio.pipe) == ["dog"] and list(studio.users.values()) == [2]
+    a.close()
+    assert a.loaded == {} and adapter_names(studio.pipe) == ["dog"]  # b still uses it
+    b.remove("same_bytes")
+    assert adapter_names(studio.pipe) == [] and studio.users == {}
+
+
+def test_every_new_session_starts_with_the_preloaded_adapter_loaded_once(tiny_sd_path, adapter_dir):
+    studio = Studio(tiny_sd_path, str(adapter_dir), preload=[str(adapter_dir / "dog.safetensors")])
+    assert studio.default_prompt == "a photo of sks heart"  # the adapter's trigger prompt
+    tabs = [studio.new_session() for _ in range(3)]  # a page and two reloads of it
+    assert all(list(t.loaded) == ["dog"] for t in tabs)
+    assert adapter_names(studio.pipe) == ["dog"]
+    assert tabs[0].add(str(adapter_dir / "dog.safetensors")) is tabs[0].loaded["dog"]  # loading it again: still once
+    for t in tabs:
+        t.close()
+    assert adapter_names(studio.pipe) == ["dog"]  # the next tab needs it too
+    fresh = studio.new_session()
+    assert fresh.generate(PROMPT, steps=2, seed=0)[0][1].endswith("dog:1")
+    # Gradio deep-copies state values: a session copies as itself, never the shared base
+    assert copy.deepcopy(fresh) is fresh
+
+
+def test_sizes_above_the_native_size_are_refused(session, studio):
+    with pytest.raises(ValueError, match=f"above the base model's native {studio.native} px.*choose {studio.native} or less"):
+        session.generate(PROMPT, steps=2, size=studio.native * 2)
+    assert len(session.generate(PROMPT, steps=1, size=studio.native // 2)) == 1
+
+
+def test_results_are_saved_with_their_settings_and_kept_in_the_history(tiny_sd_path, adapter_dir, tmp_path):
+    from PIL import Image
+
+    studio = Studio(tiny_sd_path, str(adapter_dir), outputs_dir=str(tmp_path / "out"))
+    s = studio.new_session()
+    s.add(str(adapter_dir / "dog.safetensors"))
+    first = s.generate(PROMPT, "blurry", steps=2, seed=7, num_images=1, compare=True, sampler="Euler a")
+    second = s.generate(PROMPT, steps=2, seed=7, num_images=1)
+    assert s.history == second + first  # newest first
+    path, caption = first[0]
+    assert os.path.dirname(path) == str(tmp_path / "out") and "Euler a" in caption
+    with Image.open(path) as im:
+        settings = json.loads(im.text["parameters"])
+    assert settings == {"prompt": PROMPT, "negative_prompt": "blurry", "seed": 7, "steps": 2, "guidance": 4.0,
+                        "size": studio.native, "base": tiny_sd_path, "adapters": {"dog": 1.0}, "sampler": "Euler a"}
+    with Image.open(first[1][0]) as im:
+        assert json.loads(im.text["parameters"])["adapters"] == {}  # the side-by-side base image
+    assert len(set(p for p, _ in s.history)) == 3  # never one file over another
+
+
+@pytest.mark.parametrize("sampler", ["DPM++ 2M", "DPM++ 2M Karras", "Euler a", "Euler", "DDIM", "UniPC"])
+def test_samplers_by_their_a1111_names(session, studio, sampler):
+    import numpy as np
+
+    from loldu_diffusion.schedulers import SAMPLERS, make_scheduler
+
+    before = studio.pipe.scheduler
+    (image, caption), = session.generate(PROMPT, steps=3, seed=0, sampler=sampler)
+    assert sampler in caption and np.isfinite(np.asarray(image, dtype="float32")).all()
+    assert studio.pipe.scheduler is before  # the base's own scheduler is back for the next user
+    made = make_scheduler(sampler, before)
+    assert type(made).__name__ == SAMPLERS[sampler][0] and made.config.prediction_type == before.config.prediction_type
+    assert make_scheduler("default", before) is before
+    with pytest.raises(ValueError, match="unknown sampler 'k_lms'; choose one of"):
+        session.generate(PROMPT, steps=1, sampler="k_lms")

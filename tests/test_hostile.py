@@ -191,9 +191,10 @@ def studio(tiny_sd_path):
 def test_app_refuses_and_the_shared_base_is_unchanged(studio, hostile, case):
     path, match, _ = hostile[case]
     ref = unet_out(studio.pipe)
+    session = studio.new_session()
     with pytest.raises(AdapterFileError, match=match):
-        studio.add(path)
-    assert studio.loaded == {} and list(iter_layers(studio.pipe)) == []
+        session.add(path)
+    assert session.loaded == {} and studio.users == {} and list(iter_layers(studio.pipe)) == []
     assert torch.equal(unet_out(studio.pipe), ref)
 
 
@@ -209,7 +210,7 @@ def test_file_names_with_dots_spaces_and_unicode_load_everywhere(good, tiny_sd_p
     loaded = [load_adapter(pipe, str(p)) for p in paths]
     assert len(loaded) == 4 and len({n for *_, layer in iter_layers(pipe) for n in layer.adapters}) == 4
     studio = Studio(tiny_sd_path)
-    assert studio.add(str(paths[0])).name == "sks_v2"
+    assert studio.new_session().add(str(paths[0])).name == "sks_v2"
     out = tmp_path / "out" / "lora.safetensors"
     out.parent.mkdir()
     assert loldu(["export-lora", str(paths[0]), "--base", tiny_sd_path, "-o", str(out)]) == 0, capsys.readouterr().err
@@ -243,7 +244,8 @@ def test_app_restores_the_base_when_a_fused_generation_fails(tiny_sd_path, good,
     from loldu_diffusion.app import Studio
 
     studio = Studio(tiny_sd_path)
-    studio.add(good)
+    session = studio.new_session()
+    session.add(good)
     with torch.no_grad():
         weights = {k: v.clone() for k, v in studio.pipe.unet.state_dict().items() if "processor" not in k}
 
@@ -252,8 +254,8 @@ def test_app_restores_the_base_when_a_fused_generation_fails(tiny_sd_path, good,
 
     monkeypatch.setattr(type(studio.pipe), "__call__", broken)
     with pytest.raises(RuntimeError, match="out of memory"):
-        studio.generate("a photo of sks heart", steps=1, seed=0, fuse=True)
-    assert not studio.fused
+        session.generate("a photo of sks heart", steps=1, seed=0, fuse=True)
+    assert studio.fused is None
     now = studio.pipe.unet.state_dict()
     assert all(torch.equal(now[k], v) for k, v in weights.items())
 
