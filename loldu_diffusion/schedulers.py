@@ -14,7 +14,9 @@ SAMPLERS = {
     "DPM++ 2M Karras": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 2, "use_karras_sigmas": True}),
     "Euler a": ("EulerAncestralDiscreteScheduler", {}),
     "Euler": ("EulerDiscreteScheduler", {}),
-    "DDIM": ("DDIMScheduler", {}),
+    # DDIM's own defaults clip the predicted sample to [-1, 1] (pixel-space models): latents are not
+    # bounded so, and SD's configs turn it off
+    "DDIM": ("DDIMScheduler", {"clip_sample": False, "set_alpha_to_one": False}),
     "UniPC": ("UniPCMultistepScheduler", {}),
 }
 NAMES = (DEFAULT, *SAMPLERS)

@@ -220,5 +220,6 @@ def test_samplers_by_their_a1111_names(session, studio, sampler):
     made = make_scheduler(sampler, before)
     assert type(made).__name__ == SAMPLERS[sampler][0] and made.config.prediction_type == before.config.prediction_type
     assert make_scheduler("default", before) is before
+    assert not getattr(made.config, "clip_sample", False)  # latents are not bounded to [-1, 1] (DDIM's default clips)
     with pytest.raises(ValueError, match="unknown sampler 'k_lms'; choose one of"):
         session.generate(PROMPT, steps=1, sampler="k_lms")
