@@ -74,6 +74,7 @@ class Studio:
         self.users: dict[str, int] = {}  # file key → sessions holding it
         self.fused: tuple | None = None  # the blend fused into the weights, if any
         self.base_scheduler = self.pipe.scheduler
+        self.trainer = None  # app_train.Trainer when the app trains: its adapters join the list
         self.preload = [self.acquire(p) + (p,) for p in preload]  # loaded once, at start, for every session
         trigger = next((f.metadata.get("instance_prompt") for _, _, f, _ in self.preload if f.metadata.get("instance_prompt")), None)
         self.default_prompt = default_prompt or trigger or ""
@@ -88,9 +89,14 @@ class Studio:
 
     def folder_adapters(self) -> list[str]:
         d = self.adapters_dir
-        if not d or not os.path.isdir(d):
-            return []
-        return sorted(os.path.join(d, n) for n in os.listdir(d) if n.endswith(".safetensors"))
+        listed = sorted(os.path.join(d, n) for n in os.listdir(d) if n.endswith(".safetensors")) if d and os.path.isdir(d) else []
+        return listed + (self.trainer.trained() if self.trainer else [])
+
+    def adapter_choices(self) -> list[tuple[str, str]]:
+        """(label, path) for the list: a file's name, or the name of the run that trained it here."""
+        trained = set(self.trainer.trained()) if self.trainer else set()
+        return [(f"{os.path.basename(os.path.dirname(p))} (trained here)" if p in trained else os.path.basename(p), p)
+                for p in self.folder_adapters()]
 
     # ---- the adapter files on the shared base ----------------------------------------------
     def acquire(self, path: str) -> tuple[str, str, AdapterFile]:
@@ -369,54 +375,55 @@ def build_ui(studio: Studio):
         gr.Markdown(f"# loldu-diffusion\nBase model: `{studio.base_path}` ({studio.native} px). "
                     "Adapters are a few kilobytes: load, blend, generate. Your adapters and results are yours: "
                     "other tabs and users do not see them.")
-        with gr.Row():
-            with gr.Column(scale=1):
-                prompt = gr.Textbox(label="Prompt", value=studio.default_prompt, elem_id="prompt")
-                negative = gr.Textbox(label="Negative prompt", value="")
-                go = gr.Button("Generate", variant="primary", elem_id="generate")
-                status = gr.Markdown("", elem_id="status")
-                with gr.Accordion("Adapters", open=True):
-                    slots = []
-                    for i in range(MAX_SLOTS):
-                        a = first.loaded[first_names[i]] if i < len(first_names) else None
-                        with gr.Group(visible=a is not None) as box:
-                            info = gr.Markdown(a.describe() if a else "")
-                            w = gr.Slider(-2, 2, value=1.0, step=0.05, label=f"weight of {a.name}" if a else "weight",
-                                          elem_id=f"weight-{i}")
-                        slots.append((box, info, w))
-                    with gr.Row():
-                        folder = gr.Dropdown(choices=[(os.path.basename(p), p) for p in studio.folder_adapters()],
-                                             multiselect=True, label="From the adapters folder", elem_id="folder")
-                        upload = gr.File(file_count="multiple", file_types=[".safetensors"], label="Upload .safetensors",
-                                         elem_id="upload")
-                    with gr.Row():
-                        add = gr.Button("Load selected / uploaded", elem_id="load")
-                        clear_btn = gr.Button("Remove all")
-                    adapter_status = gr.Markdown("", elem_id="adapter-status")
-                with gr.Accordion("Settings", open=True):
-                    with gr.Row():
-                        sampler = gr.Dropdown(list(SAMPLERS), value=SAMPLERS[0], label="Sampler", info=sampler_info,
-                                              elem_id="sampler")
-                        steps = gr.Slider(1, 100, value=20, step=1, label="Steps")
-                        guidance = gr.Slider(0, 15, value=4.0, step=0.5, label="Guidance")
-                    with gr.Row():
-                        seed = gr.Number(value=0, precision=0, label="Seed", elem_id="seed")
-                        random_seed = gr.Checkbox(value=False, label="Random seed")
-                    with gr.Row():
-                        n = gr.Slider(1, 8, value=2, step=1, label="Images", elem_id="num-images")
-                        # no larger sizes: a base tiles its picture above its native size
-                        size = gr.Slider(max(8, studio.native // 2), studio.native, value=studio.native, step=8,
-                                         label=f"Size (up to the base's native {studio.native} px)")
-                    with gr.Row():
-                        compare = gr.Checkbox(value=True, label="Side by side with the base model", elem_id="compare")
-                        fuse = gr.Checkbox(value=False, label="Fuse for speed")
-            with gr.Column(scale=1):
-                gallery = gr.Gallery(label="Results (this session, newest first)", columns=2, elem_id="gallery")
-                clear_hist = gr.Button("Clear history")
-                with gr.Accordion("Export", open=False):
-                    fmt = gr.Radio(["diffusers", "kohya"], value="diffusers", label="Export format")
-                    export_btn = gr.Button("Export the blend as a standard LoRA")
-                    exported = gr.File(label="LoRA file")
+        with gr.Tab("Generate"):
+            with gr.Row():
+                with gr.Column(scale=1):
+                    prompt = gr.Textbox(label="Prompt", value=studio.default_prompt, elem_id="prompt")
+                    negative = gr.Textbox(label="Negative prompt", value="")
+                    go = gr.Button("Generate", variant="primary", elem_id="generate")
+                    status = gr.Markdown("", elem_id="status")
+                    with gr.Accordion("Adapters", open=True):
+                        slots = []
+                        for i in range(MAX_SLOTS):
+                            a = first.loaded[first_names[i]] if i < len(first_names) else None
+                            with gr.Group(visible=a is not None) as box:
+                                info = gr.Markdown(a.describe() if a else "")
+                                w = gr.Slider(-2, 2, value=1.0, step=0.05, label=f"weight of {a.name}" if a else "weight",
+                                              elem_id=f"weight-{i}")
+                            slots.append((box, info, w))
+                        with gr.Row():
+                            folder = gr.Dropdown(choices=studio.adapter_choices(),
+                                                 multiselect=True, label="From the adapters folder", elem_id="folder")
+                            upload = gr.File(file_count="multiple", file_types=[".safetensors"], label="Upload .safetensors",
+                                             elem_id="upload")
+                        with gr.Row():
+                            add = gr.Button("Load selected / uploaded", elem_id="load")
+                            clear_btn = gr.Button("Remove all")
+                        adapter_status = gr.Markdown("", elem_id="adapter-status")
+                    with gr.Accordion("Settings", open=True):
+                        with gr.Row():
+                            sampler = gr.Dropdown(list(SAMPLERS), value=SAMPLERS[0], label="Sampler", info=sampler_info,
+                                                  elem_id="sampler")
+                            steps = gr.Slider(1, 100, value=20, step=1, label="Steps")
+                            guidance = gr.Slider(0, 15, value=4.0, step=0.5, label="Guidance")
+                        with gr.Row():
+                            seed = gr.Number(value=0, precision=0, label="Seed", elem_id="seed")
+                            random_seed = gr.Checkbox(value=False, label="Random seed")
+                        with gr.Row():
+                            n = gr.Slider(1, 8, value=2, step=1, label="Images", elem_id="num-images")
+                            # no larger sizes: a base tiles its picture above its native size
+                            size = gr.Slider(max(8, studio.native // 2), studio.native, value=studio.native, step=8,
+                                             label=f"Size (up to the base's native {studio.native} px)")
+                        with gr.Row():
+                            compare = gr.Checkbox(value=True, label="Side by side with the base model", elem_id="compare")
+                            fuse = gr.Checkbox(value=False, label="Fuse for speed")
+                with gr.Column(scale=1):
+                    gallery = gr.Gallery(label="Results (this session, newest first)", columns=2, elem_id="gallery")
+                    clear_hist = gr.Button("Clear history")
+                    with gr.Accordion("Export", open=False):
+                        fmt = gr.Radio(["diffusers", "kohya"], value="diffusers", label="Export format")
+                        export_btn = gr.Button("Export the blend as a standard LoRA")
+                        exported = gr.File(label="LoRA file")
         slot_outputs = [c for s in slots for c in s]
         add.click(add_files, [session, folder, upload], [adapter_status] + slot_outputs)
         clear_btn.click(clear, session, [adapter_status] + slot_outputs)
@@ -427,11 +434,18 @@ def build_ui(studio: Studio):
                  [gallery, status])
         clear_hist.click(clear_history, session, [gallery, status])
         export_btn.click(export, [session, fmt], [exported, adapter_status])
+        if studio.trainer is not None:
+            from .app_train import build_train_tab
+
+            with gr.Tab("Train"):
+                build_train_tab(studio, session, folder, [adapter_status] + slot_outputs, slot_updates)
+        # the list as it is now (runs trained since the app started included) on every page load
+        demo.load(lambda: gr.update(choices=studio.adapter_choices()), None, folder)
     return demo
 
 
 def launch(base=None, adapters_dir=None, host="127.0.0.1", port=7860, block=True, auth: str | None = None,
-           preload=None, outputs: str | None = None):
+           preload=None, outputs: str | None = None, train_args: str | None = None):
     import sys
 
     from .quiet import quiet_libraries
@@ -449,6 +463,11 @@ def launch(base=None, adapters_dir=None, host="127.0.0.1", port=7860, block=True
                    if f.endswith(".safetensors")] if embedded else []
     outputs = os.path.abspath(outputs or DEFAULT_OUTPUTS)
     studio = Studio(base, adapters_dir, preload=sorted(preload), outputs_dir=outputs)
+    import shlex
+
+    from .app_train import Trainer
+
+    studio.trainer = Trainer(studio.base_path, os.path.join(outputs, "trained"), shlex.split(train_args or ""))
     if embedded and studio.default_prompt:
         # a scene the instance images do not show: the subject in a new context, the point of DreamBooth
         studio.default_prompt += EMBEDDED_CONTEXT

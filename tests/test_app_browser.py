@@ -32,7 +32,8 @@ def app_url(tiny_sd_path, tmp_path_factory):
     port = free_port()
     env = dict(os.environ, OMP_NUM_THREADS="1", GRADIO_ANALYTICS_ENABLED="False")
     proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "app", "app.py"), "--base", tiny_sd_path, "--adapters", str(d),
-                             "--preload", str(d / "dog.safetensors"), "--outputs", str(outputs), "--port", str(port)],
+                             "--preload", str(d / "dog.safetensors"), "--outputs", str(outputs), "--port", str(port),
+                             "--train-args", "--num_validation_images 1 --num_inference_steps 2 --validation_steps 2 --judge_images 0"],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}/"
     import urllib.request
@@ -172,6 +173,43 @@ def test_two_tabs_never_share_adapters_or_images(browser, app_url):
         assert a.locator("#gallery").get_by_text("dog:1").count() == 1
         assert a.locator("#gallery").get_by_text("style").count() == 0
         a.screenshot(path=os.path.join(ARTIFACTS, "app_two_tabs.png"), full_page=True)
+    finally:
+        a.close()
+        b.close()
+
+
+def test_train_from_the_page_one_at_a_time_with_cancel(browser, app_url, concept_dir):
+    photos = sorted(os.path.join(concept_dir, f) for f in os.listdir(concept_dir) if f.endswith(".png"))[:3]
+    a = open_page(browser, app_url[0])
+    b = open_page(browser, app_url[0])
+
+    def start(page, noun, steps):
+        page.get_by_role("tab", name="Train").click()
+        page.locator("#train-photos input[type=file]").set_input_files(photos)
+        page.wait_for_timeout(500)
+        page.locator("#train-noun textarea, #train-noun input").first.fill(noun)
+        page.locator("#train-steps input").fill(str(steps))
+        page.click("#train")
+
+    try:
+        start(a, "heart", 100_000)  # long enough to be running while B tries
+        a.locator("#train-status").get_by_text("training sks-heart: step").wait_for(timeout=120_000)
+        start(b, "dog", 4)
+        b.locator("#train-status").get_by_text("busy: one training at a time").wait_for(timeout=60_000)
+        b.click("#train-cancel")
+        b.locator("#train-status").get_by_text("only that page can cancel it").wait_for(timeout=60_000)
+        a.click("#train-cancel")
+        a.locator("#train-status").get_by_text("cancelled sks-heart").wait_for(timeout=60_000)
+        # a short run: progress, validation images, then the adapter is loaded and listed
+        a.locator("#train-steps input").fill("4")
+        a.click("#train")
+        a.locator("#train-status").get_by_text("done: sks-heart-2 trained").wait_for(timeout=300_000)
+        assert a.locator("#train-gallery img").count() >= 3  # after, step 2, the grid, the loss
+        a.screenshot(path=os.path.join(ARTIFACTS, "app_train.png"), full_page=True)
+        a.get_by_role("tab", name="Generate").click()
+        assert a.get_by_text("weight of sks-heart-2").count() == 1
+        a.locator("#folder input").click()
+        assert a.get_by_role("option", name="sks-heart-2 (trained here)").count() == 1
     finally:
         a.close()
         b.close()
