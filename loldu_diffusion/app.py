@@ -75,7 +75,12 @@ class Studio:
         self.fused: tuple | None = None  # the blend fused into the weights, if any
         self.base_scheduler = self.pipe.scheduler
         self.trainer = None  # app_train.Trainer when the app trains: its adapters join the list
-        self.preload = [self.acquire(p) + (p,) for p in preload]  # loaded once, at start, for every session
+        self.preload, self.preload_errors = [], []  # loaded once, at start, for every session
+        for p in preload:
+            try:
+                self.preload.append(self.acquire(p) + (p,))
+            except (AdapterFileError, OSError) as e:  # e.g. an adapter of another base: the app starts without it
+                self.preload_errors.append(f"{os.path.basename(p)} is not preloaded: {str(e).splitlines()[0]}")
         trigger = next((f.metadata.get("instance_prompt") for _, _, f, _ in self.preload if f.metadata.get("instance_prompt")), None)
         self.default_prompt = default_prompt or trigger or ""
 
@@ -374,7 +379,8 @@ def build_ui(studio: Studio):
         session = gr.State(lambda: studio.new_session(), delete_callback=lambda s: s.close())
         gr.Markdown(f"# loldu-diffusion\nBase model: `{studio.base_path}` ({studio.native} px). "
                     "Adapters are a few kilobytes: load, blend, generate. Your adapters and results are yours: "
-                    "other tabs and users do not see them.")
+                    "other tabs and users do not see them."
+                    + "".join(f"\n\n**warning:** {problem}" for problem in studio.preload_errors))
         with gr.Tab("Generate"):
             with gr.Row():
                 with gr.Column(scale=1):
@@ -468,9 +474,14 @@ def launch(base=None, adapters_dir=None, host="127.0.0.1", port=7860, block=True
     from .app_train import Trainer
 
     studio.trainer = Trainer(studio.base_path, os.path.join(outputs, "trained"), shlex.split(train_args or ""))
-    if embedded and studio.default_prompt:
+    if embedded:
+        from .toy.concepts import DEFAULT_SUBJECT
+
         # a scene the instance images do not show: the subject in a new context, the point of DreamBooth
-        studio.default_prompt += EMBEDDED_CONTEXT
+        # (the class prompt when the bundled adapter could not be preloaded: a first click still draws)
+        studio.default_prompt = (studio.default_prompt or DEFAULT_SUBJECT.class_prompt) + EMBEDDED_CONTEXT
+    for problem in studio.preload_errors:
+        print(f"warning: {problem}", file=sys.stderr, flush=True)
     demo = build_ui(studio)
     demo.queue(default_concurrency_limit=1)
     # quiet: Gradio's start-up lines end with a share=True hint that a local tool does not need;

@@ -181,6 +181,17 @@ def test_every_new_session_starts_with_the_preloaded_adapter_loaded_once(tiny_sd
     assert copy.deepcopy(fresh) is fresh
 
 
+def test_a_preload_the_base_refuses_is_reported_and_the_app_starts_without_it(tiny_sd_path, adapter_dir, tmp_path):
+    from pipelines import make_tiny_sd
+
+    other = make_tiny_sd(str(tmp_path / "other"), seed=4)
+    trained_adapter(other, tmp_path / "foreign.safetensors", 1)
+    studio = Studio(tiny_sd_path, preload=[str(tmp_path / "foreign.safetensors"), str(adapter_dir / "dog.safetensors")])
+    assert len(studio.preload_errors) == 1 and studio.preload_errors[0].startswith("foreign.safetensors is not preloaded: ")
+    assert "does not match this base model" in studio.preload_errors[0]
+    assert list(studio.new_session().loaded) == ["dog"] and adapter_names(studio.pipe) == ["dog"]
+
+
 def test_sizes_above_the_native_size_are_refused(session, studio):
     with pytest.raises(ValueError, match=f"above the base model's native {studio.native} px.*choose {studio.native} or less"):
         session.generate(PROMPT, steps=2, size=studio.native * 2)
