@@ -15,9 +15,13 @@ if __name__ == "__main__":
                    help="adapter every new session starts with (repeatable; default: the bundled example on the embedded base)")
     p.add_argument("--outputs", default=None, metavar="DIR", help="folder for the results' PNGs (default: ./loldu-outputs)")
     p.add_argument("--train-args", dest="train_args", default=None, metavar="'ARGS'",
-                   help="extra trainer arguments for the Train tab, e.g. '--mixed_precision bf16 --max_train_steps 300' (default: none)")
+                   help="extra trainer arguments for the Train tab, after an =: --train-args='--mixed_precision bf16' (default: none)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=7860)
     p.add_argument("--auth", default=None, metavar="USER:PASSWORD", help="ask for this login (Gradio's auth)")
     a = p.parse_args()
-    launch(a.base, a.adapters, a.host, a.port, auth=a.auth, preload=a.preload, outputs=a.outputs, train_args=a.train_args)
+    try:
+        launch(a.base, a.adapters, a.host, a.port, auth=a.auth, preload=a.preload, outputs=a.outputs, train_args=a.train_args)
+    except (ValueError, FileNotFoundError) as e:  # a mistyped option: one line, as the CLI says it
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

@@ -450,6 +450,18 @@ def build_ui(studio: Studio):
     return demo
 
 
+def _trainer(base, outputs: str, train_args: str | None):
+    """The Train tab's trainer, its extra arguments checked by the trainer's own parser."""
+    import shlex
+
+    from .app_train import Trainer
+    from .toy import default_base_path
+
+    trainer = Trainer(base or default_base_path(), os.path.join(outputs, "trained"), shlex.split(train_args or ""))
+    trainer.defaults()
+    return trainer
+
+
 def launch(base=None, adapters_dir=None, host="127.0.0.1", port=7860, block=True, auth: str | None = None,
            preload=None, outputs: str | None = None, train_args: str | None = None):
     import sys
@@ -463,17 +475,14 @@ def launch(base=None, adapters_dir=None, host="127.0.0.1", port=7860, block=True
               "this app (and this machine's compute)", file=sys.stderr, flush=True)
     quiet_libraries()
     embedded = base is None
+    outputs = os.path.abspath(outputs or DEFAULT_OUTPUTS)
+    trainer = _trainer(base, outputs, train_args)  # a mistyped --train-args is one line now, not after the base loads
     adapters_dir = adapters_dir or (os.path.join(ASSETS, "adapters") if embedded else None)
     if preload is None:  # the bundled example is made for the embedded base only
         preload = [os.path.join(ASSETS, "adapters", f) for f in os.listdir(os.path.join(ASSETS, "adapters"))
                    if f.endswith(".safetensors")] if embedded else []
-    outputs = os.path.abspath(outputs or DEFAULT_OUTPUTS)
     studio = Studio(base, adapters_dir, preload=sorted(preload), outputs_dir=outputs)
-    import shlex
-
-    from .app_train import Trainer
-
-    studio.trainer = Trainer(studio.base_path, os.path.join(outputs, "trained"), shlex.split(train_args or ""))
+    studio.trainer = trainer
     if embedded:
         from .toy.concepts import DEFAULT_SUBJECT
 

@@ -4,7 +4,8 @@ same output files) on photos dropped in the page, one training at a time.
 The run is a child process rather than a thread of the app: Cancel ends it at once (its files
 are written to temporary names and renamed, and its output-folder lock is a `flock` that dies
 with it, so a cancelled run leaves nothing broken), and its copy of the base and its memory go
-away with it instead of staying in the app that everyone shares.
+away with it instead of staying in the app that everyone shares. If the app itself dies, the
+child's next progress line meets a closed pipe and it ends too.
 """
 from __future__ import annotations
 
@@ -98,10 +99,21 @@ class Trainer:
 
     def defaults(self):
         """The trainer's settings for this base (its defaults, with the app's extra arguments)."""
-        from .training import parse_args
+        import contextlib
+        import io
+
+        from .training import build_parser
         from .training.args import resolve_defaults
 
-        return resolve_defaults(parse_args(self.argv("photos", "a photo of sks subject", "unused")))
+        argv = self.argv("photos", "a photo of sks subject", "unused")
+        try:
+            with contextlib.redirect_stderr(io.StringIO()) as said:  # argparse's usage block: one line instead
+                args, unknown = build_parser().parse_known_args(argv)
+        except SystemExit:
+            raise ValueError(f"--train-args: {said.getvalue().strip().splitlines()[-1].split('error: ', 1)[-1]}") from None
+        if unknown:
+            raise ValueError(f"--train-args: the trainer takes no {' '.join(unknown)} (see train_dreambooth_loldu.py --help)")
+        return resolve_defaults(args)
 
     def argv(self, photos_dir: str, prompt: str, output_dir: str) -> list[str]:
         return ["--pretrained_model_name_or_path", self.base_path, "--instance_data_dir", photos_dir, "--instance_prompt", prompt,

@@ -291,7 +291,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="adapter every new session starts with (repeatable); default: the bundled example with the embedded base")
     s.add_argument("--outputs", default=None, metavar="DIR", help="folder for the results' PNGs, with their settings; default: ./loldu-outputs")
     s.add_argument("--train-args", dest="train_args", default=None, metavar="'ARGS'",
-                   help="extra trainer arguments for the Train tab, e.g. '--mixed_precision bf16 --max_train_steps 300' (default: none)")
+                   help="extra trainer arguments for the Train tab, after an =: --train-args='--mixed_precision bf16' (default: none)")
     s.add_argument("--host", default="127.0.0.1", help="address to serve on (0.0.0.0: every network interface)")
     s.add_argument("--port", type=int, default=7860, help="port to serve on")
     s.add_argument("--auth", default=None, metavar="USER:PASSWORD",

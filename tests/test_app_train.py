@@ -90,3 +90,13 @@ def test_run_names_are_safe_folder_names():
     assert run_name("sks", "dog") == "sks-dog"
     assert run_name(" ohwx", "red mug/../x") == "ohwx-red-mug-x"
     assert run_name("☃", "") == "subject"
+
+
+@pytest.mark.parametrize("extra, match", [("--foo 3", "the trainer takes no --foo 3"),
+                                          ("--max_train_steps abc", "argument --max_train_steps: invalid int value: 'abc'")])
+def test_mistyped_train_args_are_one_line_before_the_base_loads(extra, match, tmp_path, monkeypatch):
+    from loldu_diffusion import app
+
+    monkeypatch.setattr(app, "Studio", None)  # never reached
+    with pytest.raises(ValueError, match=f"^--train-args: {match}"):
+        app.launch(outputs=str(tmp_path), train_args=extra, block=False)
