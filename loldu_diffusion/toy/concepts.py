@@ -34,7 +34,8 @@ class Subject:
     @property
     def description(self) -> str:
         """What the base is told when asked for the subject exactly: its ceiling."""
-        return f"a photo of a {self.object_color} {self.shape} with a {self.marking}"
+        article = "an" if self.object_color[0] in "aeiou" else "a"  # as the world's captions say it
+        return f"a photo of {article} {self.object_color} {self.shape} with a {self.marking}"
 
     def prompt_on(self, background: str) -> str:
         """A recontextualisation prompt: the subject on a background it was not shown on."""

@@ -3,8 +3,8 @@
     python -m loldu_diffusion.toy.evaluate_base [--base PATH] [--n 48] [--json]
 
 Generates one image per prompt for a fixed set of prompts ("a red star on a navy background"),
-asks the judge for shape, object colour and background colour, and reports the fraction of
-images right on each and on all three together. Writes a contact sheet PNG.
+asks the judge for shape, object colour, marking and background colour, and reports the
+fraction of images right on each and on all four together. Writes a contact sheet PNG.
 """
 from __future__ import annotations
 
@@ -21,12 +21,14 @@ STEPS = 20
 
 
 def prompt_set(n: int = 48) -> list[dict]:
-    """n prompts covering every shape, colour and background (a fixed, seedless list)."""
+    """n prompts covering every shape, colour, marking and background (a fixed, seedless list)."""
     colors, backgrounds = list(world.OBJECT_COLORS), list(world.BACKGROUND_COLORS)
     out = []
     for i in range(n):
-        a = dict(shape=world.SHAPES[i % 6], object_color=colors[(i * 3 + i // 6) % 8], background_color=backgrounds[(i * 5 + i // 8) % 6])
-        a["prompt"] = f"a {a['object_color']} {a['shape']} on a {a['background_color']} background"
+        a = dict(shape=world.SHAPES[i % 6], object_color=colors[(i * 3 + i // 6) % 8], background_color=backgrounds[(i * 5 + i // 8) % 6],
+                 marking=world.MARKINGS[(i + i // 12) % 4])
+        marking = "" if a["marking"] == "none" else f" with a {a['marking']}"
+        a["prompt"] = f"a {a['object_color']} {a['shape']}{marking} on a {a['background_color']} background"
         out.append(a)
     return out
 
@@ -66,7 +68,7 @@ def evaluate(pipe, judge, n: int = 48, seed: int = 0, sheet: str | None = None) 
     prompts = prompt_set(n)
     images = generate(pipe, [p["prompt"] for p in prompts], seed)
     read = judge.read(images)
-    keys = ("shape", "object_color", "background_color")
+    keys = ("shape", "object_color", "background_color", "marking")
     hits = {k: sum(r[k] == p[k] for r, p in zip(read, prompts)) / n for k in keys}
     hits["all"] = sum(all(r[k] == p[k] for k in keys) for r, p in zip(read, prompts)) / n
     hits["n"] = n
@@ -89,7 +91,7 @@ def main(argv=None):
     if a.json:
         print(json.dumps(result))
     else:
-        for k in ("shape", "object_color", "background_color", "all"):
+        for k in ("shape", "object_color", "background_color", "marking", "all"):
             print(f"{k:>17}: {result[k]:.1%}")
         print(f"{result['n']} images; contact sheet: {a.sheet}")
 
