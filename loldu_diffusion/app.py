@@ -35,7 +35,6 @@ MAX_SLOTS = 6
 MAX_UPLOAD_BYTES = 16 * 2**20
 MAX_HISTORY = 48  # results a session's gallery keeps (the PNGs stay on disk)
 DEFAULT_OUTPUTS = "loldu-outputs"  # beside where the app starts, as A1111's outputs/ folder
-EMBEDDED_CONTEXT = " on a navy background"  # the default prompt's scene on the embedded base
 
 
 @dataclass
@@ -57,6 +56,13 @@ class LoadedAdapter:
 def file_key(path: str) -> str:
     with open(path, "rb") as f:
         return hashlib.sha256(f.read(MAX_UPLOAD_BYTES + 1)).hexdigest()
+
+
+def _first_prompt(preloaded) -> str | None:
+    """The prompt an adapter's trainer validated with (else its trigger): the one it is known to
+    draw its subject for. Added scenery can fail on a small adapter, so none is added."""
+    m = preloaded[2].metadata
+    return m.get("validation_prompt") or m.get("instance_prompt")
 
 
 class Studio:
@@ -81,8 +87,7 @@ class Studio:
                 self.preload.append(self.acquire(p) + (p,))
             except (AdapterFileError, OSError) as e:  # e.g. an adapter of another base: the app starts without it
                 self.preload_errors.append(f"{os.path.basename(p)} is not preloaded: {str(e).splitlines()[0]}")
-        trigger = next((f.metadata.get("instance_prompt") for _, _, f, _ in self.preload if f.metadata.get("instance_prompt")), None)
-        self.default_prompt = default_prompt or trigger or ""
+        self.default_prompt = default_prompt or next(filter(None, map(_first_prompt, self.preload)), "")
 
     def new_session(self) -> "Session":
         s = Session(self)
@@ -483,12 +488,10 @@ def launch(base=None, adapters_dir=None, host="127.0.0.1", port=7860, block=True
                    if f.endswith(".safetensors")] if embedded else []
     studio = Studio(base, adapters_dir, preload=sorted(preload), outputs_dir=outputs)
     studio.trainer = trainer
-    if embedded:
+    if embedded and not studio.default_prompt:  # the bundled adapter could not be preloaded: a first click still draws
         from .toy.concepts import DEFAULT_SUBJECT
 
-        # a scene the instance images do not show: the subject in a new context, the point of DreamBooth
-        # (the class prompt when the bundled adapter could not be preloaded: a first click still draws)
-        studio.default_prompt = (studio.default_prompt or DEFAULT_SUBJECT.class_prompt) + EMBEDDED_CONTEXT
+        studio.default_prompt = DEFAULT_SUBJECT.class_prompt
     for problem in studio.preload_errors:
         print(f"warning: {problem}", file=sys.stderr, flush=True)
     demo = build_ui(studio)

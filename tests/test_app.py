@@ -192,6 +192,13 @@ def test_a_preload_the_base_refuses_is_reported_and_the_app_starts_without_it(ti
     assert list(studio.new_session().loaded) == ["dog"] and adapter_names(studio.pipe) == ["dog"]
 
 
+def test_the_default_prompt_is_the_one_the_adapter_was_validated_with(tiny_sd_path, adapter_dir, tmp_path):
+    f = AdapterFile.read(str(adapter_dir / "dog.safetensors"))
+    f.metadata = {**f.metadata, "validation_prompt": "a photo of sks heart, close up"}
+    f.save(str(tmp_path / "validated.safetensors"))
+    assert Studio(tiny_sd_path, preload=[str(tmp_path / "validated.safetensors")]).default_prompt == "a photo of sks heart, close up"
+
+
 def test_sizes_above_the_native_size_are_refused(session, studio):
     with pytest.raises(ValueError, match=f"above the base model's native {studio.native} px.*choose {studio.native} or less"):
         session.generate(PROMPT, steps=2, size=studio.native * 2)
