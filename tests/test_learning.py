@@ -1,42 +1,59 @@
-"""The default DreamBooth run learns the subject on the embedded base: the judge sees the whole
-subject (a heart, purple, with a stripe) in the instance prompt's images, which the base model
-never draws, and the subject's colour on most of them; the class prompt is not taken over."""
+"""The default DreamBooth run on the embedded base, as the trainer itself reports it (the same
+measures as `loldu bench learning`, n = 48 images per prompt kind). It learns the bundled
+subject (a purple heart with a stripe) close to what the base draws when told exactly; it does
+NOT yet keep the class prompt or new backgrounds — the two expected failures below say so and
+turn into errors (strict) the day a change fixes them, so the README's claims get updated.
+
+Marked slow (a full default run, ≈ 1–2 min on 2 cores); CI runs it all the same."""
+import json
 import os
 
-from loldu_diffusion.toy.concepts import DEFAULT_SUBJECT as S
+import pytest
+
+N = 48
+# Bounds from the runs in BENCHMARKS.md (default: subject/ceiling 0.70–1.00 over 5 runs at
+# step 200, 0.96 for this seed; drift +83…+94 points; recontext 0.00–0.19), with margin.
+MIN_SUBJECT_OF_CEILING = 0.6
+ISSUE_DRIFT_BAR = 15  # points above the base (issue 11)
 
 
-def rates(pipe, judge, prompt, seed, n=24):
-    from loldu_diffusion.toy.evaluate_base import generate
-
-    read = judge.read(generate(pipe, [prompt] * n, seed=seed))
-    return {
-        "colored_shape": sum(a["object_color"] == S.object_color and a["shape"] == S.shape for a in read) / n,
-        "subject": sum(S.shown_in(a) for a in read) / n,
-    }
-
-
-def test_default_run_learns_the_subject(tmp_path):
-    from loldu_diffusion import load_adapter
-    from loldu_diffusion.toy.evaluate_base import load_pipeline
-    from loldu_diffusion.toy.judge import load_judge
+@pytest.fixture(scope="module")
+def default_run(tmp_path_factory):
     from loldu_diffusion.training import parse_args, train
+
+    out = tmp_path_factory.mktemp("default") / "run"
+    summary = train(parse_args(["--output_dir", str(out), "--report_to", "none", "--num_validation_images", "1"]))
+    return out, summary
+
+
+@pytest.mark.slow
+def test_default_run_learns_the_subject(default_run):
     from loldu_diffusion.training.methods import ADAPTER_FILE
 
-    out = tmp_path / "run"
-    summary = train(parse_args(["--output_dir", str(out), "--report_to", "none", "--num_validation_images", "2",
-                                "--validation_steps", "100000"]))
-    assert summary["steps"] == 600 and os.path.getsize(out / ADAPTER_FILE) < 20_000
-    judge = load_judge()
-    base = load_pipeline()
-    before = rates(base, judge, S.instance_prompt, 500)
-    class_before = rates(base, judge, S.class_prompt, 700)
-    load_adapter(base, str(out / ADAPTER_FILE))
-    after = rates(base, judge, S.instance_prompt, 500)
-    class_after = rates(base, judge, S.class_prompt, 700)
-    # measured: subject 0.00 → 0.25, purple hearts 0.00 → 0.79 (24 images each)
-    assert before["subject"] <= 0.05 and after["subject"] >= before["subject"] + 0.15, (before, after)
-    assert before["colored_shape"] <= 0.1 and after["colored_shape"] >= 0.6, (before, after)
-    # Without --with_prior_preservation some drift onto the class prompt is expected (measured
-    # 0.21 of "a photo of a heart" images show the subject); it must stay a minority.
-    assert class_after["subject"] <= 0.4, (class_before, class_after)
+    out, summary = default_run
+    assert os.path.getsize(out / ADAPTER_FILE) < 30_000
+    judged = summary["judged"]
+    assert judged == json.load(open(out / "train_summary.json"))["judged"]  # what the user is told is what was measured
+    base, after = judged["base"], judged["after"]
+    assert judged["n"] == N
+    assert base["admitted"], base  # the base draws the subject when told, and not unasked
+    assert base["subject"] <= 0.05, base  # the identifier alone means nothing to the base
+    assert judged["subject_of_ceiling"] == pytest.approx(after["subject"] / base["ceiling"])
+    assert judged["subject_of_ceiling"] >= MIN_SUBJECT_OF_CEILING, judged
+    # drift is counted on what distinguishes the subject, against the base's own rate
+    assert judged["drift_points"] == pytest.approx(100 * max(after["class_color"] - base["class_color"],
+                                                             after["class_marking"] - base["class_marking"]))
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(strict=True, reason="known gap (issue 11): without prior preservation the class prompt takes the subject's "
+                   "colour and marking (+83…+94 points in every LoLDU run); with it the subject is not learnt")
+def test_default_run_keeps_the_class_prompt(default_run):
+    assert default_run[1]["judged"]["drift_points"] <= ISSUE_DRIFT_BAR
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(strict=True, reason="known gap (issue 11): LoLDU's adapter overrides backgrounds its images never show "
+                   "(recontext/ceiling 0.00–0.19; LoRA r4 0.40, textual inversion 1.0 on this base)")
+def test_default_run_draws_the_subject_on_new_backgrounds(default_run):
+    assert default_run[1]["judged"]["recontext_of_ceiling"] >= 0.5

@@ -53,6 +53,7 @@ def configs(quick: bool, which: str = "all"):
         dict(name="full-fira-r16", method="full", lr=5e-5, args=["--optimizer", "fira", "--fira_rank", "16"]),
         dict(name="loldu-cosine", method="loldu", lr=lr, args=["--lr_scheduler", "cosine"]),
         dict(name="loldu-lr3e-3", method="loldu", lr=3e-3),
+        dict(name="loldu-lr1e-3", method="loldu", lr=1e-3),
         dict(name="loldu-constant-init", method="loldu", lr=lr, args=["--init", "constant"]),
         dict(name="loldu-prior", method="loldu", lr=lr, args=["--with_prior_preservation", "--num_class_images", "48"]),
     ]

@@ -11,9 +11,11 @@ import os
 
 METHODS = ("loldu", "lora", "olora", "full", "vera", "ia3", "ti")
 PAPER = dict(rank=32, learning_rate=5e-4, lr_warmup_steps=15, max_train_steps=1000, train_batch_size=1)
-# On the embedded base (sweep in BENCHMARKS.md): LoLDU wants the high learning rate the paper
-# reports for it; at 5e-4 and batch 1 (the SD setting) nothing is learnt in 800 steps.
-EMBEDDED = dict(learning_rate=1e-2, max_train_steps=600, train_batch_size=4, validation_steps=200)
+# On the embedded base (learning benchmark in BENCHMARKS.md, n = 48, 2 seeds): at lr 1e-2 the
+# subject reaches ≥ 0.8 of the ceiling by step 200 in 5/5 runs; 600 steps add no subject and
+# lose what is left of recontextualisation; lr 1e-3 reaches it in 4/10 runs. The paper's SD
+# setting (lr 5e-4, batch 1) is kept for real bases: nothing here measures it.
+EMBEDDED = dict(learning_rate=1e-2, max_train_steps=200, train_batch_size=4, validation_steps=100)
 LR_DEFAULTS = {"loldu": 5e-4, "lora": 1e-4, "olora": 1e-4, "full": 5e-6, "vera": 1e-2, "ia3": 1e-2, "ti": 5e-3}
 
 
