@@ -11,7 +11,7 @@ from loldu_diffusion import AdapterFile, AdapterFileError, load_adapter, save_ad
 from loldu_diffusion.adapter_file import _group
 from loldu_diffusion.cli import main as loldu
 from test_inject import trained_unet
-from tiny import tiny_unet, unet_inputs
+from tiny import craft, tiny_unet, unet_inputs
 
 SD15_UNET = dict(
     sample_size=64, cross_attention_dim=768, block_out_channels=(320, 640, 1280, 1280), layers_per_block=2,
@@ -25,22 +25,6 @@ def adapter(tmp_path_factory):
     path = str(tmp_path_factory.mktemp("a") / "concept.safetensors")
     save_adapter(unet, path, metadata={"instance_prompt": "a photo of sks star"})
     return path
-
-
-def rewrite(src, dst, tensors=None, meta=None):
-    from safetensors import safe_open
-
-    with safe_open(src, "pt") as f:
-        m = f.metadata()
-    t = load_file(src)
-    if tensors:
-        tensors(t)
-    if meta:
-        loldu_meta = json.loads(m["loldu"])
-        meta(loldu_meta)
-        m["loldu"] = json.dumps(loldu_meta)
-    save_file(t, dst, metadata=m)
-    return dst
 
 
 def assert_refused(path, match, model=None):
@@ -145,37 +129,37 @@ def test_nan_renamed_wrong_shape_wrong_dtype_unknown_version(adapter, tmp_path):
     def nan(t):
         t["unet.delta"][3, 1] = float("nan")
 
-    assert_refused(rewrite(adapter, str(tmp_path / "nan.safetensors"), nan), r"'unet.delta' holds NaN/inf values \(layer")
+    assert_refused(craft(adapter, str(tmp_path / "nan.safetensors"), nan), r"'unet.delta' holds NaN/inf values \(layer")
 
     def inf_d(t):
         t["unet.d"][0, 0] = float("inf")
 
-    assert_refused(rewrite(adapter, str(tmp_path / "infd.safetensors"), inf_d), "'unet.d' holds NaN/inf")
+    assert_refused(craft(adapter, str(tmp_path / "infd.safetensors"), inf_d), "'unet.d' holds NaN/inf")
 
     def rename(t):
         t["unet.deltas"] = t.pop("unet.delta")
 
-    assert_refused(rewrite(adapter, str(tmp_path / "ren.safetensors"), rename), "unexpected tensor 'unet.deltas'")
+    assert_refused(craft(adapter, str(tmp_path / "ren.safetensors"), rename), "unexpected tensor 'unet.deltas'")
 
     def shape(t):
         t["unet.delta"] = t["unet.delta"][:, :2].contiguous()
 
-    assert_refused(rewrite(adapter, str(tmp_path / "shape.safetensors"), shape), r"'unet.pivots' has shape .* expected")
+    assert_refused(craft(adapter, str(tmp_path / "shape.safetensors"), shape), r"'unet.pivots' has shape .* expected")
 
     def dtype(t):
         t["unet.pivots"] = t["unet.pivots"].float()
 
-    assert_refused(rewrite(adapter, str(tmp_path / "dtype.safetensors"), dtype), "'unet.pivots' has dtype torch.float32")
+    assert_refused(craft(adapter, str(tmp_path / "dtype.safetensors"), dtype), "'unet.pivots' has dtype torch.float32")
 
     def version(m):
         m["version"] = 99
 
-    assert_refused(rewrite(adapter, str(tmp_path / "v.safetensors"), meta=version), "version 99 is not supported")
+    assert_refused(craft(adapter, str(tmp_path / "v.safetensors"), meta=version), "version 99 is not supported")
 
     def layers(m):
         m["layers"]["unet"] = dict(list(m["layers"]["unet"].items())[:-1])
 
-    assert_refused(rewrite(adapter, str(tmp_path / "l.safetensors"), meta=layers), r"has shape .* expected \(\d+, rank\)")
+    assert_refused(craft(adapter, str(tmp_path / "l.safetensors"), meta=layers), r"has shape .* expected \(\d+, rank\)")
 
 
 def test_size_limit(adapter):

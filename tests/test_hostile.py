@@ -19,6 +19,7 @@ from loldu_diffusion import AdapterFileError, fuse_loldu, iter_layers, load_adap
 from loldu_diffusion.adapter_file import DELTA_BOUND, MAX_LAYERS, adaptable_layers
 from loldu_diffusion.cli import main as loldu
 from test_cli import trained_adapter, unet_out
+from tiny import craft
 
 
 @pytest.fixture(scope="module")
@@ -26,24 +27,6 @@ def good(tiny_sd_path, tmp_path_factory):
     path = tmp_path_factory.mktemp("good") / "good.safetensors"
     trained_adapter(tiny_sd_path, path, 1)
     return str(path)
-
-
-def craft(src, dst, tensors=None, meta=None, raw=None, extra_meta=None):
-    """A copy of `src` with its tensors / LoLDU metadata / raw metadata string edited."""
-    with safe_open(src, "pt") as f:
-        m = f.metadata()
-    t = load_file(src)
-    if tensors:
-        tensors(t)
-    if meta:
-        lm = json.loads(m["loldu"])
-        meta(lm)
-        m["loldu"] = json.dumps(lm)
-    if raw:
-        m["loldu"] = raw(m["loldu"])
-    m.update(extra_meta or {})
-    save_file(t, dst, metadata=m)
-    return dst
 
 
 def _first_rows(n):

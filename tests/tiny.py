@@ -39,3 +39,27 @@ def unet_inputs(unet, batch=2, seed=1, tokens=7):
     t = torch.tensor([10, 500][:batch])
     c = torch.randn(batch, tokens, unet.config.cross_attention_dim, generator=g)
     return x, t, c
+
+
+def craft(src, dst, tensors=None, meta=None, raw=None, extra_meta=None):
+    """A copy of adapter file `src` at `dst` with its tensors / LoLDU metadata / raw metadata
+    string edited in place by the given functions (how the tests make broken files)."""
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    with safe_open(src, "pt") as f:
+        m = f.metadata()
+    t = load_file(src)
+    if tensors:
+        tensors(t)
+    if meta:
+        lm = json.loads(m["loldu"])
+        meta(lm)
+        m["loldu"] = json.dumps(lm)
+    if raw:
+        m["loldu"] = raw(m["loldu"])
+    m.update(extra_meta or {})
+    save_file(t, dst, metadata=m)
+    return dst
