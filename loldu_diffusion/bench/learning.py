@@ -24,8 +24,9 @@ import types
 import torch
 from tqdm.auto import tqdm
 
-from ..toy.concepts import BENCH_SUBJECTS, HELD_OUT_SUBJECTS, UNSEEN_BACKGROUNDS, admission, render_subject
+from ..toy.concepts import BENCH_SUBJECTS, HELD_OUT_SUBJECTS, UNSEEN_BACKGROUNDS, explicit_rate, is_admitted, render_subject
 from ..training.args import EMBEDDED
+from ..training.report import write_json
 
 CHECKPOINTS = (50, 100, 200, 300)
 LEARNT = 0.8  # of the ceiling
@@ -71,9 +72,13 @@ def _rate(hits) -> float:
     return sum(hits) / len(hits)
 
 
+def _unseen_backgrounds(n: int) -> list[str]:
+    return [UNSEEN_BACKGROUNDS[i % len(UNSEEN_BACKGROUNDS)] for i in range(n)]
+
+
 def judge_model(pipe, judge, subject, n: int, seed: int = 1000) -> dict:
     """The four measures of a (possibly adapted) pipeline, n images each."""
-    bgs = [UNSEEN_BACKGROUNDS[i % len(UNSEEN_BACKGROUNDS)] for i in range(n)]
+    bgs = _unseen_backgrounds(n)
     prompts = [subject.instance_prompt] * n + [subject.prompt_on(b) for b in bgs] + [subject.class_prompt] * n
     read = judge_prompts(pipe, judge, prompts, seed)
     inst, ctx, cls = read[:n], read[n : 2 * n], read[2 * n :]
@@ -87,13 +92,14 @@ def judge_model(pipe, judge, subject, n: int, seed: int = 1000) -> dict:
 
 
 def base_rates(pipe, judge, subject, n: int, seed: int = 1000) -> dict:
-    """The untrained base on the judged prompts, its ceiling (told exactly) and admission."""
-    bgs = [UNSEEN_BACKGROUNDS[i % len(UNSEEN_BACKGROUNDS)] for i in range(n)]
+    """The untrained base on the judged prompts, its ceiling (told exactly) and admission. The
+    class-prompt images judged here are the ones admission counts (not a second set)."""
+    bgs = _unseen_backgrounds(n)
     read = judge_prompts(pipe, judge, [subject.description_on(b) for b in bgs], seed + 30_000)
     out = judge_model(pipe, judge, subject, n, seed)
     out["ceiling_recontext"] = _rate(subject.shown_in(a) and a["background_color"] == b for a, b in zip(read, bgs))
-    adm = admission(pipe, judge, subject, n)
-    out["ceiling"], out["admitted"] = adm["explicit"], adm["admitted"]
+    out["ceiling"] = explicit_rate(pipe, judge, subject, n)
+    out["admitted"] = is_admitted(out["ceiling"], out["class_subject"])
     return out
 
 
@@ -180,6 +186,7 @@ def run_plan(plan: list[tuple[str, str, int]], steps: int = CHECKPOINTS[-1], n: 
               "held_out": list(dict.fromkeys(p[1] for p in plan if subjects[p[1]] in HELD_OUT_SUBJECTS)),
               "configs": list(dict.fromkeys(p[0] for p in plan))}
     partial = os.path.join(out_dir, "learning_partial.json")
+    os.makedirs(out_dir, exist_ok=True)
     with tempfile.TemporaryDirectory() as work:
         for cfg_name, ident, seed in tqdm(plan, desc="learning runs"):
             subject = subjects[ident]
@@ -192,18 +199,9 @@ def run_plan(plan: list[tuple[str, str, int]], steps: int = CHECKPOINTS[-1], n: 
                 render_subject(subject, inst)
             result["runs"].append(run_one(by_name[cfg_name], subject, seed, inst, work, steps, checkpoints, n, judge))
             if not quick:
-                _write_json(partial, result)
+                write_json(partial, result)
     result["summary"] = summarize(result)
     return result
-
-
-def _write_json(path: str, data: dict) -> None:
-    import json
-
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path + ".tmp", "w") as f:
-        json.dump(data, f)
-    os.replace(path + ".tmp", path)
 
 
 def merge(paths: list[str]) -> dict:

@@ -63,16 +63,28 @@ UNSEEN_BACKGROUNDS = tuple(b for b in world.BACKGROUND_COLORS if b not in TRAIN_
 ADMIT_EXPLICIT, ADMIT_CLASS = 0.8, 0.05
 
 
+def is_admitted(explicit: float, class_rate: float) -> bool:
+    """The admission rule: told exactly, the base shows the whole subject in ≥ 80 % of images;
+    from the class prompt, in ≤ 5 %."""
+    return explicit >= ADMIT_EXPLICIT and class_rate <= ADMIT_CLASS
+
+
 @torch.no_grad()
-def admission(pipe, judge, subject: Subject, n: int = 48, seed: int = 5000) -> dict:
-    """Can the base draw the subject at all, and does it not already draw it unasked? Given the
-    explicit description, the whole subject in ≥ 80 % of n images; given the class prompt, ≤ 5 %."""
+def explicit_rate(pipe, judge, subject: Subject, n: int = 48, seed: int = 5000) -> float:
+    """How often the base shows the whole subject when told exactly: the subject's ceiling."""
     from .evaluate_base import generate
 
-    explicit = judge.read(generate(pipe, [subject.description] * n, seed))
+    return sum(map(subject.shown_in, judge.read(generate(pipe, [subject.description] * n, seed)))) / n
+
+
+@torch.no_grad()
+def admission(pipe, judge, subject: Subject, n: int = 48, seed: int = 5000) -> dict:
+    """Can the base draw the subject at all, and does it not already draw it unasked?"""
+    from .evaluate_base import generate
+
     cls = judge.read(generate(pipe, [subject.class_prompt] * n, seed + 1))
-    r = {"explicit": sum(map(subject.shown_in, explicit)) / n, "class": sum(map(subject.shown_in, cls)) / n, "n": n}
-    r["admitted"] = r["explicit"] >= ADMIT_EXPLICIT and r["class"] <= ADMIT_CLASS
+    r = {"explicit": explicit_rate(pipe, judge, subject, n, seed), "class": sum(map(subject.shown_in, cls)) / n, "n": n}
+    r["admitted"] = is_admitted(r["explicit"], r["class"])
     return r
 
 
