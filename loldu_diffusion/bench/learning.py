@@ -57,6 +57,11 @@ def configs(quick: bool, which: str = "all"):
         dict(name="loldu-lr1e-3", method="loldu", lr=1e-3),
         dict(name="loldu-constant-init", method="loldu", lr=lr, args=["--init", "constant"]),
         dict(name="loldu-prior", method="loldu", lr=lr, args=["--with_prior_preservation", "--num_class_images", "48"]),
+        # against drift: the text encoder sees "sks" before "heart" (causal attention), the UNet only the result
+        dict(name="loldu-text-encoder", method="loldu", lr=lr, args=["--train_text_encoder"]),
+        dict(name="loldu-text-encoder-prior", method="loldu", lr=lr,
+             args=["--train_text_encoder", "--with_prior_preservation", "--num_class_images", "48"]),
+        dict(name="loldu-r8", method="loldu", lr=lr, args=["--rank", "8"]),
     ]
 
 
