@@ -11,6 +11,13 @@ That sum is cached: it is recomputed only when the adapters, their weights or th
 change (tensor version counters), and computed live, with gradients, only while one of the
 active adapters trains. A blend of 16 loaded adapters then costs one adapter per forward.
 
+Serving: per-sample blends (`sample_weights`, one blend per sample of the batch) give each
+sample its own δ in the same call, h_b = W x_b + L̃ (δ_b ⊙ (U_r x_b)): batch row j uses sample
+j mod S, so a classifier-free-guidance batch [uncond; cond] maps both halves to the same δ_b.
+
+`refresh()` brings the cached blends up to date; the forward calls it when eager, and
+`compile.compile_unet` calls it before every compiled forward, which then only reads tensors.
+
 Fusing keeps a CPU copy of the weight it changes, and unfusing restores that copy: W + Δ − Δ
 is not W in floating point, and a served base must come back bit for bit whatever was fused.
 """
@@ -84,10 +91,13 @@ class LoLDULayer(nn.Module):
         self.enabled = True
         self.fused_delta: torch.Tensor | None = None
         self._saved_weight: torch.Tensor | None = None  # the base weight as it was before fuse
-        self._plan = None  # (active [(vector, weight)], trainable?) until adapters or weights change
+        self._sample_weights: list[dict[str, float]] | None = None  # one blend per sample, while serving a batch
+        self._plan = None  # (shared active, per-sample actives, their values) until adapters or weights change
         self._cache_key = None  # version counters of the active values when the cache was computed
-        # a buffer so that .to() / .half() move it with the factors; never saved
-        self.register_buffer("_delta_cache", None, persistent=False)
+        self._live = False  # an active adapter trains: blends are computed in the forward
+        # buffers so that .to() / .half() move them with the factors; never saved
+        self.register_buffer("_delta_cache", None, persistent=False)  # (r,) the shared blend
+        self.register_buffer("_sample_cache", None, persistent=False)  # (S, r) one blend per sample
         self._set_factors(rank, factors)
 
     @property
@@ -100,8 +110,18 @@ class LoLDULayer(nn.Module):
         self._weights = {str(n): float(w) for n, w in weights.items()}
         self._invalidate()
 
+    @property
+    def sample_weights(self):
+        """One blend {adapter name: weight} per sample, or None (every sample uses `weights`)."""
+        return self._sample_weights
+
+    @sample_weights.setter
+    def sample_weights(self, blends) -> None:
+        self._sample_weights = None if blends is None else [{str(n): float(w) for n, w in b.items()} for b in blends]
+        self._invalidate()
+
     def _invalidate(self) -> None:
-        self._plan, self._cache_key, self._delta_cache = None, None, None
+        self._plan, self._cache_key, self._delta_cache, self._sample_cache = None, None, None, None
 
     def _apply(self, fn, *args, **kwargs):  # .to(), .half(), …: the plan's tensors may be new ones
         self._invalidate()
@@ -146,43 +166,92 @@ class LoLDULayer(nn.Module):
         self._weights.pop(name, None)
         self._invalidate()
 
-    def delta_vector(self) -> torch.Tensor | None:
-        """Σ_a w_a δ_a, zero-padded to the largest active rank: (r,) or None. Cached unless an
-        active adapter trains."""
+    def _active(self, weights: dict[str, float]) -> list:
+        return [(self.adapters[n], w) for n, w in weights.items() if w != 0.0 and n in self.adapters]
+
+    def refresh(self) -> None:
+        """Recompute the cached blends if adapters, weights or values changed (eager only)."""
         if self._plan is None:
-            active = [(self.adapters[n], w) for n, w in self._weights.items() if w != 0.0 and n in self.adapters]
-            self._plan = (active, [t for v, _ in active for t in (v.z, v.sigma)])
-        active, values = self._plan
-        if not active:
-            return None
-        if any(t.requires_grad for t in values):
-            return self._blend(active)  # live: gradients reach what trains
+            active = self._active(self._weights)
+            samples = None if self._sample_weights is None else [self._active(b) for b in self._sample_weights]
+            vecs = {id(v): v for a in [active] + (samples or []) for v, _ in a}.values()
+            values = [t for v in vecs for t in (v.z, v.sigma)]
+            self._plan = (active, samples, values)
+            self._cache_key = None
+        active, samples, values = self._plan
+        self._live = any(t.requires_grad for t in values)  # read each time: a trainer may freeze or unfreeze
+        if self._live:
+            return  # computed in the forward, with gradients to what trains
         key = [t._version for t in values]  # in-place edits of an adapter's values bump these
-        if self._delta_cache is None or key != self._cache_key:
+        if key != self._cache_key:
             with torch.no_grad():
-                self._delta_cache = self._blend(active)
+                self._delta_cache = self._blend(active) if active else None
+                self._sample_cache = None if samples is None else self._stack(samples)
             self._cache_key = key
+
+    def delta_vector(self) -> torch.Tensor | None:
+        """Σ_a w_a δ_a of the shared blend, zero-padded to the largest active rank: (r,) or None.
+        Cached unless an active adapter trains."""
+        if not torch.compiler.is_compiling():
+            self.refresh()
+        active = self._plan[0]
+        if self._live:
+            return self._blend(active) if active else None
         return self._delta_cache
 
-    def _blend(self, active) -> torch.Tensor:
+    def sample_deltas(self) -> torch.Tensor | None:
+        """(S, r): one blended δ per sample (zero rows for samples without an adapter), or None
+        when no per-sample blends are set or none of them touches this layer."""
+        if not torch.compiler.is_compiling():
+            self.refresh()
+        samples = self._plan[1]
+        return self._stack(samples) if self._live and samples is not None else self._sample_cache
+
+    def _stack(self, samples) -> torch.Tensor | None:
+        if not any(samples):
+            return None
+        rank = max(v.rank for a in samples for v, _ in a)
+        rows = [F.pad(self._blend(a), (0, rank - self._blend_rank(a))) if a else self.L.new_zeros(rank) for a in samples]
+        return torch.stack(rows)  # (S, rank)
+
+    @staticmethod
+    def _blend_rank(active) -> int:
+        return max(v.rank for v, _ in active)
+
+    def _blend(self, active) -> torch.Tensor:  # (max rank of active,)
         if len(active) == 1:
             vec, w = active[0]
             return vec.delta() if w == 1.0 else w * vec.delta()
-        total = torch.zeros(max(v.rank for v, _ in active), device=self.L.device)
+        total = torch.zeros(self._blend_rank(active), device=self.L.device)
         for vec, w in active:
             total = total + F.pad(w * vec.delta(), (0, total.shape[0] - vec.rank))
         return total
 
     def forward(self, x: torch.Tensor) -> torch.Tensor | None:
-        """The side path L̃ (δ ⊙ (U_r x)) for x (..., in), or None when there is nothing to add."""
+        """The side path L̃ (δ ⊙ (U_r x)) for x (R, ..., in), or None when there is nothing to add."""
         if not self.enabled or self.fused_delta is not None:
             return None
+        if self._sample_weights is not None:
+            return self._forward_samples(x)
         delta = self.delta_vector()
         if delta is None:
             return None
         r = delta.shape[0]
         h = F.linear(x.to(self.U.dtype), self.U[:r]) * delta  # (..., r)
         return F.linear(h, self.L[:, :r]).to(x.dtype)  # (..., out)
+
+    def _forward_samples(self, x: torch.Tensor) -> torch.Tensor | None:
+        deltas = self.sample_deltas()  # (S, r)
+        if deltas is None:
+            return None
+        (n_samples, r), rows = deltas.shape, x.shape[0]
+        if rows % n_samples:
+            raise ValueError(f"a batch of {rows} rows for {n_samples} per-sample adapter blends: give one blend per "
+                             "image (one prompt per blend, num_images_per_prompt=1)")
+        # row j → sample j mod S: [uncond; cond] halves of a guidance batch share their sample's δ
+        d = deltas.repeat(rows // n_samples, 1).view(rows, *([1] * (x.ndim - 2)), r)  # (R, 1…, r)
+        h = F.linear(x.to(self.U.dtype), self.U[:r]) * d  # (R, ..., r)
+        return F.linear(h, self.L[:, :r]).to(x.dtype)  # (R, ..., out)
 
     def delta_weight(self, delta: torch.Tensor) -> torch.Tensor:
         r = delta.shape[0]
@@ -194,6 +263,8 @@ class LoLDULayer(nn.Module):
         result does not fit the weight's dtype."""
         if self.fused_delta is not None:
             return
+        if self._sample_weights is not None:
+            raise RuntimeError("per-sample adapter blends are set: a fused weight would serve one blend to every sample")
         delta = self.delta_vector()
         if delta is None or not self.enabled:
             return
