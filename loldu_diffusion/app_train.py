@@ -124,7 +124,8 @@ class Trainer:
         ValueError for what the user must fix, or when another training runs."""
         from .training import parse_args
         from .training.args import resolve_defaults
-        from .training.loop import TrainingError, check_inputs
+        from .training.args import check_inputs
+        from .training.errors import TrainingError
 
         trigger, noun = (trigger or "").strip(), (noun or "").strip()
         if not trigger or not noun:

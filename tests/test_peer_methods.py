@@ -9,7 +9,7 @@ import torch
 
 from loldu_diffusion.training import parse_args, train
 from loldu_diffusion.training.args import resolve_defaults
-from loldu_diffusion.training.loop import load_models, make_pipeline
+from loldu_diffusion.training.models import load_models, make_pipeline
 from loldu_diffusion.training.methods import make_method
 
 

@@ -196,7 +196,7 @@ def test_two_processes_stay_in_sync_and_write_once(tiny_sd_path, concept_dir, tm
 
 def test_mixed_precision_casts_the_base_but_not_the_adapter():
     from loldu_diffusion import LoLDUConfig, inject_loldu, iter_layers, loldu_parameters
-    from loldu_diffusion.training.loop import cast_frozen
+    from loldu_diffusion.training.models import cast_frozen
     from tiny import tiny_unet
 
     unet = tiny_unet()

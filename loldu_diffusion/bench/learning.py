@@ -112,7 +112,7 @@ def judge_output(args, method, subject, n: int = 48) -> dict:
     """What the trainer reports after training a toy-world subject on the embedded base: the same
     measures as the benchmark, for the output it just wrote."""
     from ..toy.judge import load_judge
-    from ..training.loop import load_models, make_pipeline
+    from ..training.models import load_models, make_pipeline
 
     judge = load_judge()
     m = load_models(args)
@@ -130,7 +130,8 @@ def run_one(cfg, subject, seed, instance_dir, work, steps, checkpoints, n, judge
 
     from ..training import parse_args, train
     from ..training.args import resolve_defaults
-    from ..training.loop import TRAINABLE_FILE, load_models, make_pipeline
+    from ..training.checkpoints import TRAINABLE_FILE
+    from ..training.models import load_models, make_pipeline
     from ..training.methods import make_method
 
     out = os.path.join(work, f"{cfg['name']}-{subject.identifier}-{seed}")

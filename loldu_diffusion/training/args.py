@@ -108,10 +108,12 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def resolve_defaults(args: argparse.Namespace) -> argparse.Namespace:
-    """Fill the None defaults from the base (embedded or real) and the method."""
+    """A copy of `args` with the None defaults filled from the base (embedded or real) and the
+    method. The caller's namespace is not changed, and resolving twice gives the same."""
     from ..toy import default_base_path, default_concept_path
     from ..toy.concepts import DEFAULT_SUBJECT
 
+    args = argparse.Namespace(**vars(args))
     given = args.pretrained_model_name_or_path
     args.embedded = given is None or (os.path.isdir(given) and os.path.isdir(default_base_path()) and os.path.samefile(given, default_base_path()))
     if args.embedded:
@@ -156,3 +158,34 @@ def resolve_defaults(args: argparse.Namespace) -> argparse.Namespace:
     if args.method != "full" and args.optimizer == "fira":
         raise ValueError("--optimizer fira is for --method full (full fine-tuning); adapters train with AdamW")
     return args
+
+
+def check_inputs(args: argparse.Namespace) -> argparse.Namespace:
+    """What can be checked before anything heavy loads (and before accelerate starts), so that
+    a mistake costs seconds, not a model load. Returns a copy with `model_path`: the local
+    folder --pretrained_model_name_or_path resolves to."""
+    from .errors import TrainingError
+    from .models import resolve_model_path
+
+    if args.resolution is not None and args.resolution < 1:
+        raise TrainingError(f"--resolution {args.resolution}: must be a positive size in pixels (e.g. 512 for SD 1.5); "
+                            "leave it out for the base model's native size")
+    folder = args.instance_data_dir
+    if not os.path.isdir(folder):
+        raise TrainingError(f"--instance_data_dir {folder!r}: no such folder")
+    return argparse.Namespace(**vars(args) | {"model_path": resolve_model_path(args)})
+
+
+def settle_schedule(args: argparse.Namespace, n_images: int, num_processes: int) -> argparse.Namespace:
+    """A copy with what depends on the data and the processes: max_train_steps from
+    --num_train_epochs when only that is given, and `optimizer_lr` (--learning_rate, times the
+    effective batch under --scale_lr, as diffusers does). The summary keeps --learning_rate."""
+    import math
+
+    steps = args.max_train_steps
+    if steps is None:
+        steps = args.num_train_epochs * math.ceil(n_images / args.train_batch_size / num_processes)
+    lr = args.learning_rate
+    if args.scale_lr:
+        lr = lr * args.gradient_accumulation_steps * args.train_batch_size * num_processes
+    return argparse.Namespace(**vars(args) | {"max_train_steps": steps, "optimizer_lr": lr})

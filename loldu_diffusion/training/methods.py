@@ -4,6 +4,8 @@
     trainable_state(models)  the tensors a checkpoint must hold to resume exactly
     load_trainable_state(models, tensors)
     save(models, out_dir, metadata) → written paths (the method's natural output)
+    load_output(pipe, out_dir)   apply what `save` wrote to a pristine base pipeline
+    trains_text_encoder      whether the text encoder(s) run with gradients
 
 `models` is a SimpleNamespace with unet, text_encoder, (text_encoder_2) and, for saving,
 the path of the base model.
@@ -34,6 +36,7 @@ class LoLDUMethod:
 
     def __init__(self, args):
         self.args = args
+        self.trains_text_encoder = args.train_text_encoder
         self.config = LoLDUConfig(
             rank=args.rank, alpha=args.alpha, init=args.init, unet_targets=args.unet_targets,
             text_encoder_targets=args.text_encoder_targets if args.train_text_encoder else None,
@@ -78,6 +81,7 @@ class LoRAMethod:
     def __init__(self, args):
         self.args = args
         self.name = args.method
+        self.trains_text_encoder = args.train_text_encoder
         self.init = "olora" if args.method == "olora" else "gaussian"
         self.initial = {}
 
@@ -174,6 +178,7 @@ class FullMethod:
     projections: the check that a base lets a subject flow through attention)."""
 
     name = "full"
+    trains_text_encoder = False
 
     def __init__(self, args):
         self.args = args
@@ -213,6 +218,7 @@ class PeftVectorMethod:
     Peers in the learning benchmark; their output is PEFT's state dict in safetensors."""
 
     FILE = "peft_adapter.safetensors"
+    trains_text_encoder = False
 
     def __init__(self, args):
         self.args = args
@@ -329,11 +335,13 @@ def make_method(args):
             "vera": PeftVectorMethod, "ia3": PeftVectorMethod, "ti": TextualInversionMethod}[args.method](args)
 
 
-def make_optimizer(args, params):
+def make_optimizer(args, params, lr: float):
+    """AdamW (or Fira for full fine-tuning) over `params` at `lr` (the settled learning rate:
+    --learning_rate, times the batch under --scale_lr)."""
     if args.method == "full" and args.optimizer == "fira":
         from ..fira import Fira
 
-        return Fira(params, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon,
+        return Fira(params, lr=lr, betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon,
                     weight_decay=args.adam_weight_decay, rank=args.fira_rank,
                     update_proj_gap=args.fira_update_proj_gap, alpha=args.fira_alpha)
     cls = torch.optim.AdamW
@@ -344,5 +352,5 @@ def make_optimizer(args, params):
             cls = bnb.optim.AdamW8bit
         except ImportError:
             print("--use_8bit_adam: bitsandbytes is not installed; using torch.optim.AdamW")
-    return cls(params, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
+    return cls(params, lr=lr, betas=(args.adam_beta1, args.adam_beta2),
                weight_decay=args.adam_weight_decay, eps=args.adam_epsilon)

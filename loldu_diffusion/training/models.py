@@ -1,0 +1,252 @@
+"""The base model, as the trainer sees it: where it is, how it loads, how a prompt conditions it,
+how it draws. One class per model family (kohya's `load_target_model` / `call_unet` hooks):
+SD 1.x/2.x and SDXL differ only in their text encoders and the UNet's extra conditioning, so
+adding a family means one subclass of `StableDiffusion` and one line in `family_of`."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import types
+
+import torch
+from tqdm.auto import tqdm
+
+from ..model import iter_layers
+from ..quiet import no_loading_bars
+from .data import read_images
+from .errors import TrainingError
+
+SINGLE_FILE = (".safetensors", ".ckpt", ".pt", ".pth", ".bin", ".sft")
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def resolve_model_path(args) -> str:
+    """The local diffusers folder for --pretrained_model_name_or_path, found before anything
+    heavy loads; each way the flag can be wrong has its own sentence."""
+    flag, given = "--pretrained_model_name_or_path", args.pretrained_model_name_or_path
+    if os.path.isfile(given):
+        if given.lower().endswith(SINGLE_FILE):
+            out = os.path.splitext(given)[0] + "-diffusers"
+            raise TrainingError(f"{flag} {given}: a single-file checkpoint, and loading those is not supported yet; convert it once with "
+                                f"python -c \"from diffusers import StableDiffusionPipeline as P; P.from_single_file('{given}').save_pretrained('{out}')\" "
+                                f"(StableDiffusionXLPipeline for SDXL) and pass {out}")
+        raise TrainingError(f"{flag} {given}: a file, not a diffusers model folder (a folder with model_index.json)")
+    if os.path.isdir(given):
+        return given
+    if not HUB_ID.match(given):
+        raise TrainingError(f"{flag} {given}: no such folder")
+    return hub_snapshot(given, args)
+
+
+def hub_snapshot(repo_id: str, args) -> str:
+    """A Hugging Face Hub id: its cached snapshot, else a download; one line if neither works."""
+    from diffusers import DiffusionPipeline
+    from huggingface_hub import constants
+
+    kw = dict(revision=args.revision, variant=args.variant)
+    try:
+        return DiffusionPipeline.download(repo_id, local_files_only=True, **kw)
+    except Exception:  # noqa: BLE001 — not (fully) cached: try the Hub below
+        pass
+    where = (f"--pretrained_model_name_or_path {repo_id}: no such folder, and as a Hugging Face Hub id it is not in the local cache "
+             f"({constants.HF_HUB_CACHE})")
+    fix = f"download it where there is network (huggingface-cli download {repo_id}) or pass a local diffusers folder"
+    if constants.HF_HUB_OFFLINE:
+        raise TrainingError(f"{where} and HF_HUB_OFFLINE is set: {fix}")
+    from huggingface_hub import model_info
+    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
+
+    try:
+        model_info(repo_id, revision=args.revision, timeout=15)
+    except GatedRepoError:
+        raise TrainingError(f"{where}, and it is gated: accept its license on huggingface.co, then huggingface-cli login") from None
+    except RepositoryNotFoundError:
+        raise TrainingError(f"{where}, and the Hub has no such model (or it is private: huggingface-cli login)") from None
+    except Exception:  # noqa: BLE001 — connection errors differ between huggingface_hub releases
+        raise TrainingError(f"{where}, and the Hub cannot be reached (no network?): {fix}") from None
+    try:
+        return DiffusionPipeline.download(repo_id, **kw)
+    except Exception as e:  # noqa: BLE001
+        raise TrainingError(f"--pretrained_model_name_or_path {repo_id}: the download failed: {(str(e).splitlines() or [''])[0]}") from None
+
+
+class StableDiffusion:
+    """SD 1.x / 2.x: one CLIP text encoder whose last hidden state conditions the UNet."""
+
+    xl = False
+
+    def load_text_encoders(self, m, path, args, kw) -> None:
+        from transformers import AutoTokenizer, CLIPTextModel
+
+        m.tokenizer = AutoTokenizer.from_pretrained(path, subfolder="tokenizer", use_fast=False, **kw)
+        m.text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", variant=args.variant, torch_dtype=torch.float32, **kw)
+        m.tokenizer_2 = m.text_encoder_2 = None
+
+    def encode_prompts(self, m, prompts: list[str], device, resolution: int, encoders=None):
+        """(encoder_hidden_states [B, 77, D], added_cond_kwargs or None). `encoders` replaces
+        (text_encoder, text_encoder_2) when they train: the process-synchronised wrappers."""
+        te1, _ = encoders or (m.text_encoder, m.text_encoder_2)
+        return te1(_token_ids(m.tokenizer, prompts, device))[0], None
+
+    def call_unet(self, unet, noisy, t, hidden, added):
+        return unet(noisy, t, hidden, added_cond_kwargs=added).sample
+
+    def pipeline_components(self, m) -> dict:
+        return dict(text_encoder=m.text_encoder, tokenizer=m.tokenizer, safety_checker=None, feature_extractor=None,
+                    requires_safety_checker=False)
+
+
+class StableDiffusionXL(StableDiffusion):
+    """SDXL: two text encoders (penultimate hidden states concatenated) and the pooled text
+    embedding plus size/crop ids as the UNet's added conditioning."""
+
+    xl = True
+
+    def load_text_encoders(self, m, path, args, kw) -> None:
+        from transformers import AutoTokenizer, CLIPTextModelWithProjection
+
+        super().load_text_encoders(m, path, args, kw)
+        m.tokenizer_2 = AutoTokenizer.from_pretrained(path, subfolder="tokenizer_2", use_fast=False, **kw)
+        m.text_encoder_2 = CLIPTextModelWithProjection.from_pretrained(path, subfolder="text_encoder_2", variant=args.variant,
+                                                                       torch_dtype=torch.float32, **kw)
+
+    def encode_prompts(self, m, prompts, device, resolution, encoders=None):
+        te1, te2 = encoders or (m.text_encoder, m.text_encoder_2)
+        hidden, pooled = [], None
+        for tok, enc in ((m.tokenizer, te1), (m.tokenizer_2, te2)):
+            out = enc(_token_ids(tok, prompts, device), output_hidden_states=True)
+            hidden.append(out.hidden_states[-2])
+            pooled = out[0]  # text_embeds of the projection encoder (the second one)
+        time_ids = torch.tensor([[resolution, resolution, 0, 0, resolution, resolution]], device=device, dtype=pooled.dtype)
+        return torch.cat(hidden, dim=-1), {"text_embeds": pooled, "time_ids": time_ids.repeat(len(prompts), 1)}
+
+    def pipeline_components(self, m) -> dict:
+        return dict(text_encoder=m.text_encoder, tokenizer=m.tokenizer, text_encoder_2=m.text_encoder_2, tokenizer_2=m.tokenizer_2)
+
+
+def _token_ids(tok, prompts, device):
+    return tok(prompts, padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt").input_ids.to(device)
+
+
+def family_of(index: dict) -> StableDiffusion:
+    """The family of a diffusers folder, from its model_index.json."""
+    return StableDiffusionXL() if index.get("text_encoder_2") and index["text_encoder_2"][0] else StableDiffusion()
+
+
+def load_models(args, path: str | None = None):
+    """The frozen base: tokenizers, text encoders, VAE, UNet and noise scheduler, in fp32."""
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+
+    path = path or getattr(args, "model_path", None) or args.pretrained_model_name_or_path
+    index_path = os.path.join(path, "model_index.json")
+    if not os.path.isfile(index_path):
+        raise TrainingError(f"--pretrained_model_name_or_path {args.pretrained_model_name_or_path}: not a diffusers model folder "
+                            "(no model_index.json); a single-file checkpoint needs converting first (see the README)")
+    with open(index_path) as f:
+        index = json.load(f)
+    kw = dict(revision=args.revision)
+    family = family_of(index)
+    m = types.SimpleNamespace(family=family, xl=family.xl, path=path, index=index)
+    try:
+        family.load_text_encoders(m, path, args, kw)
+        m.vae = AutoencoderKL.from_pretrained(path, subfolder="vae", variant=args.variant, torch_dtype=torch.float32, **kw)
+        m.unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", variant=args.variant, torch_dtype=torch.float32, **kw)
+        m.noise_scheduler = DDPMScheduler.from_pretrained(path, subfolder="scheduler", **kw)
+    except (OSError, ValueError) as e:
+        raise TrainingError(f"--pretrained_model_name_or_path {path}: could not load the model: {str(e).splitlines()[0]}") from None
+    for mod in frozen_modules(m):
+        mod.requires_grad_(False)
+        mod.eval()
+    m.vae_scale = 2 ** (len(m.vae.config.block_out_channels) - 1)
+    return m
+
+
+def frozen_modules(m) -> list[torch.nn.Module]:
+    return [mod for mod in (m.vae, m.text_encoder, m.text_encoder_2, m.unet) if mod is not None]
+
+
+def native_resolution(m) -> int:
+    return m.unet.config.sample_size * m.vae_scale
+
+
+def cast_frozen(module: torch.nn.Module, dtype: torch.dtype) -> None:
+    """Cast the frozen base weights to `dtype`; trainable values and LoLDU factors stay fp32."""
+    keep = set()
+    for *_, layer in iter_layers(module):
+        keep |= {id(t) for t in list(layer.parameters()) + list(layer.buffers())}
+    for p in module.parameters():
+        if not p.requires_grad and id(p) not in keep and p.is_floating_point():
+            p.data = p.data.to(dtype)
+    for mod in module.modules():
+        for name, b in list(mod._buffers.items()):
+            if b is not None and b.is_floating_point() and id(b) not in keep:
+                mod._buffers[name] = b.to(dtype)
+
+
+def encode_prompts(m, prompts: list[str], device, resolution: int, encoders=None):
+    return m.family.encode_prompts(m, prompts, device, resolution, encoders)
+
+
+class PromptEncoder:
+    """Conditioning for a batch of captions. A frozen text encoder gives each caption the same
+    embedding every step, so it is computed once; a training one runs every step."""
+
+    def __init__(self, m, device, resolution: int, train_encoders=None):
+        self.m, self.device, self.resolution, self.train_encoders = m, device, resolution, train_encoders
+        self.cache = {}
+
+    def __call__(self, captions: list[str]):
+        if self.train_encoders:
+            return encode_prompts(self.m, captions, self.device, self.resolution, self.train_encoders)
+        missing = [c for c in dict.fromkeys(captions) if c not in self.cache]
+        if missing:
+            with torch.no_grad():
+                hid, added = encode_prompts(self.m, missing, self.device, self.resolution)
+            for i, c in enumerate(missing):
+                self.cache[c] = (hid[i], None if added is None else {k: v[i] for k, v in added.items()})
+        hid = torch.stack([self.cache[c][0] for c in captions])
+        first = self.cache[captions[0]][1]
+        added = None if first is None else {k: torch.stack([self.cache[c][1][k] for c in captions]) for k in first}
+        return hid, added
+
+
+def make_pipeline(m, unet, args):
+    from diffusers import DiffusionPipeline
+
+    comps = dict(unet=unet, vae=m.vae, **m.family.pipeline_components(m))
+    with no_loading_bars():  # only the scheduler is read from disk: no bar nested in the training bar
+        pipe = DiffusionPipeline.from_pretrained(m.path, revision=args.revision, torch_dtype=unet.dtype, **comps)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@torch.no_grad()
+def generate(pipe, prompt: str, n: int, seed: int, args, resolution: int, desc=None):
+    """n images of one prompt; image i uses seed + i whatever the batching."""
+    images = []
+    chunk = 8
+    for start in tqdm(range(0, n, chunk), desc=desc, disable=desc is None, leave=False):
+        gens = [torch.Generator("cpu").manual_seed(seed + i) for i in range(start, min(n, start + chunk))]
+        images += pipe(prompt, num_images_per_prompt=len(gens), num_inference_steps=args.num_inference_steps,
+                       guidance_scale=args.guidance_scale, generator=gens, height=resolution, width=resolution).images
+    return images
+
+
+@torch.no_grad()
+def ensure_class_images(args, accelerator, m, resolution):
+    """Generate the missing class images with the base model (main process; others wait)."""
+    os.makedirs(args.class_data_dir, exist_ok=True)
+    have, _ = read_images(args.class_data_dir, "--class_data_dir")
+    missing = args.num_class_images - len(have)
+    if missing > 0 and accelerator.is_main_process:
+        pipe = make_pipeline(m, m.unet, args).to(accelerator.device)
+        start = len(os.listdir(args.class_data_dir))
+        for i in tqdm(range(missing), desc="generating class images"):
+            g = torch.Generator("cpu").manual_seed(args.seed + 100_000 + start + i)
+            img = pipe(args.class_prompt, num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale,
+                       generator=g, height=resolution, width=resolution).images[0]
+            path = os.path.join(args.class_data_dir, f"class_{start + i:05d}.png")
+            img.save(path + ".tmp.png")
+            os.replace(path + ".tmp.png", path)
+    accelerator.wait_for_everyone()
