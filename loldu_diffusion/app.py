@@ -460,7 +460,7 @@ def _trainer(base, outputs: str, train_args: str | None):
     import shlex
 
     from .app_train import Trainer
-    from .toy import default_base_path
+    from .assets import default_base_path
 
     trainer = Trainer(base or default_base_path(), os.path.join(outputs, "trained"), shlex.split(train_args or ""))
     trainer.defaults()
@@ -472,7 +472,7 @@ def launch(base=None, adapters_dir=None, host="127.0.0.1", port=7860, block=True
     import sys
 
     from .quiet import quiet_libraries
-    from .toy import ASSETS
+    from .assets import ASSETS
 
     credentials = parse_auth(auth)
     if credentials is None and not is_loopback(host):
@@ -489,9 +489,9 @@ def launch(base=None, adapters_dir=None, host="127.0.0.1", port=7860, block=True
     studio = Studio(base, adapters_dir, preload=sorted(preload), outputs_dir=outputs)
     studio.trainer = trainer
     if embedded and not studio.default_prompt:  # the bundled adapter could not be preloaded: a first click still draws
-        from .toy.concepts import DEFAULT_SUBJECT
+        from .assets import DEFAULT_CLASS_PROMPT
 
-        studio.default_prompt = DEFAULT_SUBJECT.class_prompt
+        studio.default_prompt = DEFAULT_CLASS_PROMPT
     for problem in studio.preload_errors:
         print(f"warning: {problem}", file=sys.stderr, flush=True)
     demo = build_ui(studio)

@@ -215,7 +215,7 @@ POLL_SECONDS = 1.0
 
 def _check_photos(folder: str) -> None:
     """The trainer's own reader on the dropped files: too few it can read is one line, naming them."""
-    from .training.data import read_images
+    from .images import read_images
 
     found, skipped = read_images(folder)
     if len(found) < MIN_PHOTOS:

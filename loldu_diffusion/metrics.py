@@ -11,7 +11,7 @@ import os
 import torch
 import torch.nn.functional as F
 
-from .training.data import read_images
+from .images import read_images
 
 
 def _images(folder: str, flag: str):

@@ -14,7 +14,7 @@ def load_base(path: str | None = None, dtype=torch.float32, device: str | None =
     default: the embedded tiny base."""
     from diffusers import DiffusionPipeline
 
-    from .toy import default_base_path
+    from .assets import default_base_path
 
     path = path or default_base_path()
     if not os.path.isfile(os.path.join(path, "model_index.json")):

@@ -1,16 +1,6 @@
-"""The embedded toy world and the small Stable-Diffusion-architecture base model trained on it."""
-import os
+"""The embedded toy world and the small Stable-Diffusion-architecture base model trained on it.
+Built on the product (pipeline, training); the product never imports it for its defaults,
+which live in `loldu_diffusion.assets`."""
+from ..assets import ASSETS, default_base_path, default_concept_path, default_judge_path
 
-ASSETS = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..", "assets"))
-
-
-def default_base_path() -> str:
-    return os.path.join(ASSETS, "tiny-sd")
-
-
-def default_judge_path() -> str:
-    return os.path.join(ASSETS, "judge")
-
-
-def default_concept_path() -> str:
-    return os.path.join(ASSETS, "concepts", "sks-heart")
+__all__ = ["ASSETS", "default_base_path", "default_concept_path", "default_judge_path"]

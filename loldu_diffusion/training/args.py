@@ -110,8 +110,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def resolve_defaults(args: argparse.Namespace) -> argparse.Namespace:
     """A copy of `args` with the None defaults filled from the base (embedded or real) and the
     method. The caller's namespace is not changed, and resolving twice gives the same."""
-    from ..toy import default_base_path, default_concept_path
-    from ..toy.concepts import DEFAULT_SUBJECT
+    from ..assets import DEFAULT_CLASS_PROMPT, DEFAULT_INSTANCE_PROMPT, default_base_path, default_concept_path
 
     args = argparse.Namespace(**vars(args))
     given = args.pretrained_model_name_or_path
@@ -120,8 +119,8 @@ def resolve_defaults(args: argparse.Namespace) -> argparse.Namespace:
         args.pretrained_model_name_or_path = default_base_path()
         if args.instance_data_dir is None:
             args.instance_data_dir = default_concept_path()
-            args.instance_prompt = args.instance_prompt or DEFAULT_SUBJECT.instance_prompt
-            args.class_prompt = args.class_prompt or DEFAULT_SUBJECT.class_prompt
+            args.instance_prompt = args.instance_prompt or DEFAULT_INSTANCE_PROMPT
+            args.class_prompt = args.class_prompt or DEFAULT_CLASS_PROMPT
     if args.instance_data_dir is None:
         raise ValueError("--instance_data_dir is required with --pretrained_model_name_or_path (a folder of 3–10 subject images)")
     if args.instance_prompt is None:

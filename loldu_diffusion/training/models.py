@@ -14,7 +14,7 @@ from tqdm.auto import tqdm
 
 from ..model import iter_layers
 from ..quiet import no_loading_bars
-from .data import read_images
+from ..images import read_images
 from .errors import TrainingError
 
 SINGLE_FILE = (".safetensors", ".ckpt", ".pt", ".pth", ".bin", ".sft")

@@ -130,7 +130,7 @@ def save_instance_images(folder: str, size: int, path: str) -> str | None:
     card puts them beside the before/after validation images, so a reader sees what was taught."""
     from PIL import ImageOps
 
-    from .data import read_images
+    from ..images import read_images
 
     try:
         images, _ = read_images(folder)

@@ -1,0 +1,25 @@
+"""Where the shipped files are: the embedded base model, the toy judge, the bundled example
+subject and adapter. The bottom of the package: the product reads its defaults here, and the
+toy world (`toy/`), which is built on the product, re-exports them."""
+import os
+
+ASSETS = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "assets"))
+# the bundled example subject (toy.concepts.DEFAULT_SUBJECT renders it; a test checks they agree)
+DEFAULT_INSTANCE_PROMPT = "a photo of sks heart"
+DEFAULT_CLASS_PROMPT = "a photo of a heart"
+
+
+def default_base_path() -> str:
+    return os.path.join(ASSETS, "tiny-sd")
+
+
+def default_judge_path() -> str:
+    return os.path.join(ASSETS, "judge")
+
+
+def default_concept_path() -> str:
+    return os.path.join(ASSETS, "concepts", "sks-heart")
+
+
+def bundled_adapters_dir() -> str:
+    return os.path.join(ASSETS, "adapters")

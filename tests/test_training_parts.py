@@ -1,0 +1,123 @@
+"""The trainer's pieces, called directly: argument resolution, the loss, the checkpoint writer,
+and the package's layering (the toy world sits on the product, never under it)."""
+import ast
+import os
+import types
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from loldu_diffusion.training import parse_args
+from loldu_diffusion.training.args import resolve_defaults, settle_schedule
+from loldu_diffusion.training.checkpoints import list_checkpoints, load_history, load_run_state, write_checkpoint
+from loldu_diffusion.training.steps import dreambooth_loss
+
+PACKAGE = os.path.join(os.path.dirname(__file__), "..", "loldu_diffusion")
+
+
+def test_arguments_are_settled_into_copies_and_resolving_twice_changes_nothing():
+    given = parse_args(["--num_train_epochs", "3", "--scale_lr", "--train_batch_size", "2", "--gradient_accumulation_steps", "2"])
+    before = dict(vars(given))
+    once = resolve_defaults(given)
+    assert vars(given) == before  # the caller's namespace is untouched
+    assert vars(resolve_defaults(once)) == vars(once)
+    assert once.embedded and once.instance_prompt == "a photo of sks heart" and once.max_train_steps is None
+    settled = settle_schedule(once, n_images=5, num_processes=2)
+    assert once.max_train_steps is None and not hasattr(once, "optimizer_lr")
+    assert settled.max_train_steps == 3 * 2  # ceil(5 images / batch 2 / 2 processes) = 2 steps an epoch
+    assert settled.optimizer_lr == pytest.approx(once.learning_rate * 2 * 2 * 2) and settled.learning_rate == once.learning_rate
+
+
+def test_the_bundled_subject_is_the_one_the_defaults_name():
+    from loldu_diffusion.assets import DEFAULT_CLASS_PROMPT, DEFAULT_INSTANCE_PROMPT
+    from loldu_diffusion.toy.concepts import DEFAULT_SUBJECT
+
+    assert (DEFAULT_SUBJECT.instance_prompt, DEFAULT_SUBJECT.class_prompt) == (DEFAULT_INSTANCE_PROMPT, DEFAULT_CLASS_PROMPT)
+
+
+def _sched(prediction_type="epsilon"):
+    from diffusers import DDPMScheduler
+
+    return DDPMScheduler(num_train_timesteps=1000, prediction_type=prediction_type)
+
+
+def test_the_loss_is_instance_mse_plus_weighted_prior_mse():
+    g = torch.Generator().manual_seed(0)
+    pred, target = torch.randn(4, 4, 2, 2, generator=g), torch.randn(4, 4, 2, 2, generator=g)
+    t = torch.tensor([10, 500, 10, 500])
+    plain = dreambooth_loss(pred, target, t, _sched())
+    assert plain == pytest.approx(F.mse_loss(pred, target).item())
+    with_prior = dreambooth_loss(pred, target, t, _sched(), prior_loss_weight=0.25, with_prior=True)
+    expected = F.mse_loss(pred[:2], target[:2]) + 0.25 * F.mse_loss(pred[2:], target[2:])
+    assert with_prior == pytest.approx(expected.item())
+
+
+def test_min_snr_weighting_caps_the_easy_timesteps():
+    from diffusers.training_utils import compute_snr
+
+    sched = _sched()
+    pred, target = torch.ones(2, 1, 1, 1), torch.zeros(2, 1, 1, 1)  # per-sample MSE 1
+    t = torch.tensor([5, 900])  # very high SNR, low SNR
+    snr = compute_snr(sched, t)
+    expected = (torch.minimum(snr, torch.tensor(5.0)) / snr).mean()
+    assert dreambooth_loss(pred, target, t, sched, snr_gamma=5.0) == pytest.approx(expected.item())
+    assert snr[0] > 5 > snr[1]  # the case where the cap matters
+
+
+class FakeAccelerator:
+    """What write_checkpoint needs of accelerate: the save hook writes what trains."""
+
+    is_main_process = True
+
+    def wait_for_everyone(self):
+        pass
+
+    def save_state(self, folder):
+        os.makedirs(folder)
+        with open(os.path.join(folder, "trainable.safetensors"), "wb") as f:
+            f.write(b"weights")
+
+
+def test_checkpoints_keep_the_newest_total_limit_and_carry_history_and_run_state(tmp_path):
+    from PIL import Image
+
+    acc, history, image = FakeAccelerator(), [], Image.new("RGB", (4, 4), (255, 0, 0))
+    for step in range(1, 7):
+        history.append(float(step))
+        if step % 2 == 0:
+            write_checkpoint(acc, str(tmp_path), step, 2, history, {"seconds": step * 10.0}, [image], [(step, [image])])
+    assert [s for s, _ in list_checkpoints(str(tmp_path))] == [4, 6]  # diffusers leaves {checkpoint-4, checkpoint-6}
+    last = str(tmp_path / "checkpoint-6")
+    assert load_history(last) == [1.0, 2.0, 3.0, 4.0, 5.0, 6.0]
+    state, before, during = load_run_state(last)
+    assert state == {"seconds": 60.0} and len(before) == 1 and [s for s, _ in during] == [6]
+    assert not any(n.endswith(".tmp") for n in os.listdir(tmp_path))
+
+
+def _imports(path):
+    tree = ast.parse(open(path).read())
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom):
+            yield ("." * node.level) + (node.module or ""), node.lineno
+        elif isinstance(node, ast.Import):
+            for a in node.names:
+                yield a.name, node.lineno
+
+
+def test_the_product_does_not_import_the_toy_world():
+    """toy/ (the embedded world, judge, base-model training) and bench/ are built on the product.
+    One documented exception: the trainer's judged report on the embedded base."""
+    allowed = {("training/loop.py", "..toy.concepts")}
+    found = []
+    for root, _, files in os.walk(PACKAGE):
+        rel_root = os.path.relpath(root, PACKAGE)
+        if rel_root.split(os.sep)[0] in ("toy", "bench", "__pycache__"):
+            continue
+        for f in files:
+            if f.endswith(".py"):
+                rel = os.path.normpath(os.path.join(rel_root, f))
+                for module, line in _imports(os.path.join(root, f)):
+                    if "toy" in module.split(".") and (rel, module) not in allowed:
+                        found.append(f"{rel}:{line} imports {module}")
+    assert not found, found
