@@ -130,23 +130,58 @@ def _fuse(args) -> int:
     return 0
 
 
+def _prompt_specs(args) -> list[list[str]]:
+    """Each prompt's own adapters ('A.safetensors:0.8,B.safetensors' or 'none'), one list per --prompt."""
+    if args.prompt_adapters is None:
+        return [[] for _ in args.prompt]
+    if len(args.prompt_adapters) != len(args.prompt):
+        raise ValueError(f"{len(args.prompt)} --prompt but {len(args.prompt_adapters)} --prompt_adapters: give one "
+                         "--prompt_adapters per --prompt, in the same order ('none' for a prompt without its own)")
+    return [[] if text.strip().lower() == "none" else [x.strip() for x in text.split(",") if x.strip()] for text in args.prompt_adapters]
+
+
+def _load_blends(pipe, shared: list[str], own: list[list[str]]) -> list[dict[str, float]]:
+    """Load every adapter file once (inactive) and return each prompt's blend {name: weight}:
+    the --adapter blend plus the prompt's own adapters (weights of one file add up)."""
+    from .adapter_file import AdapterFile, load_adapter
+    from .pipeline import adapter_name_for, parse_adapter_spec
+
+    names: dict[str, str] = {}  # absolute path → adapter name
+    blends = []
+    for specs in own:
+        blend: dict[str, float] = {}
+        for path, w in map(parse_adapter_spec, shared + specs):
+            key = os.path.abspath(path)
+            if key not in names:
+                names[key] = adapter_name_for(path, set(names.values()))
+                load_adapter(pipe, AdapterFile.read(path), adapter_name=names[key], weight=0.0)
+            blend[names[key]] = blend.get(names[key], 0.0) + w
+        blends.append(blend)
+    return blends
+
+
 def _generate(args) -> int:
-    import torch
     from tqdm.auto import tqdm
 
     from .io import save_png_with_settings
-    from .pipeline import load_adapter_specs, load_base
+    from .pipeline import load_base
+    from .serving import generate
 
-    for flag in ("steps", "num_images"):
+    for flag in ("steps", "num_images", "batch_size"):
         if getattr(args, flag) < 1:
             raise ValueError(f"--{flag} {getattr(args, flag)}: must be at least 1")
     if args.size is not None and (args.size < 8 or args.size % 8):
         raise ValueError(f"--size {args.size}: must be a positive multiple of 8; leave it out for the base model's native size")
     _check_device(args.device)
-    _check_specs(args.adapter)
+    own = _prompt_specs(args)
+    _check_specs((args.adapter or []) + [spec for specs in own for spec in specs])
     _check_output(args, folder=True)
     pipe = load_base(args.base, device=args.device)
-    weights = load_adapter_specs(pipe, args.adapter or [])
+    blends = _load_blends(pipe, args.adapter or [], own)
+    if args.compile:
+        from .compile import compile_unet
+
+        compile_unet(pipe.unet)
     os.makedirs(args.output, exist_ok=True)
     size = args.size or pipe.unet.config.sample_size * pipe.vae_scale_factor
     first = args.seed
@@ -155,18 +190,25 @@ def _generate(args) -> int:
 
         first = random.randrange(2**31)
         print(f"seed {first} (random; --seed {first} makes these images again)")
-    written, present = [], []
-    for i in tqdm(range(args.num_images), desc="generating"):
-        seed = first + i
-        settings = {"prompt": args.prompt, "negative_prompt": args.negative_prompt, "seed": seed, "steps": args.steps,
-                    "guidance": args.guidance, "size": size, "base": pipe._loldu_base_path, "adapters": weights}
-        same = _same_image(args.output, seed, json.dumps(settings))
-        if same:  # the same settings and seed make the same image: do not write a copy
-            present.append(same)
-            continue
-        image = pipe(args.prompt, negative_prompt=args.negative_prompt, num_inference_steps=args.steps, guidance_scale=args.guidance,
-                     generator=torch.Generator("cpu").manual_seed(seed), height=size, width=size).images[0]
-        written.append(save_png_with_settings(image, args.output, seed, settings))
+    jobs, present = [], []  # (prompt, seed, blend, settings) of each image to make
+    for i in range(args.num_images):
+        for prompt, blend in zip(args.prompt, blends):
+            seed = first + i
+            settings = {"prompt": prompt, "negative_prompt": args.negative_prompt, "seed": seed, "steps": args.steps,
+                        "guidance": args.guidance, "size": size, "base": pipe._loldu_base_path, "adapters": blend}
+            same = _same_image(args.output, seed, json.dumps(settings))
+            if same:  # the same settings and seed make the same image: do not write a copy
+                present.append(same)
+            else:
+                jobs.append((prompt, seed, blend, settings))
+    written = []
+    # one pipeline call per batch, each image with its own prompt, adapters and seed
+    for k in tqdm(range(0, len(jobs), args.batch_size), desc="generating"):
+        batch = jobs[k : k + args.batch_size]
+        images = generate(pipe, [j[0] for j in batch], [j[2] for j in batch], [j[1] for j in batch],
+                          negative_prompt=args.negative_prompt, num_inference_steps=args.steps, guidance_scale=args.guidance,
+                          height=size, width=size)
+        written += [save_png_with_settings(im, args.output, j[1], j[3]) for im, j in zip(images, batch)]
     print(f"wrote {len(written)} image(s) to {args.output}")
     if present:
         print(f"{len(present)} image(s) with these settings and seeds were already there ({', '.join(present)}); "
@@ -262,8 +304,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = command("generate", "generate PNGs with an adapter blend (settings and seed in each PNG's metadata)")
     s.add_argument("--base", default=None, help=BASE_HELP)
-    s.add_argument("--adapter", action="append", metavar="FILE[:WEIGHT]", help=SPEC_HELP + "; repeat for a blend")
-    s.add_argument("--prompt", required=True, help="e.g. 'a photo of sks heart'")
+    s.add_argument("--adapter", action="append", metavar="FILE[:WEIGHT]", help=SPEC_HELP + "; repeat for a blend (for every prompt)")
+    s.add_argument("--prompt", action="append", required=True, help="e.g. 'a photo of sks heart'; repeat for several prompts, "
+                   "generated together")
+    s.add_argument("--prompt_adapters", action="append", default=None, metavar="FILE[:WEIGHT],...",
+                   help="the adapters of one prompt, comma-separated ('none': only --adapter); one per --prompt, in order. Prompts "
+                   "with different adapters are generated in one batch")
+    s.add_argument("--batch_size", type=int, default=8, help="images per pipeline call")
+    s.add_argument("--compile", action="store_true", help="torch.compile the UNet (slow first call; pays off over many images)")
     s.add_argument("--negative_prompt", default=None, help="what the images should not show")
     s.add_argument("--steps", type=int, default=20, help="sampling steps")
     s.add_argument("--guidance", type=float, default=4.0, help="classifier-free guidance scale")

@@ -131,6 +131,26 @@ def test_generate_writes_pngs_with_settings(embedded, adapters, tmp_path, capsys
     assert f"0000_seed{seeds[1] + 1}.png" in os.listdir(out)
 
 
+def test_generate_per_prompt_adapters_in_one_batch_equal_each_alone(embedded, adapters, tmp_path):
+    import numpy as np
+
+    a, b = f"{adapters}/a.safetensors", f"{adapters}/b.safetensors"
+    common = ["--base", embedded, "--steps", "2", "--num_images", "1", "--seed", "3"]
+    together = ["generate", *common, "--adapter", f"{b}:0.5", "--prompt", "a photo of sks heart", "--prompt_adapters", f"{a}:0.8",
+                "--prompt", "a red star", "--prompt_adapters", "none", "-o", str(tmp_path / "both")]
+    assert loldu(together) == 0
+    files = sorted(os.listdir(tmp_path / "both"))
+    metas = [json.loads(Image.open(tmp_path / "both" / f).text["parameters"]) for f in files]
+    assert sorted((m["prompt"], tuple(sorted(m["adapters"].items()))) for m in metas) == [
+        ("a photo of sks heart", (("a", 0.8), ("b", 0.5))), ("a red star", (("b", 0.5),))]
+    alone = ["generate", *common, "--adapter", f"{a}:0.8", "--adapter", f"{b}:0.5", "--prompt", "a photo of sks heart", "-o", str(tmp_path / "one")]
+    assert loldu(alone) == 0
+    first = next(f for f, m in zip(files, metas) if m["prompt"] == "a photo of sks heart")
+    batched = np.asarray(Image.open(tmp_path / "both" / first), dtype=int)
+    single = np.asarray(Image.open(tmp_path / "one" / os.listdir(tmp_path / "one")[0]), dtype=int)
+    assert np.abs(batched - single).max() <= 1  # the same image, up to 8-bit rounding
+
+
 def test_command_errors(embedded, tiny_sd_path, adapters, tmp_path, capsys):
     assert loldu(["export-lora", str(tmp_path / "nope.safetensors"), "--base", embedded, "-o", str(tmp_path / "x")]) == 2
     assert "no such adapter file" in capsys.readouterr().err
@@ -193,6 +213,9 @@ def test_mistakes_are_one_line_errors_before_anything_loads(adapters, tmp_path, 
         (gen + ["--steps", "0"], "loldu generate: error: --steps 0: must be at least 1"),
         (gen + ["--num_images", "0"], "--num_images 0: must be at least 1"),
         (gen + ["--size", "30"], "--size 30: must be a positive multiple of 8"),
+        (gen + ["--batch_size", "0"], "--batch_size 0: must be at least 1"),
+        (gen + ["--prompt", "y", "--prompt_adapters", a], "2 --prompt but 1 --prompt_adapters: give one --prompt_adapters per --prompt"),
+        (gen + ["--prompt_adapters", f"{a}:abc"], f"{a}:abc: 'abc' is not a weight"),
         (gen + ["--adapter", f"{a}:abc"], f"{a}:abc: 'abc' is not a weight; write FILE:WEIGHT with a number, e.g. {a}:0.7"),
         (gen + ["--adapter", f"{a}=0.7"], f"{a}=0.7: write the weight after a colon: {a}:0.7"),
         (["blend", f"{a}:abc", "-o", str(tmp_path / "c.safetensors")], "'abc' is not a weight"),
