@@ -25,7 +25,7 @@ import os
 import re
 import stat
 import struct
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -66,7 +66,6 @@ class AdapterFile:
     d: dict[str, torch.Tensor]  # component → (n, r) float32
     path: str = ""
     nbytes: int = 0
-    _extra: dict = field(default_factory=dict)
 
     @property
     def rank(self) -> int:
@@ -372,11 +371,10 @@ def save_adapter(model, path: str, adapter_name: str | None = None, metadata: di
     r = max(dl.shape[0] for rs in rows.values() for dl, _ in rs)
     delta, pivots, d = {}, {}, {}
     for c, rs in rows.items():
-        for _, layer in rs:
-            layer.ensure_rank(r)  # blends of adapters of several ranks are saved at the largest
+        factors = [layer.factors_at(r) for _, layer in rs]  # blends of adapters of several ranks are saved at the largest
         delta[c] = torch.stack([torch.nn.functional.pad(dl, (0, r - dl.shape[0])) for dl, _ in rs])
-        pivots[c] = torch.stack([layer.pivots[:r].cpu() for _, layer in rs])
-        d[c] = torch.stack([layer.d[:r].cpu() for _, layer in rs])
+        pivots[c] = torch.stack([p.cpu() for p, _ in factors])
+        d[c] = torch.stack([dd.float().cpu() for _, dd in factors])
     meta = {"method": "loldu", "rank": r}
     configs = {}
     for comp in components(model).values():

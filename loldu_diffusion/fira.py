@@ -82,10 +82,3 @@ class Fira(torch.optim.Optimizer):
 
     def state_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for s in self.state.values() for t in s.values() if torch.is_tensor(t))
-
-
-def optimizer_state_ratio(shape: tuple[int, int], rank: int) -> float:
-    """Fira's Adam state for one (m × n) weight relative to AdamW's 2·m·n."""
-    m, n = shape
-    return (2 * max(m, n) * rank + rank * (n if m >= n else m)) / (2 * m * n) if min(m, n) > rank else 1.0
-

@@ -153,6 +153,17 @@ class LoLDULayer(nn.Module):
             self._set_factors(rank)
             assert torch.equal(self.pivots[: old_pivots.shape[0]], old_pivots)
 
+    def factors_at(self, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(pivots (rank,), d (rank,)) of this layer's LDU at `rank`, leaving the layer as it is:
+        a file stores every row at one rank, the largest of the layers it holds."""
+        if rank <= self.rank:
+            return self.pivots[:rank], self.d[:rank]
+        if self.fused_delta is not None:
+            raise RuntimeError("unfuse the LoLDU adapters before saving a blend of adapters of several ranks")
+        f = decompose_ldu(self.base.weight, rank)
+        assert torch.equal(f.pivots[: self.rank].to(self.pivots.device), self.pivots)
+        return f.pivots, f.d
+
     def add_adapter(self, name: str, vector: LoLDUVector, weight: float = 1.0) -> None:
         if vector.rank > self.rank:
             self.ensure_rank(vector.rank)

@@ -33,7 +33,7 @@ def components(model) -> dict[str, nn.Module]:
     if hasattr(model, "set_attn_processor"):
         return {"unet": model}
     if isinstance(model, nn.Module):
-        return {getattr(model, "_loldu_component", "text_encoder"): model}
+        return {"text_encoder": model}
     raise TypeError(f"cannot inject LoLDU into a {type(model).__name__}: pass a diffusers pipeline, UNet or CLIP text encoder")
 
 

@@ -404,3 +404,26 @@ def test_components_of_different_ranks_blend_alone_and_together(tiny_sd_path, tm
     assert f.delta["text_encoder"].shape[1] == 4 and f.delta["unet"].shape[1] == 4
     assert loldu(["blend", mixed, "-o", str(tmp_path / "alone.safetensors")]) == 0, capsys.readouterr().err
     assert AdapterFile.read(str(tmp_path / "alone.safetensors")).delta["text_encoder"].shape[1] == 2
+
+
+def test_saving_a_blend_of_ranks_does_not_grow_the_model(tiny_sd_path, tmp_path):
+    """The file stores every row at the largest rank; the layers that hold only the smaller
+    adapter keep their own rank (saving does not change the model)."""
+    from loldu_diffusion import save_adapter
+
+    src = tmp_path / "te.safetensors"
+    trained_adapter(tiny_sd_path, src, 3, text=True)
+    small = craft(str(src), str(tmp_path / "small.safetensors"), tensors=lambda t: t.update(
+        {f"text_encoder.{k}": t[f"text_encoder.{k}"][:, :2].contiguous() for k in ("delta", "pivots", "d")}))
+    from loldu_diffusion.pipeline import load_base
+
+    pipe = load_base(tiny_sd_path)
+    load_adapter(pipe, small, adapter_name="small")
+    ranks = {(c, m, t): layer.rank for c, m, t, layer in iter_layers(pipe)}
+    assert {r for (c, *_), r in ranks.items() if c == "text_encoder"} == {2}
+    f = save_adapter(pipe, str(tmp_path / "blend.safetensors"))
+    assert {(c, m, t): layer.rank for c, m, t, layer in iter_layers(pipe)} == ranks
+    ref = load_file(str(src))
+    assert f.delta["text_encoder"].shape[1] == 4
+    assert torch.equal(f.pivots["text_encoder"], ref["text_encoder.pivots"])  # the rank-4 LDU's pivots, computed aside
+    assert torch.allclose(f.d["text_encoder"].float(), ref["text_encoder.d"].float(), rtol=2e-3, atol=1e-3)  # the file holds d in fp16
