@@ -31,9 +31,8 @@ import torch
 
 from .io import atomic_save_safetensors, refuse_existing
 from .layer import LoLDUVector
-from .model import (_attentions, adapter_name_from_path, all_or_nothing, attach_layer, canonical_path, check_adapter_name,
-                    components, install_processors, iter_layers, resolve_submodule)
-from .processor import UNET_TARGETS, projection
+from .model import adapter_name_from_path, all_or_nothing, attach_layer, check_adapter_name, components, install_processors, iter_layers
+from .sites import sites_for
 
 FORMAT = "loldu-diffusion-adapter"
 VERSION = 1
@@ -49,7 +48,6 @@ _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 _INTS = (torch.int16, torch.int32, torch.int64)
 _PART = r"(?:[A-Za-z_][A-Za-z0-9_]*|0|[1-9][0-9]*)"  # ASCII only: '٠' and '00' are not indices
 _MODULE_PATH = re.compile(rf"{_PART}(?:\.{_PART})*")
-_IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _TEXT_FIELDS = ("instance_prompt", "class_prompt", "validation_prompt", "base_model", "base_architecture")
 
 
@@ -204,7 +202,7 @@ class AdapterFile:
                 raise AdapterFileError(f"{name}: {len(rows)} {c} layers, but this base model has only {len(valid)}; the adapter is for a different architecture ({arch})")
             for i, (mod_path, target) in enumerate(rows):
                 layer_name = f"{c}.{mod_path}.{target}"
-                linear = _linear(comps[c], c, mod_path, target) if (mod_path, target) in valid else None
+                linear = sites_for(c).linear(comps[c], mod_path, target) if (mod_path, target) in valid else None
                 if linear is None:
                     raise AdapterFileError(f"{name}: layer {layer_name} does not exist in this base model; the adapter is for a different architecture ({arch})")
                 r = self.delta[c].shape[1]
@@ -284,10 +282,9 @@ def _layer_list(raw, name: str) -> dict[str, list[tuple[str, str]]]:
             layer = f"{c}.{mod}.{t}"
             if not _MODULE_PATH.fullmatch(mod):
                 raise AdapterFileError(f"{name}: layer name {layer!r} is not canonical (ASCII names and plain indices like 'to_out.0' only)")
-            if c == "unet" and (t not in UNET_TARGETS or mod.split(".")[0] == "text_model"):
-                raise AdapterFileError(f"{name}: layer {layer!r} is not a UNet attention projection ({', '.join(UNET_TARGETS)})")
-            if c != "unet" and (not _IDENTIFIER.fullmatch(t) or mod.split(".")[0] != "text_model"):
-                raise AdapterFileError(f"{name}: layer {layer!r} is not a text-encoder projection named as in CLIP checkpoints ('text_model.encoder.layers.N.self_attn', 'q_proj')")
+            problem = sites_for(c).name_problem(mod, t)
+            if problem:
+                raise AdapterFileError(f"{name}: layer {layer!r} {problem}")
         if not rows:
             raise AdapterFileError(f"{name}: the layer list of {c} is empty")
         seen = set()
@@ -302,25 +299,7 @@ def _layer_list(raw, name: str) -> dict[str, list[tuple[str, str]]]:
 
 def adaptable_layers(component, comp_name: str) -> set[tuple[str, str]]:
     """(module path, target) of every projection an adapter may name, as the base names it."""
-    if comp_name == "unet":
-        return {(p, t) for p, attn in _attentions(component).items() for t in UNET_TARGETS if projection(attn, t) is not None}
-    found = set()
-    for path, m in component.named_modules():
-        parent, _, leaf = path.rpartition(".")
-        if isinstance(m, torch.nn.Linear) and ".loldu" not in path:
-            found.add((canonical_path(comp_name, parent), leaf))
-    return found
-
-
-def _linear(component, comp_name, mod_path, target):
-    try:
-        module = resolve_submodule(component, mod_path)
-    except AttributeError:
-        return None
-    if comp_name == "unet":
-        return projection(module, target) if hasattr(module, "set_processor") else None
-    lin = getattr(module, target, None)
-    return lin if isinstance(lin, torch.nn.Linear) else None
+    return sites_for(comp_name).adaptable(component)
 
 
 def _group(rows: list[tuple[str, str]]) -> dict[str, list[str]]:

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import torch
 
 from .adapter_file import AdapterFile, AdapterFileError, load_adapter
+from .config import EXPORT_FORMATS
 from .model import delete_adapter, fuse_loldu, loldu_disabled, set_adapter_weights, unfuse_loldu
 from .pipeline import adapter_name_for, load_base
 from .schedulers import DEFAULT as DEFAULT_SAMPLER
@@ -432,7 +433,7 @@ def build_ui(studio: Studio):
                     gallery = gr.Gallery(label="Results (this session, newest first)", columns=2, elem_id="gallery")
                     clear_hist = gr.Button("Clear history")
                     with gr.Accordion("Export", open=False):
-                        fmt = gr.Radio(["diffusers", "kohya"], value="diffusers", label="Export format")
+                        fmt = gr.Radio(list(EXPORT_FORMATS), value="diffusers", label="Export format")
                         export_btn = gr.Button("Export the blend as a standard LoRA")
                         exported = gr.File(label="LoRA file")
         slot_outputs = [c for s in slots for c in s]

@@ -6,6 +6,8 @@ import json
 import os
 import sys
 
+from .config import EXPORT_FORMATS
+
 
 def _inspect(args) -> int:
     from .adapter_file import AdapterFile
@@ -289,7 +291,7 @@ def build_parser() -> argparse.ArgumentParser:
     s = command("export-lora", "write an adapter (or blend) as an exact standard LoRA")
     s.add_argument("adapters", nargs="+", metavar="ADAPTER[:WEIGHT]", help=SPEC_HELP)
     s.add_argument("--base", default=None, help=BASE_HELP + " (the one the adapters were trained on)")
-    s.add_argument("--format", default="diffusers", choices=["diffusers", "kohya"],
+    s.add_argument("--format", default="diffusers", choices=EXPORT_FORMATS,
                    help="diffusers (load_lora_weights) or kohya (A1111, ComfyUI, kohya)")
     s.add_argument("-o", "--output", required=True, help="the LoRA .safetensors file to write (its folder must exist)")
     s.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)

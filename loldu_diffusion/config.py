@@ -4,6 +4,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 
 INITS = ("lu", "uniform", "constant", "normal", "ones", "zeros")
+EXPORT_FORMATS = ("diffusers", "kohya")  # export.py: diffusers/PEFT LoRA keys; kohya/A1111/ComfyUI keys with ss_* metadata
 DEFAULT_UNET_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 DEFAULT_TEXT_ENCODER_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
 
@@ -26,6 +27,10 @@ class LoLDUConfig:
             self.unet_targets = tuple(self.unet_targets)
         if self.text_encoder_targets is not None:
             self.text_encoder_targets = tuple(self.text_encoder_targets)
+
+    def targets_for(self, comp_name: str) -> tuple[str, ...] | None:
+        """The projections to adapt in a component ("unet", "text_encoder", "text_encoder_2")."""
+        return self.unet_targets if comp_name == "unet" else self.text_encoder_targets
 
     @property
     def sigma0(self) -> float:

@@ -12,10 +12,11 @@ import json
 
 import torch
 
+from .config import EXPORT_FORMATS
 from .io import atomic_save_safetensors
 from .model import iter_layers
 
-FORMATS = ("diffusers", "kohya")
+FORMATS = EXPORT_FORMATS
 _KOHYA_PREFIX = {"unet": "lora_unet", "text_encoder": "lora_te", "text_encoder_2": "lora_te2"}
 
 

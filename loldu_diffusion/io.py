@@ -55,6 +55,28 @@ def atomic_save_safetensors(tensors: dict, path: str, metadata: dict | None = No
     return path
 
 
+def atomic_write(path: str, write, suffix: str = "") -> str:
+    """write(tmp) to `path + ".tmp" + suffix`, then rename it over `path`: a reader (or a kill)
+    never sees half a file. `suffix` keeps the extension PIL and matplotlib read the format from."""
+    tmp = path + ".tmp" + suffix
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def atomic_write_text(path: str, text: str) -> str:
+    def write(tmp):
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+
+    return atomic_write(path, write)
+
+
 def atomic_save_dir(save, path: str, overwrite: bool = False) -> str:
     """Call save(tmp_dir), then move tmp_dir to `path` (replacing it only with overwrite)."""
     refuse_existing(path, overwrite)
@@ -84,6 +106,4 @@ def save_png_with_settings(image, folder: str, seed: int, settings: dict) -> str
     k = 0
     while os.path.exists(path := os.path.join(folder, f"{k:04d}_seed{seed}.png")):
         k += 1
-    image.save(path + ".tmp.png", pnginfo=info)
-    os.replace(path + ".tmp.png", path)
-    return path
+    return atomic_write(path, lambda tmp: image.save(tmp, pnginfo=info), ".png")

@@ -1,9 +1,8 @@
 """Model-level injection: find the layers to adapt in a pipeline, UNet or text encoder,
 attach LoLDU to them, and act on all of them at once (weights, fuse, enable, remove).
 
-UNet attentions get a `LoLDUAttnProcessor` through `unet.set_attn_processor`. CLIP text
-encoders have no processors, so each targeted projection gets a forward hook and its
-`LoLDULayer` as a child named `loldu`; the base model's own state-dict keys do not change.
+Where a layer lives (a UNet attention's processor, a text encoder's hooked projection) is
+sites.py's business; this module sees components and their sites only.
 """
 from __future__ import annotations
 
@@ -16,7 +15,7 @@ from torch import nn
 
 from .config import LoLDUConfig
 from .layer import LoLDULayer, LoLDUVector, initial_z
-from .processor import LoLDUAttnProcessor, projection
+from .sites import canonical_path, resolve_submodule, sites_for  # noqa: F401 — canonical_path, resolve_submodule re-exported
 
 TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
 
@@ -37,79 +36,17 @@ def components(model) -> dict[str, nn.Module]:
     raise TypeError(f"cannot inject LoLDU into a {type(model).__name__}: pass a diffusers pipeline, UNet or CLIP text encoder")
 
 
-def _attentions(unet: nn.Module) -> dict[str, nn.Module]:
-    return {name: m for name, m in unet.named_modules() if hasattr(m, "set_processor") and hasattr(m, "processor")}
-
-
 def iter_layers(model) -> Iterator[tuple[str, str, str, LoLDULayer]]:
     """(component, module path, target, layer) for every injected layer, in a fixed order."""
     for comp, module in components(model).items():
-        if comp == "unet":
-            for path, attn in _attentions(module).items():
-                if isinstance(attn.processor, LoLDUAttnProcessor):
-                    for t in attn.processor.targets:
-                        yield comp, path, t, attn.processor.layer(t)
-        else:
-            for path, m in module.named_modules():
-                if isinstance(getattr(m, "loldu", None), LoLDULayer):
-                    parent, _, leaf = path.rpartition(".")
-                    yield comp, canonical_path(comp, parent), leaf, m.loldu
-
-
-def canonical_path(comp_name: str, path: str) -> str:
-    """Text-encoder layer names as in HF CLIP checkpoints ('text_model.encoder.layers.0…'):
-    transformers 5's CLIPTextModel dropped the 'text_model.' level that 4.x (and
-    CLIPTextModelWithProjection) have, and adapter files must load under both."""
-    if comp_name == "unet" or path.startswith("text_model"):
-        return path
-    return f"text_model.{path}" if path else "text_model"
-
-
-def resolve_submodule(component: nn.Module, path: str) -> nn.Module:
-    """component.get_submodule(path), accepting names with or without the 'text_model.' level."""
-    candidates = [path]
-    if path == "text_model" or path.startswith("text_model."):
-        candidates.append(path[len("text_model.") :] if "." in path else "")
-    else:
-        candidates.append(f"text_model.{path}" if path else "text_model")
-    for p in candidates:
-        try:
-            return component.get_submodule(p) if p else component
-        except AttributeError:
-            continue
-    raise AttributeError(f"no submodule {path!r}")
-
-
-def _te_hook(linear, args, output):
-    delta = linear.loldu(args[0])
-    return output if delta is None else output + delta
+        for path, target, layer in sites_for(comp).layers(module):
+            yield comp, path, target, layer
 
 
 def attach_layer(component: nn.Module, comp_name: str, module_path: str, target: str, rank: int, factors=None) -> LoLDULayer:
     """The LoLDULayer on (module_path, target), created (at `rank`, from precomputed LDU
     `factors` when given) if missing."""
-    module = resolve_submodule(component, module_path)
-    if comp_name == "unet":
-        proc = module.processor
-        if not isinstance(proc, LoLDUAttnProcessor):
-            new = LoLDUAttnProcessor(module, (), rank, previous=proc)
-            _set_processors(component, {module_path: new})
-            proc = new
-        if proc.layer(target) is None:
-            linear = projection(module, target)
-            if linear is None:
-                raise KeyError(f"{comp_name}.{module_path} has no linear projection {target!r}")
-            proc.layers[target.replace(".", "_")] = LoLDULayer(linear, rank, factors)
-            proc.targets = proc.targets + (target,)
-        layer = proc.layer(target)
-    else:
-        linear = module.get_submodule(target)
-        if not isinstance(getattr(linear, "loldu", None), LoLDULayer):
-            if not isinstance(linear, nn.Linear):
-                raise KeyError(f"{comp_name}.{module_path}.{target} is not a linear layer")
-            linear.loldu = LoLDULayer(linear, rank, factors)
-            linear._loldu_hook = linear.register_forward_hook(_te_hook)
-        layer = linear.loldu
+    layer = sites_for(comp_name).attach(component, module_path, target, rank, factors)
     layer.ensure_rank(rank)
     return layer
 
@@ -118,67 +55,25 @@ def attach_layer(component: nn.Module, comp_name: str, module_path: str, target:
 def all_or_nothing(model, adapter_name: str):
     """Undo a partial attach if the block fails: the adapter's vectors, new LoLDU layers,
     processors and text-encoder hooks. (Factors grown to a larger rank are kept: same output.)"""
-    comps = components(model)
-    procs = {c: dict(m.attn_processors) for c, m in comps.items() if c == "unet"}
-    layers = {id(p): (p, p.targets, set(p.layers)) for c in procs for p in procs[c].values() if isinstance(p, LoLDUAttnProcessor)}
-    hooked = {id(m) for c, comp in comps.items() if c != "unet" for m in comp.modules() if isinstance(getattr(m, "loldu", None), LoLDULayer)}
+    undo = [sites_for(c).snapshot(comp) for c, comp in components(model).items()]
     try:
         yield
     except BaseException:
         for *_, layer in iter_layers(model):
             layer.remove_adapter(adapter_name)
-        for proc, targets, keys in layers.values():
-            proc.targets = targets
-            for k in set(proc.layers) - keys:
-                del proc.layers[k]
-        for c, p in procs.items():
-            comps[c].set_attn_processor(dict(p))
-        for c, comp in comps.items():
-            for m in comp.modules() if c != "unet" else ():
-                if isinstance(getattr(m, "loldu", None), LoLDULayer) and id(m) not in hooked:
-                    m._loldu_hook.remove()
-                    del m.loldu
-                    del m._loldu_hook
+        for u in undo:
+            u()
         raise
 
 
 def install_processors(component: nn.Module, comp_name: str, module_paths) -> None:
-    """Give every listed attention a (still empty) LoLDUAttnProcessor, with one
-    unet.set_attn_processor call for all of them."""
-    if comp_name != "unet":
-        return
-    changes = {}
-    for path in dict.fromkeys(module_paths):
-        attn = resolve_submodule(component, path)
-        if not isinstance(attn.processor, LoLDUAttnProcessor):
-            changes[path] = LoLDUAttnProcessor(attn, (), 0, previous=attn.processor)
-    if changes:
-        _set_processors(component, changes)
-
-
-def _set_processors(unet: nn.Module, changes: dict[str, object]) -> None:
-    """unet.set_attn_processor with a full dict: `changes` by module path, the rest kept."""
-    procs = {f"{path}.processor": changes.get(path, attn.processor) for path, attn in _attentions(unet).items()}
-    unet.set_attn_processor(procs)
+    """Prepare the sites of `module_paths` at once (one set_attn_processor call for a UNet)."""
+    sites_for(comp_name).install(component, module_paths)
 
 
 def find_targets(component: nn.Module, comp_name: str, targets: tuple[str, ...]) -> list[tuple[str, str]]:
     """(module path, target) for every targeted projection present in the component."""
-    found = []
-    if comp_name == "unet":
-        for path, attn in _attentions(component).items():
-            found += [(path, t) for t in targets if projection(attn, t) is not None]
-    else:
-        for path, m in component.named_modules():
-            parent, _, leaf = path.rpartition(".")
-            if leaf in targets and isinstance(m, nn.Linear):
-                found.append((canonical_path(comp_name, parent), leaf))
-    missing = set(targets) - {t for _, t in found}
-    if not found or (comp_name != "unet" and missing):
-        raise ValueError(f"{comp_name}: target modules {sorted(missing)} not found (targets asked: {list(targets)})")
-    if comp_name == "unet" and missing - {"add_k_proj", "add_v_proj"}:  # these exist only in some UNets
-        raise ValueError(f"unet: target modules {sorted(missing)} not found in any attention")
-    return found
+    return sites_for(comp_name).find(component, targets)
 
 
 _PROBE = nn.ModuleDict()  # adapter names must not shadow its attributes
@@ -215,7 +110,7 @@ def inject_loldu(model, config: LoLDUConfig | None = None, adapter_name: str = "
     comps = components(model)
     plan = []
     for comp_name, comp in comps.items():
-        targets = config.unet_targets if comp_name == "unet" else config.text_encoder_targets
+        targets = config.targets_for(comp_name)
         if targets:
             plan += [(comp_name, comp, path, t) for path, t in find_targets(comp, comp_name, targets)]
     if not plan:
@@ -331,15 +226,5 @@ def remove_loldu(model, keep_fused: bool = False) -> None:
         else:
             layer.unfuse()
     for comp_name, comp in components(model).items():
-        if comp_name == "unet":
-            attns = _attentions(comp)
-            changes = {p: a.processor.previous for p, a in attns.items() if isinstance(a.processor, LoLDUAttnProcessor)}
-            if changes:
-                _set_processors(comp, changes)
-        else:
-            for m in comp.modules():
-                if isinstance(getattr(m, "loldu", None), LoLDULayer):
-                    m._loldu_hook.remove()
-                    del m.loldu
-                    del m._loldu_hook
+        sites_for(comp_name).remove(comp)
         comp.__dict__.pop("_loldu_configs", None)

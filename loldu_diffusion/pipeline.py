@@ -103,3 +103,22 @@ def blend_files(specs: list[str]) -> AdapterFile:
                 blend=[{"file": os.path.basename(f.path), "weight": w} for f, w in files])
     layers = {c: list(idx) for c, idx in index.items()}
     return AdapterFile(meta, layers, delta, pivots, d, path="blend").validate()
+
+
+@torch.no_grad()
+def draw(pipe, prompts: list[str], seeds: list[int], batch: int = 8, progress: str | None = None, **kwargs) -> list:
+    """One image per prompt, image i from a generator seeded seeds[i], `batch` prompts per
+    pipeline call: the images do not depend on the batching (up to the arithmetic of batched
+    kernels). Other keyword arguments go to the pipeline (steps, guidance, size, negative_prompt)."""
+    from tqdm.auto import tqdm
+
+    if len(prompts) != len(seeds):
+        raise ValueError(f"draw: {len(prompts)} prompts but {len(seeds)} seeds")
+    negative = kwargs.pop("negative_prompt", None)
+    images = []
+    for i in tqdm(range(0, len(prompts), batch), desc=progress, disable=progress is None, leave=False):
+        chunk = list(prompts[i : i + batch])
+        gens = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds[i : i + batch]]
+        neg = [negative] * len(chunk) if negative else None
+        images += pipe(chunk, generator=gens, negative_prompt=neg, **kwargs).images
+    return images

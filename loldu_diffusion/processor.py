@@ -48,6 +48,10 @@ class LoLDUAttnProcessor(nn.Module):
     def layer(self, target: str) -> LoLDULayer | None:
         return self.layers[_key(target)] if _key(target) in self.layers else None
 
+    def add_layer(self, target: str, layer: LoLDULayer) -> None:
+        self.layers[_key(target)] = layer
+        self.targets = self.targets + (target,)
+
     def _proj(self, proj: nn.Module, key: str, x: torch.Tensor) -> torch.Tensor:
         out = proj(x)
         if key in self.layers:

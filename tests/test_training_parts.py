@@ -121,3 +121,32 @@ def test_the_product_does_not_import_the_toy_world():
                     if "toy" in module.split(".") and (rel, module) not in allowed:
                         found.append(f"{rel}:{line} imports {module}")
     assert not found, found
+
+
+def test_class_images_come_in_sample_batch_size_batches_and_do_not_depend_on_them(tiny_sd_path, tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from loldu_diffusion.training.models import ensure_class_images, load_models
+
+    class Acc(FakeAccelerator):
+        device = torch.device("cpu")
+
+    calls = []
+    folders = {}
+    for batch in (1, 3):
+        args = resolve_defaults(parse_args(["--pretrained_model_name_or_path", tiny_sd_path, "--instance_data_dir", str(tmp_path),
+                                            "--instance_prompt", "a photo of sks dog", "--class_prompt", "a photo of a dog",
+                                            "--with_prior_preservation", "--num_class_images", "4", "--sample_batch_size", str(batch),
+                                            "--num_inference_steps", "2", "--output_dir", str(tmp_path / f"out{batch}")]))
+        m = load_models(args)
+        real = m.unet.forward
+        m.unet.forward = lambda x, *a, **kw: (calls.append((batch, x.shape[0])), real(x, *a, **kw))[1]
+        ensure_class_images(args, Acc(), m, 32)
+        folders[batch] = sorted(os.listdir(args.class_data_dir))
+        assert folders[batch] == [f"class_{k:05d}.png" for k in range(4)]
+    # classifier-free guidance doubles the batch: 1 image → 2 rows; 3 then 1 → 6 then 2 rows
+    assert {b for batch, b in calls if batch == 1} == {2} and {b for batch, b in calls if batch == 3} == {6, 2}
+    for name in folders[1]:
+        one, three = (np.asarray(Image.open(tmp_path / f"out{b}" / "class_images" / name), dtype=np.int16) for b in (1, 3))
+        assert np.abs(one - three).max() <= 2  # the same image, up to batched arithmetic

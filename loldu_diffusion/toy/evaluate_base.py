@@ -39,17 +39,12 @@ def load_pipeline(path: str | None = None, dtype=torch.float32):
     return load_base(path, dtype)
 
 
-@torch.no_grad()
 def generate(pipe, prompts: list[str], seed: int = 0, steps: int = STEPS, guidance: float = GUIDANCE, batch: int = 64, negative_prompt=None):
     """One image per prompt; image i uses generator seed + i, so results do not depend on batching."""
-    images = []
-    for i in range(0, len(prompts), batch):
-        chunk = prompts[i : i + batch]
-        gens = [torch.Generator().manual_seed(seed + i + k) for k in range(len(chunk))]
-        images += pipe(chunk, num_inference_steps=steps, guidance_scale=guidance, generator=gens,
-                       negative_prompt=[negative_prompt] * len(chunk) if negative_prompt else None,
-                       height=64, width=64).images
-    return images
+    from ..pipeline import draw
+
+    return draw(pipe, prompts, [seed + i for i in range(len(prompts))], batch=batch, num_inference_steps=steps, guidance_scale=guidance,
+                negative_prompt=negative_prompt, height=64, width=64)
 
 
 def contact_sheet(images, path: str, columns: int = 12, scale: int = 2):

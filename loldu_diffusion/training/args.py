@@ -9,6 +9,8 @@ from __future__ import annotations
 import argparse
 import os
 
+from ..config import DEFAULT_TEXT_ENCODER_TARGETS, DEFAULT_UNET_TARGETS, INITS
+
 METHODS = ("loldu", "lora", "olora", "full", "vera", "ia3", "ti")
 PAPER = dict(rank=32, learning_rate=5e-4, lr_warmup_steps=15, max_train_steps=1000, train_batch_size=1)
 # On the embedded base (learning benchmark in BENCHMARKS.md, n = 48, 2 seeds): at lr 1e-2 the
@@ -85,9 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
     a("--method", default="loldu", choices=METHODS)
     a("--rank", type=int, default=None, help="LoLDU rank (32) or LoRA rank (4)")
     a("--alpha", type=float, default=None, help="LoLDU/LoRA alpha (default: = rank)")
-    a("--init", default="lu", choices=["lu", "uniform", "constant", "normal", "ones", "zeros"], help="LoLDU z₀ init")
-    a("--unet_targets", type=_csv, default=("to_q", "to_k", "to_v", "to_out.0"))
-    a("--text_encoder_targets", type=_csv, default=("q_proj", "k_proj", "v_proj", "out_proj"))
+    a("--init", default="lu", choices=INITS, help="LoLDU z₀ init")
+    a("--unet_targets", type=_csv, default=DEFAULT_UNET_TARGETS)
+    a("--text_encoder_targets", type=_csv, default=DEFAULT_TEXT_ENCODER_TARGETS)
     a("--full_targets", type=_csv, default=None, help="for --method full: train only these modules' weights (e.g. to_q,to_k,to_v,to_out.0); default: the whole UNet")
     a("--judge_images", type=int, default=None, help="on the embedded base, with a toy-world subject (subject.json beside the images): "
       "judge this many images per prompt kind after training and report subject/ceiling and drift (default 48; 0 = off)")
@@ -149,7 +151,7 @@ def resolve_defaults(args: argparse.Namespace) -> argparse.Namespace:
     if args.guidance_scale is None:
         args.guidance_scale = 4.0 if args.embedded else 7.5
     args.validation_prompt = args.validation_prompt or args.instance_prompt
-    for name in ("train_batch_size", "gradient_accumulation_steps", "num_validation_images", "checkpointing_steps"):
+    for name in ("train_batch_size", "gradient_accumulation_steps", "num_validation_images", "checkpointing_steps", "sample_batch_size"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name} must be at least 1")
     if args.rank < 1:

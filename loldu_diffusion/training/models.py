@@ -15,6 +15,7 @@ from tqdm.auto import tqdm
 from ..model import iter_layers
 from ..quiet import no_loading_bars
 from ..images import read_images
+from ..io import atomic_write
 from .errors import TrainingError
 
 SINGLE_FILE = (".safetensors", ".ckpt", ".pt", ".pth", ".bin", ".sft")
@@ -221,32 +222,30 @@ def make_pipeline(m, unet, args):
     return pipe
 
 
-@torch.no_grad()
 def generate(pipe, prompt: str, n: int, seed: int, args, resolution: int, desc=None):
     """n images of one prompt; image i uses seed + i whatever the batching."""
-    images = []
-    chunk = 8
-    for start in tqdm(range(0, n, chunk), desc=desc, disable=desc is None, leave=False):
-        gens = [torch.Generator("cpu").manual_seed(seed + i) for i in range(start, min(n, start + chunk))]
-        images += pipe(prompt, num_images_per_prompt=len(gens), num_inference_steps=args.num_inference_steps,
-                       guidance_scale=args.guidance_scale, generator=gens, height=resolution, width=resolution).images
-    return images
+    from ..pipeline import draw
+
+    return draw(pipe, [prompt] * n, [seed + i for i in range(n)], batch=8, progress=desc, num_inference_steps=args.num_inference_steps,
+                guidance_scale=args.guidance_scale, height=resolution, width=resolution)
 
 
-@torch.no_grad()
 def ensure_class_images(args, accelerator, m, resolution):
-    """Generate the missing class images with the base model (main process; others wait)."""
+    """Generate the missing class images with the base model, --sample_batch_size at a time
+    (main process; others wait). Image k uses seed + 100000 + k, so a folder filled in two
+    runs holds the images one run would have made."""
+    from ..pipeline import draw
+
     os.makedirs(args.class_data_dir, exist_ok=True)
     have, _ = read_images(args.class_data_dir, "--class_data_dir")
     missing = args.num_class_images - len(have)
     if missing > 0 and accelerator.is_main_process:
         pipe = make_pipeline(m, m.unet, args).to(accelerator.device)
         start = len(os.listdir(args.class_data_dir))
-        for i in tqdm(range(missing), desc="generating class images"):
-            g = torch.Generator("cpu").manual_seed(args.seed + 100_000 + start + i)
-            img = pipe(args.class_prompt, num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale,
-                       generator=g, height=resolution, width=resolution).images[0]
-            path = os.path.join(args.class_data_dir, f"class_{start + i:05d}.png")
-            img.save(path + ".tmp.png")
-            os.replace(path + ".tmp.png", path)
+        for b in tqdm(range(0, missing, args.sample_batch_size), desc="generating class images"):
+            ks = range(start + b, start + min(missing, b + args.sample_batch_size))
+            images = draw(pipe, [args.class_prompt] * len(ks), [args.seed + 100_000 + k for k in ks], batch=len(ks),
+                          num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale, height=resolution, width=resolution)
+            for k, img in zip(ks, images):
+                atomic_write(os.path.join(args.class_data_dir, f"class_{k:05d}.png"), img.save, ".png")
     accelerator.wait_for_everyone()

@@ -6,6 +6,8 @@ import os
 
 from PIL import Image
 
+from ..io import atomic_write, atomic_write_text
+
 
 def size_of(path: str) -> int:
     if os.path.isdir(path):
@@ -26,10 +28,7 @@ def save_grid(rows: list[list[Image.Image]], path: str, min_cell: int = 128, lab
             grid.paste(im.resize((w * scale, h * scale), Image.NEAREST), (left + x * w * scale, y * h * scale))
     if labels:
         _draw_labels(grid, labels, h * scale)
-    tmp = path + ".tmp.png"
-    grid.save(tmp)
-    os.replace(tmp, path)
-    return path
+    return atomic_write(path, grid.save, ".png")
 
 
 LABEL_FONT_PX = 14
@@ -110,16 +109,14 @@ def loss_curve(history: list[float], path: str) -> str | None:
     ax.set_ylabel("loss")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path + ".tmp.png", dpi=100)
-    plt.close(fig)
-    os.replace(path + ".tmp.png", path)
-    return path
+    try:
+        return atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=100), ".png")
+    finally:
+        plt.close(fig)
 
 
 def write_json(path: str, data: dict) -> None:
-    with open(path + ".tmp", "w") as f:
-        json.dump(data, f, indent=1)
-    os.replace(path + ".tmp", path)
+    atomic_write_text(path, json.dumps(data, indent=1))
 
 
 MAX_CARD_INSTANCES = 10
@@ -203,8 +200,4 @@ def model_card(args, summary: dict, grids: dict) -> str:
     if args.method == "loldu":
         body += ["Other tools (A1111, ComfyUI, kohya) load it as a standard LoRA after "
                  f"`loldu export-lora {out} --base {base} --format kohya -o {out.replace('.safetensors', '_kohya.safetensors')}`.", ""]
-    path = os.path.join(args.output_dir, "README.md")
-    with open(path + ".tmp", "w") as f:
-        f.write("\n".join(front + [""] + body))
-    os.replace(path + ".tmp", path)
-    return path
+    return atomic_write_text(os.path.join(args.output_dir, "README.md"), "\n".join(front + [""] + body))
