@@ -6,9 +6,9 @@ wires them to Gradio. Switching or re-weighting adapters only recomputes each la
 the base is never reloaded, so it takes milliseconds.
 
 Sessions never see each other's adapters: an adapter file is loaded onto the shared base once,
-under a name no session shows, and each generation sets its own session's blend (every other
-adapter inactive) and generates under one lock. Generations of different sessions therefore run
-one after another, not batched together (the per-sample adapter path would allow that).
+under a name no session shows. Generations of different pages are batched (`app_batch.py`):
+requests waiting together share pipeline calls, each image with its own session's blend
+(per-sample δ); a fused generation serves one blend and runs alone, under the same lock.
 
 The base is shared by everyone using the app, so no error may leave it changed: loading is
 all or nothing, and a failed generation unfuses (which restores the exact base weights).
@@ -216,16 +216,7 @@ class Session:
         """[(image or PNG path, caption)] with this session's blend, and (compare) the base beside
         each; added to the session's history. PNGs carry their settings when the studio saves."""
         studio = self.studio
-        if not prompt.strip():
-            raise ValueError("enter a prompt")
-        size = int(size or studio.native)
-        if size > studio.native:
-            raise ValueError(f"size {size}: above the base model's native {studio.native} px the picture tiles; "
-                             f"choose {studio.native} or less")
-        if size < 8 or size % 8:
-            raise ValueError(f"size {size}: must be a positive multiple of 8")
-        seed = random.randint(0, 2**31 - 1) if seed is None or int(seed) < 0 else int(seed)
-        scheduler = make_scheduler(sampler, studio.base_scheduler)
+        size, seed, scheduler = self.check(prompt, size, seed, sampler)
         with studio.lock:
             try:
                 blend = studio._activate(self, fuse)
@@ -238,6 +229,29 @@ class Session:
                 studio.pipe.scheduler = studio.base_scheduler
         self.history = (out + self.history)[:MAX_HISTORY]
         return out
+
+    def check(self, prompt: str, size, seed, sampler: str):
+        """(size, seed, scheduler) for a generation's settings; one-line ValueError if they are not usable."""
+        studio = self.studio
+        if not prompt.strip():
+            raise ValueError("enter a prompt")
+        size = int(size or studio.native)
+        if size > studio.native:
+            raise ValueError(f"size {size}: above the base model's native {studio.native} px the picture tiles; "
+                             f"choose {studio.native} or less")
+        if size < 8 or size % 8:
+            raise ValueError(f"size {size}: must be a positive multiple of 8")
+        seed = random.randint(0, 2**31 - 1) if seed is None or int(seed) < 0 else int(seed)
+        return size, seed, make_scheduler(sampler, studio.base_scheduler)
+
+    def keep(self, image, seed: int, caption: str, adapters: dict, settings: dict):
+        """(image or the PNG written with its settings, caption) for the gallery."""
+        if self.studio.outputs_dir is None:
+            return image, caption
+        from .io import save_png_with_settings
+
+        settings = dict(settings, seed=seed, base=self.studio.base_path, adapters=adapters)
+        return save_png_with_settings(image, self.studio.outputs_dir, seed, settings), caption
 
     def _generate(self, prompt, negative_prompt, steps, guidance, seed, num_images, size, compare, progress, blend, sampler):
         studio, pipe = self.studio, self.studio.pipe
@@ -255,15 +269,11 @@ class Session:
                         guidance_scale=float(guidance), generator=torch.Generator("cpu").manual_seed(s),
                         height=size, width=size, callback_on_step_end=on_step).images[0]
 
-        def keep(image, s, caption, adapters):
-            if studio.outputs_dir is None:
-                return image, caption
-            from .io import save_png_with_settings
+        png = {"prompt": prompt, "negative_prompt": negative_prompt, "seed": seed, "steps": int(steps), "guidance": float(guidance),
+               "size": size, "base": None, "adapters": None, "sampler": sampler}  # seed, base, adapters: set by keep
 
-            settings = {"prompt": prompt, "negative_prompt": negative_prompt, "seed": s, "steps": int(steps),
-                        "guidance": float(guidance), "size": size, "base": studio.base_path, "adapters": adapters,
-                        "sampler": sampler}
-            return save_png_with_settings(image, studio.outputs_dir, s, settings), caption
+        def keep(image, s, caption, adapters):
+            return self.keep(image, s, caption, adapters, png)
 
         mine = {n: a.weight for n, a in self.loaded.items() if a.weight != 0}  # the names this session shows
         out = []
@@ -316,7 +326,11 @@ def is_loopback(host: str) -> bool:
 
 
 def build_ui(studio: Studio):
+    import contextvars
+
     import gradio as gr
+
+    from .app_batch import MAX_REQUESTS, Batcher, Request
 
     from .schedulers import NAMES as SAMPLERS
 
@@ -355,10 +369,17 @@ def build_ui(studio: Studio):
 
     def generate(session, prompt, negative, sampler, steps, guidance, seed, random_seed, n, size, compare, fuse,
                  progress=gr.Progress()):
+        seed = -1 if random_seed else int(seed)
         try:
-            session.generate(prompt, negative, int(steps), float(guidance), -1 if random_seed else int(seed), int(n),
-                             int(size), compare, fuse, progress=progress, sampler=sampler)
-        except Exception as e:  # noqa: BLE001 — Session.generate has restored the base
+            if fuse:  # a fused base serves one blend: this request alone
+                session.generate(prompt, negative, int(steps), float(guidance), seed, int(n), int(size), compare, fuse,
+                                 progress=progress, sampler=sampler)
+            else:  # batched with whatever other pages asked meanwhile, each with its own adapters
+                ctx = contextvars.copy_context()  # Gradio's progress bar finds its page through context variables
+                report = lambda frac, desc: ctx.run(progress, frac, desc=desc)  # noqa: E731
+                batcher.submit(Request(session, prompt, negative, int(steps), float(guidance), seed, int(n), int(size), compare,
+                                       sampler, progress=report))
+        except Exception as e:  # noqa: BLE001 — the base has been restored
             return session.history, f"**error:** {_one_line(e)}"
         saved = f" · saved with their settings in `{studio.outputs_dir}`" if studio.outputs_dir else ""
         return session.history, f"done: {session.blend_text()}{saved}"
@@ -378,6 +399,7 @@ def build_ui(studio: Studio):
     for key, _, f, path in studio.preload:
         first._attach(path, f, key)
     first_names = list(first.loaded)
+    batcher = Batcher(studio)  # one worker: concurrent pages' requests are generated together
     sampler_info = f"default: the base's own ({type(studio.base_scheduler).__name__})"
 
     with gr.Blocks(title="loldu-diffusion") as demo:
@@ -442,8 +464,9 @@ def build_ui(studio: Studio):
         weights = [s[2] for s in slots]
         for w in weights:
             w.release(reweight, [session] + weights, adapter_status)
+        # up to MAX_REQUESTS pages wait in the batcher at once (the queue's default is one event at a time)
         go.click(generate, [session, prompt, negative, sampler, steps, guidance, seed, random_seed, n, size, compare, fuse],
-                 [gallery, status])
+                 [gallery, status], concurrency_limit=MAX_REQUESTS)
         clear_hist.click(clear_history, session, [gallery, status])
         export_btn.click(export, [session, fmt], [exported, adapter_status])
         if studio.trainer is not None:
