@@ -30,11 +30,14 @@ def test_authors_formulation_is_the_same_function():
 
 
 def test_cost_suite_quick(tmp_path, capsys):
-    assert bench(["cost", "--quick", "--json", "--out", str(tmp_path)]) == 0
+    # (compiled rows: minutes of inductor compilation on a CPU; tests/test_compile.py checks compiled outputs)
+    assert bench(["cost", "--quick", "--json", "--out", str(tmp_path), "--compile", "none"]) == 0
     r = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     for key in ("floor_s", "loldu_s", "lora_s", "olora_s", "authors_s", "peak_mb", "base_infer_s", "fused_infer_s",
-                "unfused_infer_s", "blend1_infer_s", "blend16_infer_s", "attach_s", "file_kb", "lora_file_kb", "device"):
+                "unfused_infer_s", "blend1_infer_s", "blend4_infer_s", "blend16_infer_s", "batch16_base_infer_s",
+                "batch16_same_infer_s", "batch16_hetero_infer_s", "attach_s", "file_kb", "lora_file_kb", "device"):
         assert key in r, key
+    assert set(r["ratios"]) >= {"blend4_vs_blend1", "blend16_vs_blend1", "hetero16_vs_same16"} and "compile_s" not in r
     assert set(r["peak_mb"]) == {"floor", "loldu", "lora", "olora", "authors"}
     assert r["loldu_params"] == r["layers"] * (r["rank"] + 1) and r["lora_params"] > r["loldu_params"]
     assert r["file_kb"] < r["lora_file_kb"]

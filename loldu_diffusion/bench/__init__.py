@@ -15,6 +15,9 @@ def main(argv=None) -> int:
     p.add_argument("--json", action="store_true", help="print the result as one JSON line, last")
     p.add_argument("--out", default="bench_results")
     p.add_argument("--device", default=None)
+    p.add_argument("--compile", default="inductor", choices=["inductor", "eager", "none"],
+                   help="cost: the torch.compile backend of the compiled-vs-eager rows (none: skip them; inductor compiles "
+                   "for minutes on a CPU the first time, then hits its cache)")
     p.add_argument("--steps", type=int, default=None, help="learning: training steps per run (default 300, judged at 50, 100, 200, 300)")
     p.add_argument("--subjects", type=int, default=None, help="learning: how many bench subjects (default all five; 1 = the bundled one)")
     p.add_argument("--seeds", type=int, default=None, help="learning: training seeds per subject (default 2)")
@@ -32,7 +35,7 @@ def main(argv=None) -> int:
     if a.suite == "cost":
         from . import cost as suite
 
-        result = suite.run(quick=a.quick, device=a.device)
+        result = suite.run(quick=a.quick, device=a.device, compile_backend=None if a.compile == "none" else a.compile)
     else:
         from . import learning as suite
 

@@ -1,7 +1,10 @@
 """Cost suite: per-step time and memory of LoLDU against the floor, LoRA, OLoRA and the
 authors' formulation, all measured in the same run on an SD 1.5-architecture UNet (random
-weights: speed does not depend on them); inference unfused / fused / blended; attach time;
-trainable values and file sizes.
+weights: speed does not depend on them); inference unfused / fused / blended (1, 4, 16
+adapters, cached δ); a batch of 16 samples with 16 different adapters against 16 with one
+(serving); torch.compile against eager; attach time; trainable values and file sizes.
+Inference rows are steady state: a blend's δ is computed at the first forward after a change
+(untimed here; its cost for 16 per-sample blends is its own row) and reused by every other.
 
 Memory: on CUDA the allocator's peak; on the CPU, the bytes autograd saves for backward plus
 gradients and optimizer state of what trains (frozen weights, common to all, excluded).
@@ -123,6 +126,62 @@ def set_inference_state(unet, name, original, loldu_procs):
         fuse_loldu(unet)
 
 
+def serving_cost(unet, latent, device, dtype, original, loldu_procs, warmup, iters, batch=16):
+    """Seconds per forward of a batch of `batch`: the base, one adapter for every sample, and
+    one different adapter per sample (b0…b15, per-sample blends), in interleaved rounds."""
+    from ..model import set_adapter_weights
+    from ..serving import set_sample_weights
+
+    from ..model import iter_layers
+
+    inp = inputs(unet, latent, device, dtype, batch=batch)
+    times = {n: [] for n in ("base", "same", "hetero", "hetero_setup")}
+    for rnd in range(warmup + iters):
+        for n in ("base", "same", "hetero"):
+            set_inference_state(unet, "base" if n == "base" else "unfused", original, loldu_procs)
+            if n != "base":
+                set_adapter_weights(unet, {"b0": 1.0})
+            sync(device)
+            t0 = time.perf_counter()
+            if n == "hetero":  # what a server does once per batch: 16 blends, every layer's (16, r) δ
+                set_sample_weights(unet, [{f"b{k % 16}": 1.0} for k in range(batch)])
+            for *_, layer in iter_layers(unet):
+                layer.refresh()
+            sync(device)
+            setup = time.perf_counter() - t0
+            t = infer_cost(unet, inp, device, 0, 1)  # then every denoising step reuses them
+            set_sample_weights(unet, None)
+            if rnd >= warmup:
+                times[n].append(t)
+                if n == "hetero":
+                    times["hetero_setup"].append(setup)
+    return {n: statistics.median(v) for n, v in times.items()}
+
+
+def compile_cost(unet, inp, device, original, loldu_procs, warmup, iters, backend):
+    """(compile seconds, compiled s/forward, eager s/forward) of the UNet with one adapter."""
+    from ..compile import compile_unet, uncompile_unet
+
+    set_inference_state(unet, "unfused", original, loldu_procs)
+    infer_cost(unet, inp, device, 0, 1)  # the cached δ, before timing the compilation alone
+    compile_unet(unet, backend=backend)
+    try:
+        sync(device)
+        t0 = time.perf_counter()
+        infer_cost(unet, inp, device, 0, 1)  # traces and compiles
+        first = time.perf_counter() - t0
+        times = {"eager": [], "compiled": []}
+        for rnd in range(warmup + iters):  # interleaved, as the other inference rows
+            for n in times:
+                with torch.compiler.set_stance("force_eager" if n == "eager" else "default"):
+                    t = infer_cost(unet, inp, device, 0, 1)
+                if rnd >= warmup:
+                    times[n].append(t)
+    finally:
+        uncompile_unet(unet)
+    return first, statistics.median(times["compiled"]), statistics.median(times["eager"])
+
+
 def lora_unet(cfg, device, dtype, init):
     from peft import LoraConfig
 
@@ -135,7 +194,8 @@ def lora_unet(cfg, device, dtype, init):
     return unet, [p for p in unet.parameters() if p.requires_grad]
 
 
-def run(quick: bool = False, device: str | None = None, iters: int | None = None, latent: int | None = None) -> dict:
+def run(quick: bool = False, device: str | None = None, iters: int | None = None, latent: int | None = None,
+        compile_backend: str | None = "inductor") -> dict:
     from diffusers import StableDiffusionPipeline
     from peft.utils import get_peft_model_state_dict
 
@@ -150,9 +210,12 @@ def run(quick: bool = False, device: str | None = None, iters: int | None = None
     latent = latent or (8 if quick else (64 if cuda else 32))
     iters = iters or (3 if quick else (20 if cuda else 5))
     warmup = 1 if quick else (5 if cuda else 2)
+    # quick inference forwards take milliseconds: more interleaved rounds, for medians a busy machine does not sway
+    infer_iters = 5 * iters if quick else iters
     rank = 8 if quick else 32
     r = {"device": torch.cuda.get_device_name() if cuda else f"cpu ({os.cpu_count()} cores, {torch.get_num_threads()} threads)",
-         "config": "quick" if quick else "sd15", "latent": latent, "dtype": str(dtype).replace("torch.", ""), "rank": rank}
+         "config": "quick" if quick else "sd15", "latent": latent, "dtype": str(dtype).replace("torch.", ""), "rank": rank,
+         "iters": iters, "infer_iters": infer_iters}
     peak = {}
 
     unet = build_unet(cfg, device, dtype)
@@ -179,21 +242,34 @@ def run(quick: bool = False, device: str | None = None, iters: int | None = None
         r["file_kb"] = os.path.getsize(path) / 1000
         for n in range(16):  # 16 loaded adapters, blended
             load_adapter(unet, path, adapter_name=f"b{n}", weight=0.1)
+    with torch.no_grad():  # 16 different adapters, not 16 copies
+        for *_, layer in iter_layers(unet):
+            for n in range(16):
+                layer.adapters[f"b{n}"].z.mul_(1 + 0.01 * n)
     loldu_procs = dict(unet.attn_processors)
 
     # Inference states are measured in interleaved rounds, so that drift of a busy machine
     # (clock, caches, other load) falls on every state alike.
     names = ("base", "unfused", "fused", "blend1", "blend4", "blend16")
     times = {n: [] for n in names}
-    for rnd in range(warmup + iters):
+    for rnd in range(warmup + infer_iters):
         for n in names:
             set_inference_state(unet, n, original, loldu_procs)
+            infer_cost(unet, inp, device, 0, 1)  # untimed: a blend's δ is computed at the first forward after a change
             t = infer_cost(unet, inp, device, 0, 1)
             if rnd >= warmup:
                 times[n].append(t)
     set_inference_state(unet, "unfused", original, loldu_procs)
     for n in names:
         r[f"{n}_infer_s"] = statistics.median(times[n])
+    serving = serving_cost(unet, latent, device, dtype, original, loldu_procs, warmup, infer_iters)
+    r["batch16_hetero_setup_s"] = serving.pop("hetero_setup")
+    for n, secs in serving.items():
+        r[f"batch16_{n}_infer_s"] = secs
+    if compile_backend:
+        r["compile_backend"] = compile_backend
+        r["compile_s"], r["compiled_infer_s"], r["eager_infer_s"] = compile_cost(unet, inp, device, original, loldu_procs, warmup,
+                                                                                 infer_iters, compile_backend)
     del unet
 
     for name, init in (("lora", "gaussian"), ("olora", "olora")):
@@ -211,12 +287,15 @@ def run(quick: bool = False, device: str | None = None, iters: int | None = None
     r["authors_s"], peak["authors"] = train_step_cost(unet, params, inp, device, warmup, iters)
     del unet
     r["peak_mb"] = peak
-    r["ratios"] = {
+    compiled = {"compiled_vs_eager": r["compiled_infer_s"] / r["eager_infer_s"]} if compile_backend else {}
+    r["ratios"] = compiled | {
         "loldu_vs_floor": r["loldu_s"] / r["floor_s"],
         "loldu_vs_lora": r["loldu_s"] / r["lora_s"],
         "authors_vs_loldu": r["authors_s"] / r["loldu_s"],
         "fused_vs_base": r["fused_infer_s"] / r["base_infer_s"],
+        "blend4_vs_blend1": r["blend4_infer_s"] / r["blend1_infer_s"],
         "blend16_vs_blend1": r["blend16_infer_s"] / r["blend1_infer_s"],
+        "hetero16_vs_same16": r["batch16_hetero_infer_s"] / r["batch16_same_infer_s"],
         "lora_params_vs_loldu": r["lora_params"] / r["loldu_params"],
     }
     return r
@@ -240,6 +319,16 @@ def markdown(r: dict) -> str:
     for k, name in (("base_infer_s", "base"), ("unfused_infer_s", "LoLDU unfused"), ("fused_infer_s", "LoLDU fused"),
                     ("blend1_infer_s", "1 adapter (blend path)"), ("blend4_infer_s", "4 blended"), ("blend16_infer_s", "16 blended")):
         out.append(f"| {name} | {r[k]:.4f} | {r[k] / r['base_infer_s']:.3f} |")
+    out += ["", "| batch of 16 (serving) | s/forward | ×base | ×one adapter |", "|---|---|---|---|"]
+    for k, name in (("base", "base"), ("same", "one adapter for all 16"), ("hetero", "16 different adapters, one per sample")):
+        v = r[f"batch16_{k}_infer_s"]
+        out.append(f"| {name} | {v:.4f} | {v / r['batch16_base_infer_s']:.3f} | {v / r['batch16_same_infer_s']:.3f} |")
+    out += ["", f"Setting 16 per-sample blends (once per batch; every layer's 16 × r δ): {r['batch16_hetero_setup_s'] * 1000:.1f} ms."]
+    if "compile_s" in r:
+        out += ["", f"| torch.compile ({r['compile_backend']}), LoLDU unfused, batch 1 | s/forward | ×eager |", "|---|---|---|",
+                f"| eager | {r['eager_infer_s']:.4f} | 1.000 |",
+                f"| compiled | {r['compiled_infer_s']:.4f} | {r['compiled_infer_s'] / r['eager_infer_s']:.3f} |",
+                "", f"First compiled call (tracing and compiling): {r['compile_s']:.1f} s."]
     out += ["", f"Attach (decompose all {r['layers']} layers at r={r['rank']}): {r['attach_s']:.3f} s."]
     return "\n".join(out)
 
