@@ -1,4 +1,4 @@
-"""loldu-diffusion web app: python app/app.py [--base PATH] [--adapters DIR] [--preload FILE] [--outputs DIR] [--host H] [--port P] [--auth USER:PASSWORD]"""
+"""loldu-diffusion web app: python app/app.py [--base PATH] [--adapters DIR] [--preload FILE] [--outputs DIR] [--host H] [--port P] [--auth USER:PASSWORD] [--compile]"""
 import argparse
 import os
 import sys
@@ -19,9 +19,11 @@ if __name__ == "__main__":
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=7860)
     p.add_argument("--auth", default=None, metavar="USER:PASSWORD", help="ask for this login (Gradio's auth)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the UNet (the first generations compile: minutes on a CPU)")
     a = p.parse_args()
     try:
-        launch(a.base, a.adapters, a.host, a.port, auth=a.auth, preload=a.preload, outputs=a.outputs, train_args=a.train_args)
+        launch(a.base, a.adapters, a.host, a.port, auth=a.auth, preload=a.preload, outputs=a.outputs, train_args=a.train_args,
+               compile=a.compile)
     except (ValueError, FileNotFoundError) as e:  # a mistyped option: one line, as the CLI says it
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -70,8 +70,12 @@ class Studio:
     """What all sessions share: the base model, the adapter files loaded onto it, the lock."""
 
     def __init__(self, base: str | None = None, adapters_dir: str | None = None, device: str | None = None,
-                 preload=(), outputs_dir: str | None = None, default_prompt: str | None = None):
+                 preload=(), outputs_dir: str | None = None, default_prompt: str | None = None, compile: bool = False):
         self.pipe = load_base(base, device=device)
+        if compile:  # every blend, weight and batch of sessions keeps working: compile.py refreshes δ before each call
+            from .compile import compile_unet
+
+            compile_unet(self.pipe.unet)
         self.base_path = self.pipe._loldu_base_path
         self.adapters_dir = adapters_dir
         self.outputs_dir = outputs_dir  # None: results are not written to disk
@@ -492,7 +496,7 @@ def _trainer(base, outputs: str, train_args: str | None):
 
 
 def launch(base=None, adapters_dir=None, host="127.0.0.1", port=7860, block=True, auth: str | None = None,
-           preload=None, outputs: str | None = None, train_args: str | None = None):
+           preload=None, outputs: str | None = None, train_args: str | None = None, compile: bool = False):
     import sys
 
     from .quiet import quiet_libraries
@@ -510,7 +514,7 @@ def launch(base=None, adapters_dir=None, host="127.0.0.1", port=7860, block=True
     if preload is None:  # the bundled example is made for the embedded base only
         preload = [os.path.join(ASSETS, "adapters", f) for f in os.listdir(os.path.join(ASSETS, "adapters"))
                    if f.endswith(".safetensors")] if embedded else []
-    studio = Studio(base, adapters_dir, preload=sorted(preload), outputs_dir=outputs)
+    studio = Studio(base, adapters_dir, preload=sorted(preload), outputs_dir=outputs, compile=compile)
     studio.trainer = trainer
     if embedded and not studio.default_prompt:  # the bundled adapter could not be preloaded: a first click still draws
         from .assets import DEFAULT_CLASS_PROMPT

@@ -245,7 +245,7 @@ def _app(args) -> int:
     from .app import launch
 
     launch(base=args.base, adapters_dir=args.adapters, host=args.host, port=args.port, auth=args.auth, preload=args.preload,
-           outputs=args.outputs, train_args=args.train_args)
+           outputs=args.outputs, train_args=args.train_args, compile=args.compile)
     return 0
 
 
@@ -346,6 +346,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--port", type=int, default=7860, help="port to serve on")
     s.add_argument("--auth", default=None, metavar="USER:PASSWORD",
                    help="ask for this login (Gradio's auth); without it a non-local --host prints a warning")
+    s.add_argument("--compile", action="store_true", help="torch.compile the UNet (the first generations compile: minutes on a CPU)")
     s.set_defaults(func=_app)
 
     s = command("bench", "benchmarks: loldu bench cost|learning [--quick] [--json]", add_help=False)
