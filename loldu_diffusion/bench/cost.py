@@ -137,7 +137,8 @@ def serving_cost(unet, latent, device, dtype, original, loldu_procs, warmup, ite
     inp = inputs(unet, latent, device, dtype, batch=batch)
     times = {n: [] for n in ("base", "same", "hetero", "hetero_setup")}
     for rnd in range(warmup + iters):
-        for n in ("base", "same", "hetero"):
+        order = ("base", "same", "hetero")
+        for n in order[rnd % 3:] + order[: rnd % 3]:
             set_inference_state(unet, "base" if n == "base" else "unfused", original, loldu_procs)
             if n != "base":
                 set_adapter_weights(unet, {"b0": 1.0})
@@ -172,7 +173,7 @@ def compile_cost(unet, inp, device, original, loldu_procs, warmup, iters, backen
         first = time.perf_counter() - t0
         times = {"eager": [], "compiled": []}
         for rnd in range(warmup + iters):  # interleaved, as the other inference rows
-            for n in times:
+            for n in (("eager", "compiled") if rnd % 2 else ("compiled", "eager")):
                 with torch.compiler.set_stance("force_eager" if n == "eager" else "default"):
                     t = infer_cost(unet, inp, device, 0, 1)
                 if rnd >= warmup:
@@ -211,7 +212,7 @@ def run(quick: bool = False, device: str | None = None, iters: int | None = None
     iters = iters or (3 if quick else (20 if cuda else 5))
     warmup = 1 if quick else (5 if cuda else 2)
     # quick inference forwards take milliseconds: more interleaved rounds, for medians a busy machine does not sway
-    infer_iters = 5 * iters if quick else iters
+    infer_iters = 15 * iters if quick else iters
     rank = 8 if quick else 32
     r = {"device": torch.cuda.get_device_name() if cuda else f"cpu ({os.cpu_count()} cores, {torch.get_num_threads()} threads)",
          "config": "quick" if quick else "sd15", "latent": latent, "dtype": str(dtype).replace("torch.", ""), "rank": rank,
@@ -236,6 +237,7 @@ def run(quick: bool = False, device: str | None = None, iters: int | None = None
     with torch.no_grad():
         for p in params:
             p.add_(1e-3 * torch.randn_like(p))
+            p.requires_grad_(False)  # trained: inference rows serve it (cached δ), as an app does
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "a.safetensors")
         save_adapter(unet, path, adapter_name="default")
@@ -253,7 +255,7 @@ def run(quick: bool = False, device: str | None = None, iters: int | None = None
     names = ("base", "unfused", "fused", "blend1", "blend4", "blend16")
     times = {n: [] for n in names}
     for rnd in range(warmup + infer_iters):
-        for n in names:
+        for n in names[rnd % len(names):] + names[: rnd % len(names)]:  # each state takes each place in a round
             set_inference_state(unet, n, original, loldu_procs)
             infer_cost(unet, inp, device, 0, 1)  # untimed: a blend's δ is computed at the first forward after a change
             t = infer_cost(unet, inp, device, 0, 1)
