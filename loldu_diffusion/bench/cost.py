@@ -183,6 +183,39 @@ def compile_cost(unet, inp, device, original, loldu_procs, warmup, iters, backen
     return first, statistics.median(times["compiled"]), statistics.median(times["eager"])
 
 
+def compile_train_cost(cfg, device, dtype, rank, latent, warmup, iters, backend):
+    """(compile seconds, compiled s/step, eager s/step) of a LoLDU training step (forward,
+    backward, AdamW) on a fresh UNet, eager and compiled in interleaved rounds."""
+    from .. import LoLDUConfig, inject_loldu, loldu_parameters
+    from ..compile import compile_unet
+
+    unet = build_unet(cfg, device, dtype)
+    unet.requires_grad_(False)
+    inject_loldu(unet, LoLDUConfig(rank=rank, init="lu", unet_targets=TARGETS))
+    x, t, c = inputs(unet, latent, device, dtype)
+    opt = torch.optim.AdamW(loldu_parameters(unet), 1e-4)
+
+    def step():
+        unet(x, t, c).sample.float().pow(2).mean().backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    compile_unet(unet, backend=backend)
+    sync(device)
+    t0 = time.perf_counter()
+    step()  # traces and compiles forward and backward
+    sync(device)
+    first = time.perf_counter() - t0
+    times = {"eager": [], "compiled": []}
+    for rnd in range(warmup + iters):
+        for n in (("eager", "compiled") if rnd % 2 else ("compiled", "eager")):
+            with torch.compiler.set_stance("force_eager" if n == "eager" else "default"):
+                secs = timed(step, device, 0, 1)
+            if rnd >= warmup:
+                times[n].append(secs)
+    return first, statistics.median(times["compiled"]), statistics.median(times["eager"])
+
+
 def lora_unet(cfg, device, dtype, init):
     from peft import LoraConfig
 
@@ -284,12 +317,16 @@ def run(quick: bool = False, device: str | None = None, iters: int | None = None
                 r["lora_file_kb"] = os.path.getsize(os.path.join(tmp, "pytorch_lora_weights.safetensors")) / 1000
         del unet
 
+    if compile_backend:
+        r["compile_train_s"], r["loldu_compiled_s"], r["loldu_eager_s"] = compile_train_cost(cfg, device, dtype, rank, latent,
+                                                                                           warmup, iters, compile_backend)
     unet = build_unet(cfg, device, dtype)
     params = inject_authors(unet, rank, TARGETS)
     r["authors_s"], peak["authors"] = train_step_cost(unet, params, inp, device, warmup, iters)
     del unet
     r["peak_mb"] = peak
-    compiled = {"compiled_vs_eager": r["compiled_infer_s"] / r["eager_infer_s"]} if compile_backend else {}
+    compiled = {"compiled_vs_eager": r["compiled_infer_s"] / r["eager_infer_s"],
+                "compiled_train_vs_eager": r["loldu_compiled_s"] / r["loldu_eager_s"]} if compile_backend else {}
     r["ratios"] = compiled | {
         "loldu_vs_floor": r["loldu_s"] / r["floor_s"],
         "loldu_vs_lora": r["loldu_s"] / r["lora_s"],
@@ -330,7 +367,11 @@ def markdown(r: dict) -> str:
         out += ["", f"| torch.compile ({r['compile_backend']}), LoLDU unfused, batch 1 | s/forward | ×eager |", "|---|---|---|",
                 f"| eager | {r['eager_infer_s']:.4f} | 1.000 |",
                 f"| compiled | {r['compiled_infer_s']:.4f} | {r['compiled_infer_s'] / r['eager_infer_s']:.3f} |",
-                "", f"First compiled call (tracing and compiling): {r['compile_s']:.1f} s."]
+                "", f"First compiled call (tracing and compiling): {r['compile_s']:.1f} s.",
+                "", f"| torch.compile ({r['compile_backend']}), LoLDU r={r['rank']} training step | s/step | ×eager |", "|---|---|---|",
+                f"| eager | {r['loldu_eager_s']:.4f} | 1.000 |",
+                f"| compiled | {r['loldu_compiled_s']:.4f} | {r['loldu_compiled_s'] / r['loldu_eager_s']:.3f} |",
+                "", f"First compiled step (forward and backward): {r['compile_train_s']:.1f} s."]
     out += ["", f"Attach (decompose all {r['layers']} layers at r={r['rank']}): {r['attach_s']:.3f} s."]
     return "\n".join(out)
 
