@@ -1,6 +1,16 @@
+import atexit
 import os
+import shutil
 import sys
+import tempfile
 
+# A Hugging Face home of the test run's own, set before anything imports huggingface_hub: no
+# test reads or writes the user's cache, and tests/peer places the hub test models in it.
+_HF_HOME = tempfile.mkdtemp(prefix="loldu-tests-hf-")
+atexit.register(shutil.rmtree, _HF_HOME, True)
+os.environ["HF_HOME"] = _HF_HOME
+os.environ.pop("HF_HUB_CACHE", None)
+os.environ.pop("HF_DATASETS_CACHE", None)
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")

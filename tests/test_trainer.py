@@ -19,7 +19,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def common(base, concept, out):
     return ["--pretrained_model_name_or_path", base, "--instance_data_dir", concept, "--instance_prompt",
-            "a photo of sks heart", "--num_validation_images", "1", "--num_inference_steps", "2",
+            "a photo of sks heart", "--validation_prompt", "a photo of sks heart", "--num_validation_images", "1", "--num_inference_steps", "2",
             "--report_to", "none", "--output_dir", str(out)]
 
 

@@ -10,6 +10,8 @@ import argparse
 import os
 
 from ..config import DEFAULT_TEXT_ENCODER_TARGETS, DEFAULT_UNET_TARGETS, INITS
+from . import compat
+from .compat import add_diffusers_flags
 
 METHODS = ("loldu", "lora", "olora", "full", "vera", "ia3", "ti")
 PAPER = dict(rank=32, learning_rate=5e-4, lr_warmup_steps=15, max_train_steps=1000, train_batch_size=1)
@@ -18,6 +20,8 @@ PAPER = dict(rank=32, learning_rate=5e-4, lr_warmup_steps=15, max_train_steps=10
 # lose what is left of recontextualisation; lr 1e-3 reaches it in 4/10 runs. The paper's SD
 # setting (lr 5e-4, batch 1) is kept for real bases: nothing here measures it.
 EMBEDDED = dict(learning_rate=1e-2, max_train_steps=200, train_batch_size=4, validation_steps=100)
+# diffusers.optimization.SchedulerType, without importing diffusers to build the parser (a test checks they agree)
+LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup", "piecewise_constant")
 LR_DEFAULTS = {"loldu": 5e-4, "lora": 1e-4, "olora": 1e-4, "full": 5e-6, "vera": 1e-2, "ia3": 1e-2, "ti": 5e-3}
 
 
@@ -53,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     a("--gradient_checkpointing", action="store_true")
     a("--learning_rate", type=float, default=None)
     a("--scale_lr", action="store_true")
-    a("--lr_scheduler", default="constant", choices=["linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup"])
+    a("--lr_scheduler", default="constant", choices=LR_SCHEDULERS, help="any of diffusers' get_scheduler names")
     a("--lr_warmup_steps", type=int, default=PAPER["lr_warmup_steps"])
     a("--lr_num_cycles", type=int, default=1)
     a("--lr_power", type=float, default=1.0)
@@ -94,10 +98,12 @@ def build_parser() -> argparse.ArgumentParser:
     a("--judge_images", type=int, default=None, help="on the embedded base, with a toy-world subject (subject.json beside the images): "
       "judge this many images per prompt kind after training and report subject/ceiling and drift (default 48; 0 = off)")
     a("--placeholder_token", default=None, help="for --method ti: the token whose embedding trains (default: the instance prompt's identifier)")
-    a("--optimizer", default="adamw", choices=["adamw", "fira"], help="for --method full")
+    a("--optimizer", default="adamw", type=str.lower, choices=["adamw", "prodigy", "fira"],
+      help="adamw; prodigy (pip install prodigyopt; use --learning_rate 1.0); fira for --method full")
     a("--fira_rank", type=int, default=128)
     a("--fira_update_proj_gap", type=int, default=200)
     a("--fira_alpha", type=float, default=0.25)
+    add_diffusers_flags(p)
     return p
 
 
@@ -119,11 +125,11 @@ def resolve_defaults(args: argparse.Namespace) -> argparse.Namespace:
     args.embedded = given is None or (os.path.isdir(given) and os.path.isdir(default_base_path()) and os.path.samefile(given, default_base_path()))
     if args.embedded:
         args.pretrained_model_name_or_path = default_base_path()
-        if args.instance_data_dir is None:
+        if args.instance_data_dir is None and args.dataset_name is None:
             args.instance_data_dir = default_concept_path()
             args.instance_prompt = args.instance_prompt or DEFAULT_INSTANCE_PROMPT
             args.class_prompt = args.class_prompt or DEFAULT_CLASS_PROMPT
-    if args.instance_data_dir is None:
+    if args.instance_data_dir is None and args.dataset_name is None:
         raise ValueError("--instance_data_dir is required with --pretrained_model_name_or_path (a folder of 3–10 subject images)")
     if args.instance_prompt is None:
         raise ValueError("--instance_prompt is required, e.g. --instance_prompt 'a photo of sks dog'")
@@ -150,12 +156,22 @@ def resolve_defaults(args: argparse.Namespace) -> argparse.Namespace:
         args.num_inference_steps = 20 if args.embedded else 25
     if args.guidance_scale is None:
         args.guidance_scale = 4.0 if args.embedded else 7.5
-    args.validation_prompt = args.validation_prompt or args.instance_prompt
+    # as diffusers: a real base validates only when --validation_prompt is given; the embedded
+    # base (seconds per image) always shows its before/after
+    args.validation_prompt = args.validation_prompt or (args.instance_prompt if args.embedded else None)
+    if args.offset_noise and not args.noise_offset:
+        args.noise_offset = 0.1  # train_dreambooth.py's --offset_noise
+    compat.check(args)
     for name in ("train_batch_size", "gradient_accumulation_steps", "num_validation_images", "checkpointing_steps", "sample_batch_size"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name} must be at least 1")
     if args.rank < 1:
         raise ValueError("--rank must be at least 1")
+    if args.optimizer == "prodigy":
+        import importlib.util
+
+        if importlib.util.find_spec("prodigyopt") is None:
+            raise ValueError("--optimizer prodigy needs the prodigyopt package: pip install prodigyopt")
     if args.method != "full" and args.optimizer == "fira":
         raise ValueError("--optimizer fira is for --method full (full fine-tuning); adapters train with AdamW")
     return args
@@ -172,8 +188,14 @@ def check_inputs(args: argparse.Namespace) -> argparse.Namespace:
         raise TrainingError(f"--resolution {args.resolution}: must be a positive size in pixels (e.g. 512 for SD 1.5); "
                             "leave it out for the base model's native size")
     folder = args.instance_data_dir
-    if not os.path.isdir(folder):
+    if args.dataset_name is None and not os.path.isdir(folder):
         raise TrainingError(f"--instance_data_dir {folder!r}: no such folder")
+    if args.push_to_hub:
+        from huggingface_hub import constants
+
+        if constants.HF_HUB_OFFLINE:
+            raise TrainingError("--push_to_hub: HF_HUB_OFFLINE is set, so nothing can be uploaded; unset it where there is "
+                                "network, or leave --push_to_hub out and upload the output folder later (huggingface-cli upload)")
     return argparse.Namespace(**vars(args) | {"model_path": resolve_model_path(args)})
 
 
@@ -183,10 +205,14 @@ def settle_schedule(args: argparse.Namespace, n_images: int, num_processes: int)
     effective batch under --scale_lr, as diffusers does). The summary keeps --learning_rate."""
     import math
 
+    steps_per_epoch = math.ceil(n_images / args.train_batch_size / num_processes)  # n_images counts --repeats
     steps = args.max_train_steps
     if steps is None:
-        steps = args.num_train_epochs * math.ceil(n_images / args.train_batch_size / num_processes)
+        steps = args.num_train_epochs * steps_per_epoch
     lr = args.learning_rate
     if args.scale_lr:
         lr = lr * args.gradient_accumulation_steps * args.train_batch_size * num_processes
-    return argparse.Namespace(**vars(args) | {"max_train_steps": steps, "optimizer_lr": lr})
+    every = args.validation_steps
+    if args.validation_epochs and not every:
+        every = args.validation_epochs * steps_per_epoch
+    return argparse.Namespace(**vars(args) | {"max_train_steps": steps, "optimizer_lr": lr, "validation_steps": every})

@@ -35,11 +35,15 @@ def caption_for(path: str, default: str) -> str:
     return default
 
 
-def resize_shorter(img: Image.Image, size: int) -> torch.Tensor:
-    """Shorter side to `size` (bicubic), as a (3, H, W) tensor in [-1, 1]."""
+RESAMPLE = {"lanczos": Image.LANCZOS, "bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR, "nearest": Image.NEAREST,
+            "box": Image.BOX, "hamming": Image.HAMMING}
+
+
+def resize_shorter(img: Image.Image, size: int, resample: str | None = None) -> torch.Tensor:
+    """Shorter side to `size` (bicubic unless --image_interpolation_mode), as a (3, H, W) tensor in [-1, 1]."""
     w, h = img.size
     s = size / min(w, h)
-    img = img.resize((max(size, round(w * s)), max(size, round(h * s))), Image.BICUBIC)
+    img = img.resize((max(size, round(w * s)), max(size, round(h * s))), RESAMPLE[resample or "bicubic"])
     return torch.from_numpy(np.asarray(img, dtype=np.float32).transpose(2, 0, 1).copy()) / 127.5 - 1.0
 
 
@@ -53,15 +57,46 @@ class ImageSet:
         return len(self.images)
 
     @classmethod
-    def from_folder(cls, folder, prompt, resolution, flag="--instance_data_dir", warn=print) -> "ImageSet":
+    def from_folder(cls, folder, prompt, resolution, flag="--instance_data_dir", warn=print, resample=None) -> "ImageSet":
         found, skipped = read_images(folder, flag)
         if skipped:
             warn(f"{flag} {folder}: skipped {len(skipped)} unreadable file(s): {', '.join(skipped)}")
         if not found:
             what = "no readable image" if skipped else f"no image ({', '.join(sorted(IMAGE_EXTENSIONS))})"
             raise DataError(f"{flag} {folder!r}: {what} found; add 3–10 photos of the subject")
-        return cls([resize_shorter(im, resolution) for _, im in found], [caption_for(p, prompt) for p, _ in found],
+        return cls([resize_shorter(im, resolution, resample) for _, im in found], [caption_for(p, prompt) for p, _ in found],
                    [p for p, _ in found])
+
+    @classmethod
+    def from_dataset(cls, name, config, image_column, caption_column, prompt, resolution, cache_dir=None, resample=None) -> "ImageSet":
+        """A datasets-library dataset (hub id, or a local folder read as an imagefolder), as
+        diffusers' SDXL DreamBooth script reads --dataset_name: the train split, images from
+        --image_column, captions from --caption_column (else the instance prompt for all)."""
+        try:
+            from datasets import load_dataset
+        except ImportError:
+            raise DataError("--dataset_name needs the datasets package: pip install datasets") from None
+        try:
+            ds = load_dataset(name, config, cache_dir=cache_dir)
+        except Exception as e:  # noqa: BLE001 — datasets raises many kinds for a missing or offline dataset
+            local = _cached_dataset_repo(name, cache_dir)  # offline: the repo's files in the Hub cache, read as a folder
+            if local is None:
+                raise DataError(f"--dataset_name {name}: could not load it ({type(e).__name__}: {(str(e).splitlines() or [''])[0]})") from None
+            ds = load_dataset(local, config, cache_dir=cache_dir)
+        split = ds["train"] if "train" in ds else next(iter(ds.values()))
+        columns = split.column_names
+        for flag, col in (("--image_column", image_column), ("--caption_column", caption_column)):
+            if col is not None and col not in columns:
+                raise DataError(f"{flag} {col!r}: the dataset {name} has no such column (it has {', '.join(columns)})")
+        images = [to_rgb(im) for im in split[image_column]]
+        if not images:
+            raise DataError(f"--dataset_name {name}: no images in its train split")
+        captions = [str(c) for c in split[caption_column]] if caption_column else [prompt] * len(images)
+        return cls([resize_shorter(im, resolution, resample) for im in images], captions, [])
+
+    def repeated(self, n: int) -> "ImageSet":
+        """Each image n times (--repeats): longer epochs, the same images."""
+        return self if n == 1 else ImageSet(self.images * n, self.captions * n, self.paths * n)
 
     def crop(self, i: int, resolution: int, center: bool, flip: bool, gen: torch.Generator) -> torch.Tensor:
         img = self.images[i]
@@ -76,6 +111,18 @@ class ImageSet:
 
     def needs_random_crop(self, resolution: int, center: bool) -> bool:
         return not center and any(img.shape[1] != resolution or img.shape[2] != resolution for img in self.images)
+
+
+def _cached_dataset_repo(name: str, cache_dir=None) -> str | None:
+    """The local snapshot of a Hub dataset repository, if the Hugging Face cache holds one."""
+    if os.path.isdir(name):
+        return None
+    try:
+        from huggingface_hub import snapshot_download
+
+        return snapshot_download(name, repo_type="dataset", local_files_only=True, cache_dir=cache_dir)
+    except Exception:  # noqa: BLE001 — not cached (or not a repo id)
+        return None
 
 
 def step_generator(seed: int, step: int, micro: int = 0, process: int = 0) -> torch.Generator:

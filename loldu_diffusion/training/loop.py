@@ -17,15 +17,15 @@ import torch
 
 from ..adapter_file import AdapterFileError
 from ..quiet import quiet_libraries
-from . import report
+from . import compat, report
 from .args import check_inputs, resolve_defaults, settle_schedule
 from .checkpoints import (TRAINABLE_FILE, checkpoint_step, existing_outputs, load_history, load_run_state, resolve_resume,
                           write_checkpoint)
 from .data import DataError, ImageSet, check_identifier, step_generator
 from .errors import TrainingError
-from .methods import make_method, make_optimizer
-from .models import (PromptEncoder, cast_frozen, ensure_class_images, frozen_modules, generate, load_models, make_pipeline,
-                     native_resolution)
+from .methods import make_method, make_optimizer, param_groups
+from .models import (PromptEncoder, cast_frozen, ensure_class_images, frozen_modules, generate, load_models, native_resolution,
+                     text_encoders_of, validation_pipeline)
 from .outdir import claim_output_dir, refuse_to_replace
 from .steps import LatentCache, dreambooth_loss, noised, sample_batch
 
@@ -135,6 +135,8 @@ def train(args) -> dict:
     lock = claim_output_dir(args, accelerator, resume_path, existing_outputs)  # noqa: F841 — held until train() returns
     if tracker_warning:
         say(f"warning: {tracker_warning}")
+    for line in compat.notes(args):
+        say(line)
     if accelerator.device.type == "cpu" and accelerator.mixed_precision == "fp16":
         say("warning: --mixed_precision fp16 on a CPU: CPUs have no fast fp16 arithmetic, so every step runs many times slower "
             "than in fp32; use --mixed_precision no (or bf16, which CPUs do run fast under autocast)")
@@ -145,13 +147,13 @@ def train(args) -> dict:
     m = load_models(args)
     resolution = training_resolution(args, m, say)
     try:
-        instance = ImageSet.from_folder(args.instance_data_dir, args.instance_prompt, resolution, warn=say)
+        instance = load_instance_images(args, resolution, say)
     except DataError as e:
         raise TrainingError(str(e)) from None
     warning = check_identifier(args.instance_prompt)
     if warning:
         say(f"warning: {warning}")
-    if args.embedded and is_main:
+    if args.embedded and is_main and instance.paths:
         warn_about_photos(instance, native_resolution(m), say)
     args = settle_schedule(args, len(instance), accelerator.num_processes)  # settled: nothing below changes args
     device = accelerator.device
@@ -161,16 +163,20 @@ def train(args) -> dict:
     classes = None
     if args.with_prior_preservation:
         ensure_class_images(args, accelerator, m, resolution)
-        classes = ImageSet.from_folder(args.class_data_dir, args.class_prompt, resolution, flag="--class_data_dir", warn=say)
+        classes = ImageSet.from_folder(args.class_data_dir, args.class_prompt, resolution, flag="--class_data_dir", warn=say,
+                                       resample=args.image_interpolation_mode)
     if is_main:
         os.makedirs(args.output_dir, exist_ok=True)
 
     def validation(unet_, desc, bar=True):
-        """The validation images, or None and a warning: a failing validation never costs the run."""
+        """The validation images (None without --validation_prompt), or None and a warning: a
+        failing validation never costs the run."""
+        if not args.validation_prompt:
+            return None
         try:
             # the frozen base is cast to half precision below; bf16 on a CPU only runs under autocast
             with accelerator.autocast():
-                return generate(make_pipeline(m, unet_, args), args.validation_prompt, args.num_validation_images, args.seed, args,
+                return generate(validation_pipeline(m, unet_, args), args.validation_prompt, args.num_validation_images, args.seed, args,
                                 resolution, desc=desc if bar else None)
         except Exception as e:  # noqa: BLE001 — any library error; the adapter matters more than its preview
             say(f"warning: {desc} failed, training goes on without these images: {type(e).__name__}: {(str(e).splitlines() or [''])[0]}")
@@ -181,7 +187,8 @@ def train(args) -> dict:
     # the method: attach, then cast what stays frozen
     set_seed(args.seed)  # the random z₀ inits and LoRA's init draw from the global RNG
     method = make_method(args)
-    models = types.SimpleNamespace(unet=m.unet, text_encoder=m.text_encoder, text_encoder_2=m.text_encoder_2, tokenizer=m.tokenizer)
+    models = types.SimpleNamespace(unet=m.unet, text_encoder=m.text_encoder, text_encoder_2=m.text_encoder_2, tokenizer=m.tokenizer,
+                                   base_path=m.path)
     params = method.setup(models)
     n_trainable = sum(p.numel() for p in params)
     if weight_dtype != torch.float32:
@@ -189,21 +196,24 @@ def train(args) -> dict:
             cast_frozen(mod, weight_dtype)
     if args.gradient_checkpointing:
         m.unet.enable_gradient_checkpointing()
-    optimizer = make_optimizer(args, params, args.optimizer_lr)
+    optimizer = make_optimizer(args, param_groups(args, params, text_encoders_of(m)), args.optimizer_lr)
     lr_scheduler = get_scheduler(args.lr_scheduler, optimizer=optimizer, num_warmup_steps=args.lr_warmup_steps,
                                  num_training_steps=args.max_train_steps, num_cycles=args.lr_num_cycles, power=args.lr_power)
-    text_encoders = [e for e in (m.text_encoder, m.text_encoder_2) if e is not None] if method.trains_text_encoder else []
+    text_encoders = text_encoders_of(m) if method.trains_text_encoder else []
     unet, optimizer, lr_scheduler, *train_encoders = accelerator.prepare(m.unet, optimizer, lr_scheduler, *text_encoders)
     # the trained text encoders run through their wrappers so their gradients are synchronised
     run = types.SimpleNamespace(
         accelerator=accelerator, m=m, unet=unet, instance=instance, classes=classes, sched=m.noise_scheduler, device=device,
-        weight_dtype=weight_dtype, prompts=PromptEncoder(m, device, resolution, (tuple(train_encoders) + (None,))[:2] if text_encoders else None),
+        weight_dtype=weight_dtype, prompts=PromptEncoder(m, device, resolution, (tuple(train_encoders) + (None,))[:2] if text_encoders else None,
+                                                         args.tokenizer_max_length, args.text_encoder_use_attention_mask),
         inst_cache=LatentCache(m, instance, resolution, args, device, weight_dtype),
         class_cache=LatentCache(m, classes, resolution, args, device, weight_dtype) if classes else None)
 
     def save_hook(models_, weights, output_dir):
         if is_main:
             save_file(method.trainable_state(models), os.path.join(output_dir, TRAINABLE_FILE))
+            if hasattr(method, "save_checkpoint_models"):
+                method.save_checkpoint_models(types.SimpleNamespace(unet=accelerator.unwrap_model(unet), text_encoder=m.text_encoder), output_dir)
         weights.clear()  # the frozen base is not checkpointed: only what trains
 
     def load_hook(models_, input_dir):
@@ -323,9 +333,39 @@ def finish(args, method, models, summary, history, before, during, validation, a
         say(f"judged ({judged['n']} images per prompt): '{args.instance_prompt}' shows the whole subject in {judged['subject']:.0%} "
             f"of images, {judged['subject_of_ceiling']:.0%} of what the base draws when told exactly ({judged['ceiling']:.0%}); "
             f"the class prompt took its colour or marking {judged['drift_points']:+.0f} points more often than the base")
+    if args.output_kohya_format:
+        summary["outputs"].append(os.path.relpath(method.save_kohya(models, args.output_dir), args.output_dir))
+        report.write_json(os.path.join(args.output_dir, "train_summary.json"), summary)
     report.model_card(args, summary, grids)
     say(f"wrote {', '.join(summary['outputs'])} ({summary['output_bytes']:,} bytes) to {args.output_dir} "
         f"in {summary['seconds']:.0f} s ({summary['seconds_per_step']:.3f} s/step)")
+    if args.push_to_hub:
+        say(f"uploaded to {push_to_hub(args)}")
+
+
+def load_instance_images(args, resolution, say) -> ImageSet:
+    """--instance_data_dir (a folder), or --dataset_name (the datasets library), × --repeats."""
+    if args.dataset_name:
+        images = ImageSet.from_dataset(args.dataset_name, args.dataset_config_name, args.image_column, args.caption_column,
+                                       args.instance_prompt, resolution, args.cache_dir, resample=args.image_interpolation_mode)
+    else:
+        images = ImageSet.from_folder(args.instance_data_dir, args.instance_prompt, resolution, warn=say, resample=args.image_interpolation_mode)
+    return images.repeated(args.repeats)
+
+
+def push_to_hub(args) -> str:
+    """Upload the output folder (without checkpoints) to --hub_model_id; one line if it fails."""
+    from huggingface_hub import create_repo, upload_folder
+
+    repo_id = args.hub_model_id or os.path.basename(os.path.normpath(args.output_dir))
+    try:
+        repo_id = create_repo(repo_id, exist_ok=True, token=args.hub_token).repo_id
+        upload_folder(repo_id=repo_id, folder_path=args.output_dir, token=args.hub_token, commit_message="End of training",
+                      ignore_patterns=["step_*", "epoch_*", "checkpoint-*", "logs/*", ".loldu-train.lock", "class_images/*"])
+    except Exception as e:  # noqa: BLE001 — network, auth and hub errors differ between releases
+        raise TrainingError(f"--push_to_hub: the upload to {repo_id} failed ({type(e).__name__}: {(str(e).splitlines() or [''])[0]}); "
+                            f"the output is in {args.output_dir}: upload it later with huggingface-cli upload {repo_id} {args.output_dir}") from None
+    return f"https://huggingface.co/{repo_id}"
 
 
 def judge_toy_subject(args, method):

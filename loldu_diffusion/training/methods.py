@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import tempfile
 import types
 
 import torch
@@ -25,6 +26,7 @@ from ..model import inject_loldu, loldu_parameters
 
 ADAPTER_FILE = "loldu_adapter.safetensors"
 LORA_FILE = "pytorch_lora_weights.safetensors"
+KOHYA_FILE = "pytorch_lora_weights_kohya.safetensors"  # --output_kohya_format, the name diffusers' SDXL script writes
 
 
 def _text_encoders(models):
@@ -74,6 +76,11 @@ class LoLDUMethod:
         """Apply what `save` wrote to a pristine base pipeline."""
         load_adapter(pipe, os.path.join(out_dir, ADAPTER_FILE))
 
+    def save_kohya(self, models, out_dir):
+        from ..export import export_lora
+
+        return export_lora(models, os.path.join(out_dir, KOHYA_FILE), "kohya", overwrite=True)
+
 
 class LoRAMethod:
     """LoRA / OLoRA through PEFT, configured as diffusers' train_dreambooth_lora.py does."""
@@ -89,7 +96,8 @@ class LoRAMethod:
         from peft import LoraConfig
 
         alpha = self.args.alpha if self.args.alpha is not None else self.args.rank
-        return LoraConfig(r=self.args.rank, lora_alpha=alpha, init_lora_weights=self.init, target_modules=list(targets))
+        return LoraConfig(r=self.args.rank, lora_alpha=alpha, init_lora_weights=self.init, target_modules=list(targets),
+                          lora_dropout=getattr(self.args, "lora_dropout", 0.0), use_dora=getattr(self.args, "use_dora", False))
 
     def _modules(self, models):
         mods = {"unet": models.unet}
@@ -102,7 +110,12 @@ class LoRAMethod:
 
         params = []
         for c, m in self._modules(models).items():
-            m.add_adapter(self._config(self.args.unet_targets if c == "unet" else self.args.text_encoder_targets))
+            if c == "unet":
+                m.add_adapter(self._config(self.args.unet_targets))
+            else:  # PEFT directly: transformers' add_adapter asks for a PEFT newer than any released
+                from peft import inject_adapter_in_model
+
+                inject_adapter_in_model(self._config(self.args.text_encoder_targets), m)
             # OLoRA moved s·B₀A₀ out of the base weights; keep B₀, A₀ to export on the pristine base
             self.initial[c] = {k: v.detach().clone() for k, v in get_peft_model_state_dict(m).items()}
             params += [p for p in m.parameters() if p.requires_grad]
@@ -169,47 +182,95 @@ class LoRAMethod:
 
     @staticmethod
     def load_output(pipe, out_dir):
-        pipe.load_lora_weights(out_dir)
+        pipe.load_lora_weights(out_dir, weight_name=LORA_FILE)
+
+    def save_kohya(self, models, out_dir):
+        """As diffusers' --output_kohya_format: the diffusers file's keys converted to kohya's."""
+        from safetensors.torch import load_file
+        from diffusers.utils import convert_state_dict_to_kohya, convert_state_dict_to_peft
+
+        state = convert_state_dict_to_kohya(convert_state_dict_to_peft(load_file(os.path.join(out_dir, LORA_FILE))))
+        return atomic_save_safetensors(state, os.path.join(out_dir, KOHYA_FILE), overwrite=True)
 
 
 class FullMethod:
-    """Full fine-tuning of the UNet (AdamW, or Fira for a low-rank optimizer-state budget).
-    With --full_targets, only the weights of those modules train (e.g. the attention
-    projections: the check that a base lets a subject flow through attention)."""
+    """Full fine-tuning of the UNet (and, with --train_text_encoder, the text encoder), with
+    AdamW, Prodigy or Fira (a low-rank optimizer-state budget). With --full_targets, only the
+    weights of those modules train (e.g. the attention projections: the check that a base lets
+    a subject flow through attention). The output is a whole diffusers pipeline folder, as
+    diffusers' train_dreambooth.py writes; checkpoints hold `unet/` (and `text_encoder/`) too."""
 
     name = "full"
-    trains_text_encoder = False
 
     def __init__(self, args):
         self.args = args
+        self.trains_text_encoder = args.train_text_encoder
 
-    def _trained(self, unet):
+    def _trained(self, models) -> dict:
         targets = getattr(self.args, "full_targets", None)
-        if not targets:
-            return dict(unet.named_parameters())
-        return {n: p for n, p in unet.named_parameters() if any(n.rsplit(".", 1)[0].endswith("." + t) for t in targets)}
+        out = {f"unet.{n}": p for n, p in models.unet.named_parameters()
+               if not targets or any(n.rsplit(".", 1)[0].endswith("." + t) for t in targets)}
+        if self.trains_text_encoder:
+            out.update({f"text_encoder.{n}": p for n, p in models.text_encoder.named_parameters()})
+        return out
 
     def setup(self, models):
-        trained = self._trained(models.unet)
+        trained = self._trained(models)
         for p in trained.values():
             p.requires_grad_(True)
         return list(trained.values())
 
     def trainable_state(self, models):
-        return {f"unet.{k}": v.detach().clone() for k, v in self._trained(models.unet).items()}
+        return {k: v.detach().clone() for k, v in self._trained(models).items()}
 
     def load_trainable_state(self, models, tensors):
-        models.unet.load_state_dict({k[5:]: v for k, v in tensors.items() if k.startswith("unet.")}, strict=not getattr(self.args, "full_targets", None))
+        strict = not getattr(self.args, "full_targets", None)
+        models.unet.load_state_dict({k[5:]: v for k, v in tensors.items() if k.startswith("unet.")}, strict=strict)
+        if self.trains_text_encoder:
+            models.text_encoder.load_state_dict({k[13:]: v for k, v in tensors.items() if k.startswith("text_encoder.")})
+
+    def save_checkpoint_models(self, models, folder):
+        """diffusers' checkpoints hold the trained models in their own format: `checkpoint-N/unet`
+        loads with UNet2DConditionModel.from_pretrained."""
+        models.unet.save_pretrained(os.path.join(folder, "unet"))
+        if self.trains_text_encoder:
+            models.text_encoder.save_pretrained(os.path.join(folder, "text_encoder"))
 
     def save(self, models, out_dir, metadata):
-        return [atomic_save_dir(models.unet.save_pretrained, os.path.join(out_dir, "unet"), overwrite=True)]
+        """The whole pipeline: model_index.json, scheduler, tokenizer(s), VAE, text encoder(s)
+        (unless --skip_save_text_encoder) and the trained UNet."""
+        from diffusers import DiffusionPipeline
 
-    @staticmethod
-    def load_output(pipe, out_dir):
+        comps = {"unet": models.unet, "text_encoder": models.text_encoder}
+        if getattr(models, "text_encoder_2", None) is not None:
+            comps["text_encoder_2"] = models.text_encoder_2
+        kw = {} if comps.get("text_encoder_2") is not None else {"safety_checker": None, "feature_extractor": None,
+                                                                  "requires_safety_checker": False}
+        pipe = DiffusionPipeline.from_pretrained(models.base_path, torch_dtype=torch.float32, **comps, **kw)
+        written = []
+        with tempfile.TemporaryDirectory(dir=out_dir, prefix=".pipeline.tmp") as tmp:
+            pipe.save_pretrained(tmp, safe_serialization=True)
+            for name in sorted(os.listdir(tmp)):
+                if getattr(self.args, "skip_save_text_encoder", False) and name.startswith("text_encoder"):
+                    continue
+                dest = os.path.join(out_dir, name)
+                if os.path.isdir(dest):
+                    shutil.rmtree(dest)
+                os.replace(os.path.join(tmp, name), dest)
+                written.append(dest)
+        trained = ("unet", "text_encoder") if self.trains_text_encoder else ("unet",)
+        return [w for w in written if os.path.basename(w) in trained]
+
+    def load_output(self, pipe, out_dir):
         from diffusers import UNet2DConditionModel
 
         tuned = UNet2DConditionModel.from_pretrained(out_dir, subfolder="unet", torch_dtype=pipe.unet.dtype)
         pipe.unet.load_state_dict(tuned.state_dict())
+        if self.trains_text_encoder and os.path.isdir(os.path.join(out_dir, "text_encoder")):
+            from transformers import CLIPTextModel
+
+            te = CLIPTextModel.from_pretrained(out_dir, subfolder="text_encoder", torch_dtype=pipe.text_encoder.dtype)
+            pipe.text_encoder.load_state_dict(te.state_dict())
 
 
 class PeftVectorMethod:
@@ -335,15 +396,39 @@ def make_method(args):
             "vera": PeftVectorMethod, "ia3": PeftVectorMethod, "ti": TextualInversionMethod}[args.method](args)
 
 
+def param_groups(args, params, text_encoders) -> list:
+    """The optimizer's groups: one, or with --text_encoder_lr / --adam_weight_decay_text_encoder,
+    the text encoder's parameters apart (as diffusers' SDXL script)."""
+    if args.text_encoder_lr is None and args.adam_weight_decay_text_encoder is None:
+        return params
+    in_text = {id(p) for enc in text_encoders for p in enc.parameters()}
+    te = [p for p in params if id(p) in in_text]
+    rest = [p for p in params if id(p) not in in_text]
+    if not te:
+        return params
+    group = {"params": te}
+    if args.text_encoder_lr is not None:
+        group["lr"] = args.text_encoder_lr
+    if args.adam_weight_decay_text_encoder is not None:
+        group["weight_decay"] = args.adam_weight_decay_text_encoder
+    return [{"params": rest}, group] if rest else [group]
+
+
 def make_optimizer(args, params, lr: float):
-    """AdamW (or Fira for full fine-tuning) over `params` at `lr` (the settled learning rate:
-    --learning_rate, times the batch under --scale_lr)."""
+    """AdamW, Prodigy or (full fine-tuning) Fira over `params` (a list, or groups) at `lr`, the
+    settled learning rate (--learning_rate, times the batch under --scale_lr)."""
     if args.method == "full" and args.optimizer == "fira":
         from ..fira import Fira
 
         return Fira(params, lr=lr, betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon,
                     weight_decay=args.adam_weight_decay, rank=args.fira_rank,
                     update_proj_gap=args.fira_update_proj_gap, alpha=args.fira_alpha)
+    if args.optimizer == "prodigy":
+        from prodigyopt import Prodigy
+
+        return Prodigy(params, lr=lr, betas=(args.adam_beta1, args.adam_beta2), beta3=args.prodigy_beta3,
+                       weight_decay=args.adam_weight_decay, eps=args.adam_epsilon, decouple=args.prodigy_decouple,
+                       use_bias_correction=args.prodigy_use_bias_correction, safeguard_warmup=args.prodigy_safeguard_warmup)
     cls = torch.optim.AdamW
     if args.use_8bit_adam:
         try:

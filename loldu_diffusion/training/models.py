@@ -45,7 +45,7 @@ def hub_snapshot(repo_id: str, args) -> str:
     from diffusers import DiffusionPipeline
     from huggingface_hub import constants
 
-    kw = dict(revision=args.revision, variant=args.variant)
+    kw = dict(revision=args.revision, variant=args.variant, cache_dir=getattr(args, "cache_dir", None))
     try:
         return DiffusionPipeline.download(repo_id, local_files_only=True, **kw)
     except Exception:  # noqa: BLE001 — not (fully) cached: try the Hub below
@@ -80,15 +80,17 @@ class StableDiffusion:
     def load_text_encoders(self, m, path, args, kw) -> None:
         from transformers import AutoTokenizer, CLIPTextModel
 
-        m.tokenizer = AutoTokenizer.from_pretrained(path, subfolder="tokenizer", use_fast=False, **kw)
+        tok_path, sub = (args.tokenizer_name, None) if getattr(args, "tokenizer_name", None) else (path, "tokenizer")
+        m.tokenizer = AutoTokenizer.from_pretrained(tok_path, subfolder=sub, use_fast=False, **kw)
         m.text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", variant=args.variant, torch_dtype=torch.float32, **kw)
         m.tokenizer_2 = m.text_encoder_2 = None
 
-    def encode_prompts(self, m, prompts: list[str], device, resolution: int, encoders=None):
+    def encode_prompts(self, m, prompts: list[str], device, resolution: int, encoders=None, max_length=None, use_mask=False):
         """(encoder_hidden_states [B, 77, D], added_cond_kwargs or None). `encoders` replaces
         (text_encoder, text_encoder_2) when they train: the process-synchronised wrappers."""
         te1, _ = encoders or (m.text_encoder, m.text_encoder_2)
-        return te1(_token_ids(m.tokenizer, prompts, device))[0], None
+        ids, mask = _tokens(m.tokenizer, prompts, device, max_length)
+        return (te1(ids, attention_mask=mask)[0] if use_mask else te1(ids)[0]), None
 
     def call_unet(self, unet, noisy, t, hidden, added):
         return unet(noisy, t, hidden, added_cond_kwargs=added).sample
@@ -112,11 +114,12 @@ class StableDiffusionXL(StableDiffusion):
         m.text_encoder_2 = CLIPTextModelWithProjection.from_pretrained(path, subfolder="text_encoder_2", variant=args.variant,
                                                                        torch_dtype=torch.float32, **kw)
 
-    def encode_prompts(self, m, prompts, device, resolution, encoders=None):
+    def encode_prompts(self, m, prompts, device, resolution, encoders=None, max_length=None, use_mask=False):
         te1, te2 = encoders or (m.text_encoder, m.text_encoder_2)
         hidden, pooled = [], None
         for tok, enc in ((m.tokenizer, te1), (m.tokenizer_2, te2)):
-            out = enc(_token_ids(tok, prompts, device), output_hidden_states=True)
+            ids, mask = _tokens(tok, prompts, device, max_length)
+            out = enc(ids, output_hidden_states=True, **({"attention_mask": mask} if use_mask else {}))
             hidden.append(out.hidden_states[-2])
             pooled = out[0]  # text_embeds of the projection encoder (the second one)
         time_ids = torch.tensor([[resolution, resolution, 0, 0, resolution, resolution]], device=device, dtype=pooled.dtype)
@@ -126,8 +129,10 @@ class StableDiffusionXL(StableDiffusion):
         return dict(text_encoder=m.text_encoder, tokenizer=m.tokenizer, text_encoder_2=m.text_encoder_2, tokenizer_2=m.tokenizer_2)
 
 
-def _token_ids(tok, prompts, device):
-    return tok(prompts, padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt").input_ids.to(device)
+def _tokens(tok, prompts, device, max_length=None):
+    """(input_ids, attention_mask) padded to --tokenizer_max_length or the tokenizer's own length."""
+    t = tok(prompts, padding="max_length", max_length=max_length or tok.model_max_length, truncation=True, return_tensors="pt")
+    return t.input_ids.to(device), t.attention_mask.to(device)
 
 
 def family_of(index: dict) -> StableDiffusion:
@@ -151,7 +156,9 @@ def load_models(args, path: str | None = None):
     m = types.SimpleNamespace(family=family, xl=family.xl, path=path, index=index)
     try:
         family.load_text_encoders(m, path, args, kw)
-        m.vae = AutoencoderKL.from_pretrained(path, subfolder="vae", variant=args.variant, torch_dtype=torch.float32, **kw)
+        vae_path = getattr(args, "pretrained_vae_model_name_or_path", None)
+        m.vae = (AutoencoderKL.from_pretrained(vae_path, torch_dtype=torch.float32) if vae_path else
+                 AutoencoderKL.from_pretrained(path, subfolder="vae", variant=args.variant, torch_dtype=torch.float32, **kw))
         m.unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", variant=args.variant, torch_dtype=torch.float32, **kw)
         m.noise_scheduler = DDPMScheduler.from_pretrained(path, subfolder="scheduler", **kw)
     except (OSError, ValueError) as e:
@@ -165,6 +172,10 @@ def load_models(args, path: str | None = None):
 
 def frozen_modules(m) -> list[torch.nn.Module]:
     return [mod for mod in (m.vae, m.text_encoder, m.text_encoder_2, m.unet) if mod is not None]
+
+
+def text_encoders_of(m) -> list[torch.nn.Module]:
+    return [e for e in (m.text_encoder, m.text_encoder_2) if e is not None]
 
 
 def native_resolution(m) -> int:
@@ -185,25 +196,26 @@ def cast_frozen(module: torch.nn.Module, dtype: torch.dtype) -> None:
                 mod._buffers[name] = b.to(dtype)
 
 
-def encode_prompts(m, prompts: list[str], device, resolution: int, encoders=None):
-    return m.family.encode_prompts(m, prompts, device, resolution, encoders)
+def encode_prompts(m, prompts: list[str], device, resolution: int, encoders=None, max_length=None, use_mask=False):
+    return m.family.encode_prompts(m, prompts, device, resolution, encoders, max_length, use_mask)
 
 
 class PromptEncoder:
     """Conditioning for a batch of captions. A frozen text encoder gives each caption the same
     embedding every step, so it is computed once; a training one runs every step."""
 
-    def __init__(self, m, device, resolution: int, train_encoders=None):
+    def __init__(self, m, device, resolution: int, train_encoders=None, max_length=None, use_mask=False):
         self.m, self.device, self.resolution, self.train_encoders = m, device, resolution, train_encoders
+        self.options = (max_length, use_mask)
         self.cache = {}
 
     def __call__(self, captions: list[str]):
         if self.train_encoders:
-            return encode_prompts(self.m, captions, self.device, self.resolution, self.train_encoders)
+            return encode_prompts(self.m, captions, self.device, self.resolution, self.train_encoders, *self.options)
         missing = [c for c in dict.fromkeys(captions) if c not in self.cache]
         if missing:
             with torch.no_grad():
-                hid, added = encode_prompts(self.m, missing, self.device, self.resolution)
+                hid, added = encode_prompts(self.m, missing, self.device, self.resolution, None, *self.options)
             for i, c in enumerate(missing):
                 self.cache[c] = (hid[i], None if added is None else {k: v[i] for k, v in added.items()})
         hid = torch.stack([self.cache[c][0] for c in captions])
@@ -219,6 +231,16 @@ def make_pipeline(m, unet, args):
     with no_loading_bars():  # only the scheduler is read from disk: no bar nested in the training bar
         pipe = DiffusionPipeline.from_pretrained(m.path, revision=args.revision, torch_dtype=unet.dtype, **comps)
     pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def validation_pipeline(m, unet, args):
+    """The pipeline validation images are drawn with: --validation_scheduler when given."""
+    pipe = make_pipeline(m, unet, args)
+    if getattr(args, "validation_scheduler", None):
+        import diffusers
+
+        pipe.scheduler = getattr(diffusers, args.validation_scheduler).from_config(pipe.scheduler.config)
     return pipe
 
 
