@@ -116,7 +116,9 @@ class Trainer:
         return resolve_defaults(args)
 
     def argv(self, photos_dir: str, prompt: str, output_dir: str) -> list[str]:
+        # the page shows before/after images: ask for them (a real base validates only when asked)
         return ["--pretrained_model_name_or_path", self.base_path, "--instance_data_dir", photos_dir, "--instance_prompt", prompt,
+                "--validation_prompt", prompt,
                 "--output_dir", output_dir, "--report_to", "none", *self.extra_args]
 
     def start(self, owner, photos: list[str], trigger: str, noun: str, steps: int | None = None) -> Run:
