@@ -43,6 +43,13 @@ def resolve_submodule(component: nn.Module, path: str) -> nn.Module:
     raise AttributeError(f"no submodule {path!r}")
 
 
+def _submodule_or_none(component: nn.Module, path: str) -> nn.Module | None:
+    try:
+        return resolve_submodule(component, path)
+    except AttributeError:
+        return None
+
+
 def canonical_path(comp_name: str, path: str) -> str:
     """Text-encoder layer names as in HF CLIP checkpoints ('text_model.encoder.layers.0…'):
     transformers 5's CLIPTextModel dropped the 'text_model.' level that 4.x (and
@@ -78,10 +85,7 @@ class AttentionSites:
         return found
 
     def linear(self, component, path: str, target: str) -> nn.Linear | None:
-        try:
-            module = resolve_submodule(component, path)
-        except AttributeError:
-            return None
+        module = _submodule_or_none(component, path)
         return projection(module, target) if hasattr(module, "set_processor") else None
 
     def name_problem(self, path: str, target: str) -> str | None:
@@ -173,11 +177,7 @@ class LinearSites:
         return found
 
     def linear(self, component, path: str, target: str) -> nn.Linear | None:
-        try:
-            module = resolve_submodule(component, path)
-        except AttributeError:
-            return None
-        lin = getattr(module, target, None)
+        lin = getattr(_submodule_or_none(component, path), target, None)
         return lin if isinstance(lin, nn.Linear) else None
 
     def name_problem(self, path: str, target: str) -> str | None:
