@@ -212,8 +212,8 @@ def train(args) -> dict:
     def save_hook(models_, weights, output_dir):
         if is_main:
             save_file(method.trainable_state(models), os.path.join(output_dir, TRAINABLE_FILE))
-            if hasattr(method, "save_checkpoint_models"):
-                method.save_checkpoint_models(types.SimpleNamespace(unet=accelerator.unwrap_model(unet), text_encoder=m.text_encoder), output_dir)
+            if hasattr(method, "save_checkpoint_models"):  # full fine-tuning: checkpoint-N/unet as diffusers writes it
+                method.save_checkpoint_models(models, output_dir)
         weights.clear()  # the frozen base is not checkpointed: only what trains
 
     def load_hook(models_, input_dir):
