@@ -61,6 +61,9 @@ def configs(quick: bool, which: str = "all"):
         dict(name="loldu-text-encoder", method="loldu", lr=lr, args=["--train_text_encoder"]),
         dict(name="loldu-text-encoder-prior", method="loldu", lr=lr,
              args=["--train_text_encoder", "--with_prior_preservation", "--num_class_images", "48"]),
+        # the lead above with the lr decaying to 0 by the last step: at constant lr it collapsed between steps 100 and 200
+        dict(name="loldu-text-encoder-prior-cosine", method="loldu", lr=lr,
+             args=["--train_text_encoder", "--with_prior_preservation", "--num_class_images", "48", "--lr_scheduler", "cosine"]),
         dict(name="loldu-r8", method="loldu", lr=lr, args=["--rank", "8"]),
     ]
 
