@@ -119,7 +119,11 @@ def inject_loldu(model, config: LoLDUConfig | None = None, adapter_name: str = "
         if adapter_name in layer.adapters:
             raise ValueError(f"an adapter named {adapter_name!r} is already injected; pick another adapter_name")
     for comp in {id(c): c for _, c, _, _ in plan}.values():
-        comp.requires_grad_(False)
+        # the base freezes; adapters injected earlier (a UNet's processors are its submodules) keep training
+        trained = {id(p) for mod in comp.modules() if isinstance(mod, LoLDUVector) for p in mod.parameters()}
+        for p in comp.parameters():
+            if id(p) not in trained:
+                p.requires_grad_(False)
     for comp_name, comp in comps.items():
         install_processors(comp, comp_name, [path for c, _, path, _ in plan if c == comp_name])
     layers = []

@@ -228,6 +228,44 @@ def lora_unet(cfg, device, dtype, init):
     return unet, [p for p in unet.parameters() if p.requires_grad]
 
 
+def multi_subject_cost(steps: int, ks=(1, 4, 8)) -> dict:
+    """Wall time of the real trainer on the embedded base: one --concepts_list run of K subjects
+    against K runs of one subject each (same flags, in this process, so the separate runs do
+    not even pay a process start or an import). Validation images and the judge are off in
+    both. {"separate_s": [8 runs], "together_s": {K: seconds}}."""
+    import json
+
+    from ..toy.concepts import BENCH_SUBJECTS, HELD_OUT_SUBJECTS, render_subject
+    from ..training import parse_args, train
+
+    subjects = (BENCH_SUBJECTS + HELD_OUT_SUBJECTS)[: max(ks)]
+    common = ["--max_train_steps", str(steps), "--judge_images", "0", "--num_validation_images", "0", "--report_to", "none",
+              "--checkpointing_steps", str(10**9)]
+    out = {"steps": steps, "separate_s": [], "together_s": {}}
+    with tempfile.TemporaryDirectory() as tmp:
+        entries = []
+        warm = os.path.join(tmp, "data", "warm-up")
+        render_subject(subjects[0], warm)  # first use of the trainer in this process: imports and caches, untimed
+        train(parse_args(common + ["--max_train_steps", "1", "--instance_data_dir", warm, "--instance_prompt", subjects[0].instance_prompt,
+                                   "--output_dir", os.path.join(tmp, "warm-up")]))
+        for s in subjects:
+            folder = os.path.join(tmp, "data", s.identifier)
+            render_subject(s, folder)
+            entries.append({"name": s.identifier, "instance_prompt": s.instance_prompt, "instance_data_dir": folder})
+            t0 = time.perf_counter()
+            train(parse_args(common + ["--instance_data_dir", folder, "--instance_prompt", s.instance_prompt,
+                                       "--output_dir", os.path.join(tmp, "alone", s.identifier)]))
+            out["separate_s"].append(time.perf_counter() - t0)
+        for k in ks:
+            path = os.path.join(tmp, f"concepts-{k}.json")
+            with open(path, "w") as f:
+                json.dump(entries[:k], f)
+            t0 = time.perf_counter()
+            train(parse_args(common + ["--concepts_list", path, "--output_dir", os.path.join(tmp, f"together-{k}")]))
+            out["together_s"][k] = time.perf_counter() - t0
+    return out
+
+
 def run(quick: bool = False, device: str | None = None, iters: int | None = None, latent: int | None = None,
         compile_backend: str | None = "inductor") -> dict:
     from diffusers import StableDiffusionPipeline
@@ -325,6 +363,8 @@ def run(quick: bool = False, device: str | None = None, iters: int | None = None
     r["authors_s"], peak["authors"] = train_step_cost(unet, params, inp, device, warmup, iters)
     del unet
     r["peak_mb"] = peak
+    r["multi_subject"] = multi_subject_cost(steps=5 if quick else 50)
+    ms = r["multi_subject"]
     compiled = {"compiled_vs_eager": r["compiled_infer_s"] / r["eager_infer_s"],
                 "compiled_train_vs_eager": r["loldu_compiled_s"] / r["loldu_eager_s"]} if compile_backend else {}
     r["ratios"] = compiled | {
@@ -336,6 +376,7 @@ def run(quick: bool = False, device: str | None = None, iters: int | None = None
         "blend16_vs_blend1": r["blend16_infer_s"] / r["blend1_infer_s"],
         "hetero16_vs_same16": r["batch16_hetero_infer_s"] / r["batch16_same_infer_s"],
         "lora_params_vs_loldu": r["lora_params"] / r["loldu_params"],
+        "subjects8_vs_8_runs": ms["together_s"][8] / sum(ms["separate_s"][:8]),
     }
     return r
 
@@ -373,6 +414,15 @@ def markdown(r: dict) -> str:
                 f"| compiled | {r['loldu_compiled_s']:.4f} | {r['loldu_compiled_s'] / r['loldu_eager_s']:.3f} |",
                 "", f"First compiled step (forward and backward): {r['compile_train_s']:.1f} s."]
     out += ["", f"Attach (decompose all {r['layers']} layers at r={r['rank']}): {r['attach_s']:.3f} s."]
+    ms = r.get("multi_subject")
+    if ms:
+        out += ["", f"| training K subjects on the embedded base, {ms['steps']} steps (whole run, in-process) | seconds | per subject | "
+                "×K separate runs |", "|---|---|---|---|"]
+        for k, secs in ms["together_s"].items():
+            alone = sum(ms["separate_s"][: int(k)])
+            out.append(f"| one --concepts_list run, K = {k} | {secs:.1f} | {secs / int(k):.1f} | {secs / alone:.3f} |")
+        out.append(f"| one run per subject (mean of {len(ms['separate_s'])}) | {statistics.mean(ms['separate_s']):.1f} | "
+                   f"{statistics.mean(ms['separate_s']):.1f} | 1.000 |")
     return "\n".join(out)
 
 

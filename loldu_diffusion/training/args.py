@@ -41,6 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--variant", default=None, help="weights variant, e.g. fp16")
     a("--instance_data_dir", "--instance_dir", dest="instance_data_dir", default=None, help="folder of 3–10 subject images (a NAME.txt beside an image is its caption)")
     a("--instance_prompt", default=None, help="e.g. 'a photo of sks dog'")
+    a("--concepts_list", default=None, metavar="JSON", help="several subjects in one run, one LoLDU adapter each (written to "
+      "OUTPUT_DIR/NAME/): a JSON list of {instance_prompt, instance_data_dir[, class_prompt, class_data_dir, name]}")
     a("--class_data_dir", default=None)
     a("--class_prompt", default=None)
     a("--with_prior_preservation", action="store_true")
@@ -78,7 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
     a("--checkpoints_total_limit", type=int, default=None)
     a("--resume_from_checkpoint", default=None, help="'latest' or a checkpoint folder")
     a("--validation_prompt", default=None, help="default: the instance prompt")
-    a("--num_validation_images", type=int, default=4)
+    a("--num_validation_images", type=int, default=4, help="0: no validation images (the embedded base otherwise draws them before and after)")
     a("--validation_steps", type=int, default=None, help="also validate every N steps (before and after are always written)")
     a("--num_inference_steps", type=int, default=None, help="sampling steps for validation/class images (default 25; 20 on the embedded base)")
     a("--guidance_scale", type=float, default=None)
@@ -123,19 +125,20 @@ def resolve_defaults(args: argparse.Namespace) -> argparse.Namespace:
     args = argparse.Namespace(**vars(args))
     given = args.pretrained_model_name_or_path
     args.embedded = given is None or (os.path.isdir(given) and os.path.isdir(default_base_path()) and os.path.samefile(given, default_base_path()))
+    args.concepts = concepts_of(args)
     if args.embedded:
         args.pretrained_model_name_or_path = default_base_path()
-        if args.instance_data_dir is None and args.dataset_name is None:
+        if args.instance_data_dir is None and args.dataset_name is None and not args.concepts:
             args.instance_data_dir = default_concept_path()
             args.instance_prompt = args.instance_prompt or DEFAULT_INSTANCE_PROMPT
             args.class_prompt = args.class_prompt or DEFAULT_CLASS_PROMPT
-    if args.instance_data_dir is None and args.dataset_name is None:
+    if args.instance_data_dir is None and args.dataset_name is None and not args.concepts:
         raise ValueError("--instance_data_dir is required with --pretrained_model_name_or_path (a folder of 3–10 subject images)")
-    if args.instance_prompt is None:
+    if args.instance_prompt is None and not args.concepts:
         raise ValueError("--instance_prompt is required, e.g. --instance_prompt 'a photo of sks dog'")
-    if args.with_prior_preservation and not args.class_prompt:
+    if args.with_prior_preservation and not args.class_prompt and not args.concepts:
         raise ValueError("--with_prior_preservation needs --class_prompt (e.g. 'a photo of a dog')")
-    if args.with_prior_preservation and not args.class_data_dir:
+    if args.with_prior_preservation and not args.class_data_dir and not args.concepts:
         args.class_data_dir = os.path.join(args.output_dir, "class_images")
     lora_like = args.method in ("lora", "olora")
     if args.rank is None:
@@ -162,9 +165,11 @@ def resolve_defaults(args: argparse.Namespace) -> argparse.Namespace:
     if args.offset_noise and not args.noise_offset:
         args.noise_offset = 0.1  # train_dreambooth.py's --offset_noise
     compat.check(args)
-    for name in ("train_batch_size", "gradient_accumulation_steps", "num_validation_images", "checkpointing_steps", "sample_batch_size"):
+    for name in ("train_batch_size", "gradient_accumulation_steps", "checkpointing_steps", "sample_batch_size"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name} must be at least 1")
+    if args.num_validation_images < 0:
+        raise ValueError("--num_validation_images must be 0 (no validation images) or more")
     if args.rank < 1:
         raise ValueError("--rank must be at least 1")
     if args.optimizer == "prodigy":
@@ -177,6 +182,21 @@ def resolve_defaults(args: argparse.Namespace) -> argparse.Namespace:
     return args
 
 
+def concepts_of(args) -> tuple | None:
+    """The subjects of --concepts_list (None without it), after the flags it replaces."""
+    if not args.concepts_list:
+        return None
+    from .concepts import read_concepts_list
+
+    given = [f for f in ("instance_data_dir", "instance_prompt", "class_prompt", "class_data_dir", "dataset_name") if getattr(args, f)]
+    if given:
+        raise ValueError(f"--concepts_list gives each subject's images and prompts: leave --{given[0]} out (or put it in the list's entries)")
+    if args.method != "loldu":
+        raise ValueError(f"--concepts_list trains one LoLDU adapter per subject in one run; --method {args.method} trains "
+                         "shared weights: run it once per subject")
+    return read_concepts_list(args.concepts_list, args.output_dir, args.with_prior_preservation)
+
+
 def check_inputs(args: argparse.Namespace) -> argparse.Namespace:
     """What can be checked before anything heavy loads (and before accelerate starts), so that
     a mistake costs seconds, not a model load. Returns a copy with `model_path`: the local
@@ -187,8 +207,11 @@ def check_inputs(args: argparse.Namespace) -> argparse.Namespace:
     if args.resolution is not None and args.resolution < 1:
         raise TrainingError(f"--resolution {args.resolution}: must be a positive size in pixels (e.g. 512 for SD 1.5); "
                             "leave it out for the base model's native size")
+    for c in args.concepts or ():
+        if not os.path.isdir(c.instance_data_dir):
+            raise TrainingError(f"--concepts_list {args.concepts_list}: subject {c.name!r}: instance_data_dir {c.instance_data_dir!r}: no such folder")
     folder = args.instance_data_dir
-    if args.dataset_name is None and not os.path.isdir(folder):
+    if args.dataset_name is None and not args.concepts and not os.path.isdir(folder):
         raise TrainingError(f"--instance_data_dir {folder!r}: no such folder")
     if args.push_to_hub:
         from huggingface_hub import constants

@@ -43,8 +43,9 @@ def resolve_resume(args) -> str | None:
     return path
 
 
-def existing_outputs(output_dir: str) -> list[str]:
-    names = (ADAPTER_FILE, LORA_FILE, "unet")
+def existing_outputs(output_dir: str, subjects=()) -> list[str]:
+    """What a run would replace in output_dir (and, under --concepts_list, in each subject's folder)."""
+    names = (ADAPTER_FILE, LORA_FILE, "unet") + tuple(os.path.join(s, ADAPTER_FILE) for s in subjects)
     return [n for n in names if os.path.exists(os.path.join(output_dir, n))]
 
 

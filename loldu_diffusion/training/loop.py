@@ -9,6 +9,7 @@ in which they run.
 """
 from __future__ import annotations
 
+import functools
 import os
 import time
 import types
@@ -19,6 +20,7 @@ from ..adapter_file import AdapterFileError
 from ..quiet import quiet_libraries
 from . import compat, report
 from .args import check_inputs, resolve_defaults, settle_schedule
+from .concepts import subject_args
 from .checkpoints import (TRAINABLE_FILE, checkpoint_step, existing_outputs, load_history, load_run_state, resolve_resume,
                           write_checkpoint)
 from .data import DataError, ImageSet, check_identifier, step_generator
@@ -99,18 +101,52 @@ def warn_about_photos(instance: ImageSet, native: int, say) -> None:
 
 
 # ---- one step --------------------------------------------------------------------------------
-def step_loss(args, run, step: int, micro: int, process: int):
-    """The loss of one micro-batch; every random draw comes from this step's own generator."""
+def subject_rows(args, run, subject, step: int, micro: int, process: int):
+    """(noised batch, captions) of one subject: instance rows, then class rows under prior
+    preservation. Every random draw comes from this step's own generator, the same for every
+    subject, so a subject's rows are the ones a run of that subject alone would draw."""
     gen = step_generator(args.seed, step, micro, process)
-    latents, captions = sample_batch(gen, run.instance, run.inst_cache, args.train_batch_size, args.random_flip)
-    if run.classes:
-        class_latents, class_captions = sample_batch(gen, run.classes, run.class_cache, args.train_batch_size, args.random_flip)
+    latents, captions = sample_batch(gen, subject.instance, subject.inst_cache, args.train_batch_size, args.random_flip)
+    if subject.classes:
+        class_latents, class_captions = sample_batch(gen, subject.classes, subject.class_cache, args.train_batch_size, args.random_flip)
         latents, captions = torch.cat([latents, class_latents]), captions + class_captions
-    x = noised(latents, gen, run.sched, args.noise_offset, run.device, run.weight_dtype)
+    return noised(latents, gen, run.sched, args.noise_offset, run.device, run.weight_dtype), captions
+
+
+def step_loss(args, run, step: int, micro: int, process: int):
+    """The loss of one micro-batch: the sum of each subject's DreamBooth loss, all subjects in
+    one UNet call. Rows are interleaved (row j is subject j mod K) because a per-sample adapter
+    blend serves row j with blend j mod K (LoLDULayer.sample_weights)."""
+    parts = [subject_rows(args, run, s, step, micro, process) for s in run.subjects]
+    k = len(parts)
+    x = types.SimpleNamespace(**{f: interleave([getattr(p, f) for p, _ in parts]) for f in ("noisy", "target", "t")})
+    captions = [c for row in zip(*(caps for _, caps in parts)) for c in row]
     hidden, added = run.prompts(captions)
     with run.accelerator.autocast():
         pred = run.m.family.call_unet(run.unet, x.noisy, x.t, hidden.to(run.weight_dtype), added)
-    return dreambooth_loss(pred, x.target, x.t, run.sched, args.snr_gamma, args.prior_loss_weight, with_prior=bool(run.classes))
+    losses = [dreambooth_loss(pred if k == 1 else pred.unflatten(0, (-1, k))[:, i], p.target, p.t, run.sched, args.snr_gamma,
+                              args.prior_loss_weight, with_prior=bool(s.classes)) for i, ((p, _), s) in enumerate(zip(parts, run.subjects))]
+    return functools.reduce(torch.add, losses)
+
+
+def interleave(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """[a0, b0, …, a1, b1, …]: row j of the result is row j // K of tensor j mod K."""
+    return tensors[0] if len(tensors) == 1 else torch.stack(tensors, 1).flatten(0, 1)
+
+
+def clip_gradients(accelerator, parameter_sets, max_norm: float) -> None:
+    """Each subject's gradients clipped on their own norm, as in a run of that subject alone."""
+    if len(parameter_sets) == 1:
+        accelerator.clip_grad_norm_(parameter_sets[0], max_norm)
+        return
+    accelerator.unscale_gradients()
+    for params in parameter_sets:
+        torch.nn.utils.clip_grad_norm_(params, max_norm)
+
+
+def subjects_of(args) -> list:
+    """The arguments of each subject's own run: [args], or one per --concepts_list entry."""
+    return [args] if not args.concepts else [subject_args(args, c) for c in args.concepts]
 
 
 # ---- the run ---------------------------------------------------------------------------------
@@ -127,16 +163,20 @@ def train(args) -> dict:
         raise TrainingError(str(e)) from None
     args = check_inputs(args)
     resume_path = resolve_resume(args)
-    refuse_to_replace(args.output_dir, existing_outputs(args.output_dir), bool(args.resume_from_checkpoint), resume_path, args.overwrite)
+    found_outputs = functools.partial(existing_outputs, subjects=[c.name for c in args.concepts or ()])
+    refuse_to_replace(args.output_dir, found_outputs(args.output_dir), bool(args.resume_from_checkpoint), resume_path, args.overwrite)
 
     report_to, tracker_warning = choose_tracker(args.report_to)
     accelerator = start_accelerator(args, report_to)
     is_main, say = accelerator.is_main_process, accelerator.print
-    lock = claim_output_dir(args, accelerator, resume_path, existing_outputs)  # noqa: F841 — held until train() returns
+    lock = claim_output_dir(args, accelerator, resume_path, found_outputs)  # noqa: F841 — held until train() returns
     if tracker_warning:
         say(f"warning: {tracker_warning}")
     for line in compat.notes(args):
         say(line)
+    if args.concepts and args.validation_prompt:
+        say("note: --validation_prompt changes nothing with --concepts_list: the subjects' adapters are apart until the end; "
+            "preview each with loldu generate --adapter OUTPUT_DIR/NAME/loldu_adapter.safetensors")
     if accelerator.device.type == "cpu" and accelerator.mixed_precision == "fp16":
         say("warning: --mixed_precision fp16 on a CPU: CPUs have no fast fp16 arithmetic, so every step runs many times slower "
             "than in fp32; use --mixed_precision no (or bf16, which CPUs do run fast under autocast)")
@@ -147,31 +187,34 @@ def train(args) -> dict:
     m = load_models(args)
     resolution = training_resolution(args, m, say)
     try:
-        instance = load_instance_images(args, resolution, say)
+        instances = [load_instance_images(s, resolution, say) for s in subjects_of(args)]
     except DataError as e:
         raise TrainingError(str(e)) from None
-    warning = check_identifier(args.instance_prompt)
-    if warning:
-        say(f"warning: {warning}")
-    if args.embedded and is_main and instance.paths:
-        warn_about_photos(instance, native_resolution(m), say)
-    args = settle_schedule(args, len(instance), accelerator.num_processes)  # settled: nothing below changes args
+    for s, instance in zip(subjects_of(args), instances):
+        warning = check_identifier(s.instance_prompt)
+        if warning:
+            say(f"warning: {warning}")
+        if args.embedded and is_main and instance.paths:
+            warn_about_photos(instance, native_resolution(m), say)
+    args = settle_schedule(args, max(map(len, instances)), accelerator.num_processes)  # settled: nothing below changes args
+    subjects = subjects_of(args)
     device = accelerator.device
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
     for mod in frozen_modules(m):
         mod.to(device)
-    classes = None
+    classes = [None] * len(subjects)
     if args.with_prior_preservation:
-        ensure_class_images(args, accelerator, m, resolution)
-        classes = ImageSet.from_folder(args.class_data_dir, args.class_prompt, resolution, flag="--class_data_dir", warn=say,
-                                       resample=args.image_interpolation_mode)
+        for i, s in enumerate(subjects):
+            ensure_class_images(s, accelerator, m, resolution)
+            classes[i] = ImageSet.from_folder(s.class_data_dir, s.class_prompt, resolution, flag="--class_data_dir", warn=say,
+                                              resample=args.image_interpolation_mode)
     if is_main:
         os.makedirs(args.output_dir, exist_ok=True)
 
     def validation(unet_, desc, bar=True):
         """The validation images (None without --validation_prompt), or None and a warning: a
         failing validation never costs the run."""
-        if not args.validation_prompt:
+        if not args.validation_prompt or not args.num_validation_images or args.concepts:  # several subjects: their adapters are apart until the end
             return None
         try:
             # the frozen base is cast to half precision below; bf16 on a CPU only runs under autocast
@@ -203,17 +246,17 @@ def train(args) -> dict:
     unet, optimizer, lr_scheduler, *train_encoders = accelerator.prepare(m.unet, optimizer, lr_scheduler, *text_encoders)
     # the trained text encoders run through their wrappers so their gradients are synchronised
     run = types.SimpleNamespace(
-        accelerator=accelerator, m=m, unet=unet, instance=instance, classes=classes, sched=m.noise_scheduler, device=device,
-        weight_dtype=weight_dtype, prompts=PromptEncoder(m, device, resolution, (tuple(train_encoders) + (None,))[:2] if text_encoders else None,
-                                                         args.tokenizer_max_length, args.text_encoder_use_attention_mask),
-        inst_cache=LatentCache(m, instance, resolution, args, device, weight_dtype),
-        class_cache=LatentCache(m, classes, resolution, args, device, weight_dtype) if classes else None)
+        accelerator=accelerator, m=m, unet=unet, sched=m.noise_scheduler, device=device, weight_dtype=weight_dtype,
+        prompts=PromptEncoder(m, device, resolution, (tuple(train_encoders) + (None,))[:2] if text_encoders else None,
+                              args.tokenizer_max_length, args.text_encoder_use_attention_mask),
+        subjects=[types.SimpleNamespace(instance=i, classes=c, inst_cache=LatentCache(m, i, resolution, args, device, weight_dtype),
+                                        class_cache=LatentCache(m, c, resolution, args, device, weight_dtype) if c else None)
+                  for i, c in zip(instances, classes)])
 
     def save_hook(models_, weights, output_dir):
         if is_main:
             save_file(method.trainable_state(models), os.path.join(output_dir, TRAINABLE_FILE))
-            if hasattr(method, "save_checkpoint_models"):  # full fine-tuning: checkpoint-N/unet as diffusers writes it
-                method.save_checkpoint_models(models, output_dir)
+            method.save_checkpoint_models(models, output_dir)  # full fine-tuning: checkpoint-N/unet as diffusers writes it
         weights.clear()  # the frozen base is not checkpointed: only what trains
 
     def load_hook(models_, input_dir):
@@ -248,7 +291,7 @@ def train(args) -> dict:
                 loss = step_loss(args, run, global_step, micro, accelerator.process_index)
                 accelerator.backward(loss)
                 if accelerator.sync_gradients and args.max_grad_norm:
-                    accelerator.clip_grad_norm_(params, args.max_grad_norm)
+                    clip_gradients(accelerator, method.parameter_sets(params), args.max_grad_norm)
                 optimizer.step()
                 lr_scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
@@ -326,17 +369,24 @@ def finish(args, method, models, summary, history, before, during, validation, a
     grids = report.write_images(args.output_dir, before, during, after)
     report.loss_curve(history, os.path.join(args.output_dir, "loss.png"))
     report.write_json(os.path.join(args.output_dir, "train_summary.json"), summary)
-    judged = judge_toy_subject(args, method)
-    if judged:
-        summary["judged"] = judged
-        report.write_json(os.path.join(args.output_dir, "train_summary.json"), summary)
-        say(f"judged ({judged['n']} images per prompt): '{args.instance_prompt}' shows the whole subject in {judged['subject']:.0%} "
-            f"of images, {judged['subject_of_ceiling']:.0%} of what the base draws when told exactly ({judged['ceiling']:.0%}); "
-            f"the class prompt took its colour or marking {judged['drift_points']:+.0f} points more often than the base")
+    for s in subjects_of(args):
+        judged = judge_toy_subject(s, method)
+        if judged:
+            if args.concepts:
+                summary.setdefault("judged", {})[os.path.basename(s.output_dir)] = judged
+            else:
+                summary["judged"] = judged
+            report.write_json(os.path.join(args.output_dir, "train_summary.json"), summary)
+            say(f"judged ({judged['n']} images per prompt): '{s.instance_prompt}' shows the whole subject in {judged['subject']:.0%} "
+                f"of images, {judged['subject_of_ceiling']:.0%} of what the base draws when told exactly ({judged['ceiling']:.0%}); "
+                f"the class prompt took its colour or marking {judged['drift_points']:+.0f} points more often than the base")
     if args.output_kohya_format:
-        summary["outputs"].append(os.path.relpath(method.save_kohya(models, args.output_dir), args.output_dir))
+        summary["outputs"] += [os.path.relpath(p, args.output_dir) for p in method.save_kohya(models, args.output_dir)]
         report.write_json(os.path.join(args.output_dir, "train_summary.json"), summary)
-    report.model_card(args, summary, grids)
+    for s in subjects_of(args):
+        own = [o for o in summary["outputs"] if not args.concepts or o.startswith(os.path.basename(s.output_dir) + os.sep)]
+        report.model_card(s, summary | {"outputs": [os.path.relpath(os.path.join(args.output_dir, o), s.output_dir) for o in own]},
+                          grids if not args.concepts else {})
     say(f"wrote {', '.join(summary['outputs'])} ({summary['output_bytes']:,} bytes) to {args.output_dir} "
         f"in {summary['seconds']:.0f} s ({summary['seconds_per_step']:.3f} s/step)")
     if args.push_to_hub:

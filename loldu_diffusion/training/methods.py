@@ -6,6 +6,8 @@
     save(models, out_dir, metadata) → written paths (the method's natural output)
     load_output(pipe, out_dir)   apply what `save` wrote to a pristine base pipeline
     trains_text_encoder      whether the text encoder(s) run with gradients
+    save_checkpoint_models(models, folder)   extra checkpoint content (default: none)
+    parameter_sets(params)   the sets whose gradients are clipped apart (default: one)
 
 `models` is a SimpleNamespace with unet, text_encoder, (text_encoder_2) and, for saving,
 the path of the base model.
@@ -33,7 +35,21 @@ def _text_encoders(models):
     return [getattr(models, n) for n in ("text_encoder", "text_encoder_2") if getattr(models, n, None) is not None]
 
 
-class LoLDUMethod:
+class Method:
+    """What every method shares: the defaults of the optional parts of the interface."""
+
+    def save_checkpoint_models(self, models, folder) -> None:
+        pass
+
+    def parameter_sets(self, params) -> list:
+        return [params]
+
+
+class LoLDUMethod(Method):
+    """One adapter ("default"), or under --concepts_list one per subject, named after it: each
+    sample of a batch then uses its own subject's adapter (per-sample blends), and each
+    subject's file is written to OUTPUT_DIR/NAME/."""
+
     name = "loldu"
 
     def __init__(self, args):
@@ -43,10 +59,26 @@ class LoLDUMethod:
             rank=args.rank, alpha=args.alpha, init=args.init, unet_targets=args.unet_targets,
             text_encoder_targets=args.text_encoder_targets if args.train_text_encoder else None,
         )
+        self.subjects = [c.name for c in getattr(args, "concepts", None) or ()]
+        self.sets = []
 
     def setup(self, models):
-        inject_loldu(models, self.config)
-        return loldu_parameters(models)
+        from accelerate.utils import set_seed
+
+        from ..serving import set_sample_weights
+
+        if not self.subjects:
+            inject_loldu(models, self.config)
+            return loldu_parameters(models)
+        for name in self.subjects:
+            set_seed(self.args.seed)  # random inits as each subject's own run draws them
+            layers = inject_loldu(models, self.config, adapter_name=name)
+            self.sets.append([p for layer in layers for p in (layer.adapters[name].z, layer.adapters[name].sigma)])
+        set_sample_weights(models, [{name: 1.0} for name in self.subjects])  # batch row j: subject j mod K
+        return [p for ps in self.sets for p in ps]
+
+    def parameter_sets(self, params):
+        return self.sets or [params]
 
     def _trainable_modules(self, models):
         mods = {"unet": models.unet}
@@ -67,9 +99,17 @@ class LoLDUMethod:
                 raise ValueError(f"checkpoint does not match this run's adapter ({c}: missing {missing[:2]}, unexpected {unexpected[:2]})")
 
     def save(self, models, out_dir, metadata):
-        path = os.path.join(out_dir, ADAPTER_FILE)
-        save_adapter(models, path, adapter_name="default", metadata=metadata, overwrite=True)
-        return [path]
+        if not self.subjects:
+            path = os.path.join(out_dir, ADAPTER_FILE)
+            save_adapter(models, path, adapter_name="default", metadata=metadata, overwrite=True)
+            return [path]
+        paths = []
+        for c in self.args.concepts:
+            paths.append(os.path.join(out_dir, c.name, ADAPTER_FILE))
+            os.makedirs(os.path.dirname(paths[-1]), exist_ok=True)
+            save_adapter(models, paths[-1], adapter_name=c.name, overwrite=True,
+                         metadata=metadata | {"instance_prompt": c.instance_prompt, "class_prompt": c.class_prompt, "validation_prompt": None})
+        return paths
 
     @staticmethod
     def load_output(pipe, out_dir):
@@ -78,11 +118,23 @@ class LoLDUMethod:
 
     def save_kohya(self, models, out_dir):
         from ..export import export_lora
+        from ..model import get_adapter_weights, set_adapter_weights
+        from ..serving import set_sample_weights
 
-        return export_lora(models, os.path.join(out_dir, KOHYA_FILE), "kohya", overwrite=True)
+        if not self.subjects:
+            return [export_lora(models, os.path.join(out_dir, KOHYA_FILE), "kohya", overwrite=True)]
+        set_sample_weights(models, None)
+        weights, paths = get_adapter_weights(models), []
+        try:
+            for name in self.subjects:  # each subject's adapter alone
+                set_adapter_weights(models, {name: 1.0})
+                paths.append(export_lora(models, os.path.join(out_dir, name, KOHYA_FILE), "kohya", overwrite=True))
+        finally:
+            set_adapter_weights(models, weights)
+        return paths
 
 
-class LoRAMethod:
+class LoRAMethod(Method):
     """LoRA / OLoRA through PEFT, configured as diffusers' train_dreambooth_lora.py does."""
 
     def __init__(self, args):
@@ -190,10 +242,10 @@ class LoRAMethod:
         from diffusers.utils import convert_state_dict_to_kohya, convert_state_dict_to_peft
 
         state = convert_state_dict_to_kohya(convert_state_dict_to_peft(load_file(os.path.join(out_dir, LORA_FILE))))
-        return atomic_save_safetensors(state, os.path.join(out_dir, KOHYA_FILE), overwrite=True)
+        return [atomic_save_safetensors(state, os.path.join(out_dir, KOHYA_FILE), overwrite=True)]
 
 
-class FullMethod:
+class FullMethod(Method):
     """Full fine-tuning of the UNet (and, with --train_text_encoder, the text encoder), with
     AdamW, Prodigy or Fira (a low-rank optimizer-state budget). With --full_targets, only the
     weights of those modules train (e.g. the attention projections: the check that a base lets
@@ -273,7 +325,7 @@ class FullMethod:
             pipe.text_encoder.load_state_dict(te.state_dict())
 
 
-class PeftVectorMethod:
+class PeftVectorMethod(Method):
     """PEFT's other "only vectors train" methods on the same UNet targets as LoLDU: VeRA (frozen
     shared random A, B; trains λ_b, λ_d per layer) and IA³ (trains one scaling vector per layer).
     Peers in the learning benchmark; their output is PEFT's state dict in safetensors."""
@@ -326,7 +378,7 @@ class PeftVectorMethod:
         self.load_trainable_state(types.SimpleNamespace(unet=pipe.unet), {f"unet.{k}": v for k, v in load_file(os.path.join(out_dir, self.FILE)).items()})
 
 
-class TextualInversionMethod:
+class TextualInversionMethod(Method):
     """Textual inversion: one token embedding trains (the identifier's), nothing else — the
     kilobyte-file anchor among the peers. Initialised from the class word's embedding, as
     diffusers' textual_inversion.py does with --initializer_token."""
