@@ -9,7 +9,7 @@ from loldu_diffusion.app import launch  # noqa: E402
 
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--base", default=None, help="diffusers model folder (default: the embedded base)")
+    p.add_argument("--base", default=None, help="diffusers model folder or single-file .safetensors / .ckpt (default: the embedded base)")
     p.add_argument("--adapters", default=None, help="folder of .safetensors adapters to list (default: assets/adapters)")
     p.add_argument("--preload", action="append", default=None, metavar="FILE",
                    help="adapter every new session starts with (repeatable; default: the bundled example on the embedded base)")

@@ -291,11 +291,13 @@ class Session:
                     out.append(keep(run(s), s, f"{settings} · base model", {}))
         return out
 
-    def export_lora(self, fmt: str = "diffusers") -> str:
-        from .export import export_lora
+    def export_lora(self, fmt: str | None = None) -> str:
+        """The active blend as a standard LoRA file; `fmt` defaults to the base's (kohya for a single file)."""
+        from .export import default_format, export_lora
 
         if not any(a.weight for a in self.loaded.values()):
             raise ValueError("load an adapter (with a non-zero weight) to export")
+        fmt = fmt or default_format(self.studio.base_path)
         path = os.path.join(tempfile.mkdtemp(prefix="loldu-export-"), f"blend_lora_{fmt}.safetensors")
         with self.studio.lock:
             self.studio._activate(self, fuse=False)
@@ -335,6 +337,7 @@ def build_ui(studio: Studio):
     import gradio as gr
 
     from .app_batch import MAX_REQUESTS, Batcher, Request
+    from .export import default_format, format_warning
 
     from .schedulers import NAMES as SAMPLERS
 
@@ -394,9 +397,11 @@ def build_ui(studio: Studio):
 
     def export(session, fmt):
         try:
-            return session.export_lora(fmt), f"exported the active blend as a {fmt} LoRA"
+            path = session.export_lora(fmt)
         except Exception as e:  # noqa: BLE001
             return None, f"**error:** {_one_line(e)}"
+        warning = format_warning(fmt)
+        return path, f"exported the active blend as a {fmt} LoRA" + (f" · **warning:** {warning}" if warning else "")
 
     # what a fresh page shows: the preloaded adapters of a new session (not a held one)
     first = Session(studio)
@@ -459,7 +464,7 @@ def build_ui(studio: Studio):
                     gallery = gr.Gallery(label="Results (this session, newest first)", columns=2, elem_id="gallery")
                     clear_hist = gr.Button("Clear history")
                     with gr.Accordion("Export", open=False):
-                        fmt = gr.Radio(list(EXPORT_FORMATS), value="diffusers", label="Export format")
+                        fmt = gr.Radio(list(EXPORT_FORMATS), value=default_format(studio.base_path), label="Export format")
                         export_btn = gr.Button("Export the blend as a standard LoRA")
                         exported = gr.File(label="LoRA file")
         slot_outputs = [c for s in slots for c in s]

@@ -100,18 +100,18 @@ def _blend(args) -> int:
 
 
 def _export_lora(args) -> int:
-    from .export import export_lora
+    from .export import default_format, export_lora, format_warning
     from .pipeline import load_adapter_specs, load_base
 
     _check_specs(args.adapters)
     _check_output(args)
+    fmt = args.format or default_format(args.base)
     pipe = load_base(args.base)
     load_adapter_specs(pipe, args.adapters)
-    export_lora(pipe, args.output, args.format, overwrite=args.overwrite)
-    print(f"wrote {args.output} ({args.format} LoRA, {os.path.getsize(args.output):,} bytes)")
-    if args.format == "diffusers":
-        print("note: diffusers' load_lora_weights reads this file; for A1111, ComfyUI or kohya export with --format kohya "
-              "(ComfyUI skips every UNet layer of a diffusers-format file, with only a log warning)")
+    export_lora(pipe, args.output, fmt, overwrite=args.overwrite)
+    print(f"wrote {args.output} ({fmt} LoRA, {os.path.getsize(args.output):,} bytes)")
+    if format_warning(fmt):
+        print(f"warning: {format_warning(fmt)}", file=sys.stderr)
     return 0
 
 
@@ -264,7 +264,7 @@ class _Help(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
-BASE_HELP = "diffusers model folder (SD 1.x/2.x/SDXL); default: the embedded base"
+BASE_HELP = "diffusers model folder or single-file .safetensors / .ckpt (SD 1.x/2.x/SDXL); default: the embedded base"
 SPEC_HELP = "adapter file, optionally with its weight after a colon (a.safetensors:0.7; default weight 1)"
 OVERWRITE_HELP = "replace -o if it exists"
 
@@ -291,8 +291,9 @@ def build_parser() -> argparse.ArgumentParser:
     s = command("export-lora", "write an adapter (or blend) as an exact standard LoRA")
     s.add_argument("adapters", nargs="+", metavar="ADAPTER[:WEIGHT]", help=SPEC_HELP)
     s.add_argument("--base", default=None, help=BASE_HELP + " (the one the adapters were trained on)")
-    s.add_argument("--format", default="diffusers", choices=EXPORT_FORMATS,
-                   help="diffusers (load_lora_weights) or kohya (A1111, ComfyUI, kohya)")
+    s.add_argument("--format", default=None, choices=EXPORT_FORMATS,
+                   help="diffusers (load_lora_weights) or kohya (A1111, ComfyUI, kohya); default: kohya for a single-file --base, "
+                   "else diffusers")
     s.add_argument("-o", "--output", required=True, help="the LoRA .safetensors file to write (its folder must exist)")
     s.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     s.set_defaults(func=_export_lora)

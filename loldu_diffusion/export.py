@@ -9,6 +9,7 @@ Blends export too: the active blend's δ is what is written.
 from __future__ import annotations
 
 import json
+import os
 
 import torch
 
@@ -44,8 +45,9 @@ def _kohya_name(comp: str, mod: str, target: str, sdxl: bool) -> str:
     return f"{prefix}_{mod}.{target}".replace(".", "_")
 
 
-def lora_state_dict(model, fmt: str = "diffusers") -> tuple[dict, dict]:
-    """(tensors, metadata) of the standard-LoRA form of the active LoLDU blend."""
+def lora_state_dict(model, fmt: str = "diffusers", title: str | None = None) -> tuple[dict, dict]:
+    """(tensors, metadata) of the standard-LoRA form of the active LoLDU blend; `title` names it
+    in the kohya labels (kohya: the output name)."""
     if fmt not in FORMATS:
         raise ValueError(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}")
     rows = lora_factors(model)
@@ -64,19 +66,40 @@ def lora_state_dict(model, fmt: str = "diffusers") -> tuple[dict, dict]:
             tensors[f"{key}.alpha"] = torch.tensor(float(up.shape[1]))  # alpha = r: scale 1
     meta = {"format": "pt", "loldu_export": json.dumps({"source": "loldu-diffusion", "rank": rank, "layers": len(rows)})}
     if fmt == "kohya":
-        fam = base_family(model)
-        meta.update(ss_network_module="networks.lora", ss_network_dim=str(rank), ss_network_alpha=str(rank),
-                    ss_base_model_version=fam["ss_base_model_version"], ss_v2=str(fam["v2"]),
-                    ss_v_parameterization=str(fam["v_parameterization"]),
-                    ss_training_comment="exported from a LoLDU adapter (exact)", **{f"modelspec.{k}": v for k, v in fam["modelspec"].items()})
+        meta.update(kohya_labels(model, rank, title))
     return tensors, meta
+
+
+def kohya_labels(model, rank: int, title: str | None = None, timestamp: float | None = None) -> dict[str, str]:
+    """The `ss_*` and `modelspec.*` metadata kohya's train_network.py / sai_model_spec.py write
+    for a LoRA of this base: what A1111, ComfyUI and kohya read to apply it."""
+    import datetime
+    import time
+
+    from . import __version__
+
+    fam = base_family(model)
+    timestamp = time.time() if timestamp is None else timestamp
+    labels = dict(ss_network_module="networks.lora", ss_network_dim=str(rank), ss_network_alpha=str(rank),
+                  ss_base_model_version=fam["ss_base_model_version"], ss_v2=str(fam["v2"]),
+                  ss_v_parameterization=str(fam["v_parameterization"]), ss_output_name=title or "",
+                  ss_training_comment="exported from a LoLDU adapter (exact)")
+    base = getattr(model, "_loldu_base_path", None)
+    if base:
+        labels["ss_sd_model_name"] = os.path.basename(os.path.normpath(base))
+    spec = dict(fam["modelspec"], title=title or f"LoRA@{timestamp}", date=datetime.datetime.fromtimestamp(int(timestamp)).isoformat(),
+                implementation_version=f"loldu-diffusion/{__version__}",
+                description="a LoLDU adapter exported as an exact LoRA (lora_up = L diag(delta), lora_down = U_r, alpha = rank)")
+    labels.update({f"modelspec.{k}": v for k, v in spec.items()})
+    return {k: v for k, v in labels.items() if v != ""}
 
 
 def base_family(model) -> dict:
     """What kohya / A1111 / ComfyUI read to decide how to apply a LoRA: SD 1.x, SD 2.x (OpenCLIP's
     1024-wide cross-attention) or SDXL (text_time conditioning), and v-prediction (from the
-    pipeline's scheduler; A1111 needs it for SD 2.x 768-v models). Labels as kohya's
-    sai_model_spec writes them."""
+    pipeline's scheduler; A1111 needs it for SD 2.x 768-v models). Labels as kohya writes them:
+    ss_base_model_version from model_util.get_model_version_str_for_sd1_sd2 (sd_v1, sd_v2,
+    sd_v2_v …) or sdxl_base_v1-0; modelspec.* from sai_model_spec.build_metadata for a LoRA."""
     unet = getattr(model, "unet", model)
     cfg = getattr(unet, "config", None)
     scheduler = getattr(getattr(model, "scheduler", None), "config", None) or {}
@@ -84,14 +107,24 @@ def base_family(model) -> dict:
     sdxl = _is_sdxl(model)
     v2 = not sdxl and getattr(cfg, "cross_attention_dim", None) == 1024
     if sdxl:
-        version, arch, impl, res = "sdxl_base_v1-0", "stable-diffusion-xl-v1-base", "https://github.com/Stability-AI/generative-models", "1024x1024"
-    elif v2:
-        version, arch, impl, res = "sd_v2", "stable-diffusion-v2-768-v" if v_param else "stable-diffusion-v2-512", "diffusers", "768x768" if v_param else "512x512"
+        version, arch, impl, res = "sdxl_base_v1-0", "stable-diffusion-xl-v1-base", "https://github.com/Stability-AI/generative-models", 1024
     else:
-        version, arch, impl, res = "sd_v1", "stable-diffusion-v1", "diffusers", "512x512"
-    spec = {"sai_model_spec": "1.0.0", "architecture": f"{arch}/lora", "implementation": impl, "title": "LoLDU adapter (exported as LoRA)",
-            "resolution": res, "prediction_type": "v" if v_param else "epsilon"}
+        version = ("sd_v2" if v2 else "sd_v1") + ("_v" if v_param else "")
+        arch = ("stable-diffusion-v2-768-v" if v_param else "stable-diffusion-v2-512") if v2 else "stable-diffusion-v1"
+        impl, res = "diffusers", 768 if v2 and v_param else 512
+    res = _native_size(model) or res
+    spec = {"sai_model_spec": "1.0.1", "architecture": f"{arch}/lora", "implementation": impl, "resolution": f"{res}x{res}",
+            "prediction_type": "v" if v_param else "epsilon"}
     return {"ss_base_model_version": version, "v2": v2, "v_parameterization": v_param, "modelspec": spec}
+
+
+def _native_size(model) -> int | None:
+    """The base's own image size (UNet sample size × the VAE's scale) when the model has both."""
+    unet, vae = getattr(model, "unet", None), getattr(model, "vae", None)
+    try:
+        return int(unet.config.sample_size) * 2 ** (len(vae.config.block_out_channels) - 1)
+    except (AttributeError, TypeError):
+        return None
 
 
 def _is_sdxl(model) -> bool:
@@ -100,5 +133,22 @@ def _is_sdxl(model) -> bool:
 
 
 def export_lora(model, path: str, fmt: str = "diffusers", overwrite: bool = False) -> str:
-    tensors, meta = lora_state_dict(model, fmt)
+    title = os.path.splitext(os.path.basename(path))[0]
+    tensors, meta = lora_state_dict(model, fmt, title=title)
     return atomic_save_safetensors(tensors, path, meta, overwrite)
+
+
+DIFFUSERS_FORMAT_WARNING = ("ComfyUI and A1111 want the kohya format (--format kohya): this diffusers-format file is for diffusers' "
+                            "load_lora_weights (ComfyUI skips every UNet layer of it, with only a log warning)")
+
+
+def default_format(base: str | None) -> str:
+    """kohya for a single-file base (its users' tools, A1111 and ComfyUI, read kohya LoRAs), else diffusers."""
+    from .single_file import is_single_file
+
+    return "kohya" if base and is_single_file(base) else "diffusers"
+
+
+def format_warning(fmt: str) -> str | None:
+    """The one-line warning an export in this format deserves, if any."""
+    return DIFFUSERS_FORMAT_WARNING if fmt == "diffusers" else None

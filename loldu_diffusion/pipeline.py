@@ -10,19 +10,27 @@ from .model import adapter_name_from_path
 
 
 def load_base(path: str | None = None, dtype=torch.float32, device: str | None = None):
-    """A diffusers pipeline (SD 1.x/2.x or SDXL, by its model_index.json) from a local folder;
-    default: the embedded tiny base."""
+    """A diffusers pipeline (SD 1.x/2.x or SDXL) from a local folder (by its model_index.json)
+    or a single-file checkpoint (single_file.py); default: the embedded tiny base."""
     from diffusers import DiffusionPipeline
 
     from .assets import default_base_path
+    from .single_file import SingleFileError, is_single_file, load_single_file
 
     path = path or default_base_path()
-    if not os.path.isfile(os.path.join(path, "model_index.json")):
-        raise FileNotFoundError(f"--base {path}: not a diffusers model folder (no model_index.json)")
-    kw = {}
-    if "StableDiffusionPipeline" in open(os.path.join(path, "model_index.json")).read():
-        kw = dict(safety_checker=None, requires_safety_checker=False)
-    pipe = DiffusionPipeline.from_pretrained(path, torch_dtype=dtype, **kw)
+    if is_single_file(path):
+        try:
+            pipe = load_single_file(path, dtype)
+        except SingleFileError as e:
+            raise ValueError(f"--base {e}") from None
+    else:
+        if not os.path.isfile(os.path.join(path, "model_index.json")):
+            raise FileNotFoundError(f"--base {path}: not a diffusers model folder (no model_index.json) "
+                                    "or a single-file checkpoint (.safetensors / .ckpt)")
+        kw = {}
+        if "StableDiffusionPipeline" in open(os.path.join(path, "model_index.json")).read():
+            kw = dict(safety_checker=None, requires_safety_checker=False)
+        pipe = DiffusionPipeline.from_pretrained(path, torch_dtype=dtype, **kw)
     pipe.set_progress_bar_config(disable=True)
     pipe._loldu_base_path = path
     return pipe.to(device) if device else pipe

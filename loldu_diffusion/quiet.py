@@ -31,6 +31,9 @@ def quiet_libraries() -> None:
     # transformers 5 without torchvision falls back to PIL image processors; the pipelines here
     # never run one (no safety checker, no IP adapter), so the fallback changes nothing
     logging.getLogger("transformers.utils.import_utils").addFilter(_Drop("requires torchvision"))
+    # from_single_file casts each converted model to the asked dtype; diffusers then warns about
+    # "modules that should be kept in float32" even when the list it names is empty
+    logging.getLogger("diffusers.models.modeling_utils").addFilter(_Drop("should be kept in float32: []"))
 
 
 @contextlib.contextmanager

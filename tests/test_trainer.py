@@ -301,7 +301,7 @@ def test_inputs_are_checked_before_anything_loads(tiny_sd_path, concept_dir, tmp
     cases = [
         (str(tmp_path / "missing-model"), [], r"missing-model: no such folder$"),
         ("some-org/some-model", [], r"Hugging Face Hub id it is not in the local cache .* HF_HUB_OFFLINE is set: download it"),
-        (str(checkpoint), [], r"a single-file checkpoint, and loading those is not supported yet; convert it once with .*from_single_file"),
+        (str(checkpoint), [], r"model.safetensors: not a readable safetensors file \(truncated or corrupt\?\); download it again$"),
         (tiny_sd_path, ["--resolution", "0"], r"--resolution 0: must be a positive size"),
     ]
     for model, extra, match in cases:

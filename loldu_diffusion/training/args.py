@@ -36,7 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     a = p.add_argument
     # model and data (diffusers names)
-    a("--pretrained_model_name_or_path", default=None, help="local diffusers model folder (SD 1.x/2.x/SDXL); default: the embedded tiny base")
+    a("--pretrained_model_name_or_path", default=None, help="local diffusers model folder or single-file .safetensors / .ckpt (SD 1.x/2.x/SDXL); default: the embedded tiny base")
     a("--revision", default=None)
     a("--variant", default=None, help="weights variant, e.g. fp16")
     a("--instance_data_dir", "--instance_dir", dest="instance_data_dir", default=None, help="folder of 3–10 subject images (a NAME.txt beside an image is its caption)")

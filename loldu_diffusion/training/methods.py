@@ -14,6 +14,7 @@ the path of the base model.
 """
 from __future__ import annotations
 
+import copy
 import os
 import shutil
 import tempfile
@@ -296,6 +297,8 @@ class FullMethod(Method):
         comps = {"unet": models.unet, "text_encoder": models.text_encoder}
         if getattr(models, "text_encoder_2", None) is not None:
             comps["text_encoder_2"] = models.text_encoder_2
+        for name, part in getattr(models, "base_parts", {}).items():  # a single-file base: its config folder has no weights
+            comps[name] = copy.deepcopy(part).float() if isinstance(part, torch.nn.Module) and part.dtype != torch.float32 else part
         kw = {} if comps.get("text_encoder_2") is not None else {"safety_checker": None, "feature_extractor": None,
                                                                   "requires_safety_checker": False}
         pipe = DiffusionPipeline.from_pretrained(models.base_path, torch_dtype=torch.float32, **comps, **kw)

@@ -16,23 +16,25 @@ from ..model import iter_layers
 from ..quiet import no_loading_bars
 from ..images import read_images
 from ..io import atomic_write
+from ..single_file import SingleFileError, checkpoint_family, is_single_file, load_single_file
 from .errors import TrainingError
 
-SINGLE_FILE = (".safetensors", ".ckpt", ".pt", ".pth", ".bin", ".sft")
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
 def resolve_model_path(args) -> str:
-    """The local diffusers folder for --pretrained_model_name_or_path, found before anything
-    heavy loads; each way the flag can be wrong has its own sentence."""
+    """The local diffusers folder or single-file checkpoint for --pretrained_model_name_or_path,
+    found before anything heavy loads; each way the flag can be wrong has its own sentence."""
     flag, given = "--pretrained_model_name_or_path", args.pretrained_model_name_or_path
     if os.path.isfile(given):
-        if given.lower().endswith(SINGLE_FILE):
-            out = os.path.splitext(given)[0] + "-diffusers"
-            raise TrainingError(f"{flag} {given}: a single-file checkpoint, and loading those is not supported yet; convert it once with "
-                                f"python -c \"from diffusers import StableDiffusionPipeline as P; P.from_single_file('{given}').save_pretrained('{out}')\" "
-                                f"(StableDiffusionXLPipeline for SDXL) and pass {out}")
-        raise TrainingError(f"{flag} {given}: a file, not a diffusers model folder (a folder with model_index.json)")
+        if is_single_file(given):
+            try:
+                checkpoint_family(given)  # its header (a .ckpt: its mapped weights), not the model
+            except SingleFileError as e:
+                raise TrainingError(f"{flag} {e}") from None
+            return given
+        raise TrainingError(f"{flag} {given}: a file, not a diffusers model folder (a folder with model_index.json) "
+                            "or a single-file checkpoint (.safetensors / .ckpt)")
     if os.path.isdir(given):
         return given
     if not HUB_ID.match(given):
@@ -145,22 +147,39 @@ def load_models(args, path: str | None = None):
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 
     path = path or getattr(args, "model_path", None) or args.pretrained_model_name_or_path
-    index_path = os.path.join(path, "model_index.json")
+    vae_path = getattr(args, "pretrained_vae_model_name_or_path", None)
+    kw = dict(revision=args.revision)
+    try:
+        vae = AutoencoderKL.from_pretrained(vae_path, torch_dtype=torch.float32) if vae_path else None
+        single = load_single_file(path, **({"vae": vae} if vae else {})) if is_single_file(path) else None
+    except SingleFileError as e:
+        raise TrainingError(f"--pretrained_model_name_or_path {e}") from None
+    except (OSError, ValueError) as e:
+        raise TrainingError(f"--pretrained_vae_model_name_or_path {vae_path}: could not load the VAE: {str(e).splitlines()[0]}") from None
+    folder = single._loldu_config if single else path  # a single file's: the shipped configs of its family (the scheduler)
+    index_path = os.path.join(folder, "model_index.json")
     if not os.path.isfile(index_path):
         raise TrainingError(f"--pretrained_model_name_or_path {args.pretrained_model_name_or_path}: not a diffusers model folder "
-                            "(no model_index.json); a single-file checkpoint needs converting first (see the README)")
+                            "(no model_index.json) or a single-file checkpoint (.safetensors / .ckpt)")
     with open(index_path) as f:
         index = json.load(f)
-    kw = dict(revision=args.revision)
     family = family_of(index)
-    m = types.SimpleNamespace(family=family, xl=family.xl, path=path, index=index)
+    m = types.SimpleNamespace(family=family, xl=family.xl, path=folder, index=index, base_parts={})
     try:
-        family.load_text_encoders(m, path, args, kw)
-        vae_path = getattr(args, "pretrained_vae_model_name_or_path", None)
-        m.vae = (AutoencoderKL.from_pretrained(vae_path, torch_dtype=torch.float32) if vae_path else
-                 AutoencoderKL.from_pretrained(path, subfolder="vae", variant=args.variant, torch_dtype=torch.float32, **kw))
-        m.unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", variant=args.variant, torch_dtype=torch.float32, **kw)
-        m.noise_scheduler = DDPMScheduler.from_pretrained(path, subfolder="scheduler", **kw)
+        if single:
+            for name in ("tokenizer", "text_encoder", "tokenizer_2", "text_encoder_2", "vae", "unet"):
+                setattr(m, name, getattr(single, name, None))
+            # the config folder holds no weights: what a saved pipeline needs besides the trained parts
+            m.base_parts = {k: getattr(m, k) for k in ("vae", "tokenizer", "tokenizer_2") if getattr(m, k) is not None}
+            if getattr(args, "tokenizer_name", None):
+                from transformers import AutoTokenizer
+
+                m.tokenizer = AutoTokenizer.from_pretrained(args.tokenizer_name, use_fast=False, **kw)
+        else:
+            family.load_text_encoders(m, path, args, kw)
+            m.vae = vae or AutoencoderKL.from_pretrained(path, subfolder="vae", variant=args.variant, torch_dtype=torch.float32, **kw)
+            m.unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", variant=args.variant, torch_dtype=torch.float32, **kw)
+        m.noise_scheduler = DDPMScheduler.from_pretrained(folder, subfolder="scheduler", **kw)
     except (OSError, ValueError) as e:
         raise TrainingError(f"--pretrained_model_name_or_path {path}: could not load the model: {str(e).splitlines()[0]}") from None
     for mod in frozen_modules(m):

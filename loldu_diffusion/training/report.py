@@ -7,6 +7,7 @@ import os
 from PIL import Image
 
 from ..io import atomic_write, atomic_write_text
+from ..single_file import is_single_file
 
 
 def size_of(path: str) -> int:
@@ -154,19 +155,20 @@ def model_card(args, summary: dict, grids: dict) -> str:
     if getattr(args, "embedded", False):
         base = "assets/tiny-sd"  # the embedded base, as the repository names it
     out = summary["outputs"][0]
+    loader = "from_single_file" if is_single_file(base) else "from_pretrained"
     tags = ["text-to-image", "diffusers", "dreambooth", args.method, "loldu-diffusion"]
     load = {
         "loldu": (
             "from diffusers import StableDiffusionPipeline\n"
             "from loldu_diffusion import load_adapter\n\n"
-            f"pipe = StableDiffusionPipeline.from_pretrained({base!r})\n"
+            f"pipe = StableDiffusionPipeline.{loader}({base!r})\n"
             f"load_adapter(pipe, {out!r}, weight=1.0)\n"
             f"image = pipe({args.instance_prompt!r}).images[0]\n"
         ),
-        "lora": f"pipe = StableDiffusionPipeline.from_pretrained({base!r})\npipe.load_lora_weights({args.output_dir!r})\n",
+        "lora": f"pipe = StableDiffusionPipeline.{loader}({base!r})\npipe.load_lora_weights({args.output_dir!r})\n",
         "full": f"from diffusers import UNet2DConditionModel\nunet = UNet2DConditionModel.from_pretrained({args.output_dir!r}, subfolder='unet')\n"
-                f"pipe = StableDiffusionPipeline.from_pretrained({base!r}, unet=unet)\n",
-        "ti": f"pipe = StableDiffusionPipeline.from_pretrained({base!r})\n"
+                f"pipe = StableDiffusionPipeline.{loader}({base!r}, unet=unet)\n",
+        "ti": f"pipe = StableDiffusionPipeline.{loader}({base!r})\n"
               f"pipe.load_textual_inversion({os.path.join(args.output_dir, out)!r})  # a token the tokenizer lacks; see the trainer's methods.py\n",
         "peft": f"# a PEFT {args.method} state dict for the UNet's {', '.join(args.unet_targets)}: load it with\n"
                 f"# loldu_diffusion.training.methods.PeftVectorMethod(args).load_output(pipe, {args.output_dir!r})\n",
