@@ -9,4 +9,5 @@ if ! command -v chromium >/dev/null 2>&1; then
   (apt-get update -qq && apt-get install -y -qq chromium >/dev/null) || echo "chromium not installed: the browser test will be skipped"
 fi
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
-python3 -m pytest -q "$@"
+# one worker per core, a test file per worker (module fixtures are built once)
+python3 -m pytest -q -n "$(python3 -c 'import os; print(min(os.cpu_count() or 1, 4))')" --dist loadfile "$@"

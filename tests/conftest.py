@@ -16,6 +16,13 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 sys.path.insert(0, os.path.dirname(__file__))
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # scripts/test.sh runs one worker per core: one thread each (and in the trainers the tests
+    # launch), as two workers of two threads on two cores wait on each other's spin locks
+    os.environ["OMP_NUM_THREADS"] = "1"
+    import torch
+
+    torch.set_num_threads(1)
 
 import pytest
 
