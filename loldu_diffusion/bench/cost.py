@@ -363,7 +363,7 @@ def run(quick: bool = False, device: str | None = None, iters: int | None = None
     r["authors_s"], peak["authors"] = train_step_cost(unet, params, inp, device, warmup, iters)
     del unet
     r["peak_mb"] = peak
-    r["multi_subject"] = multi_subject_cost(steps=5 if quick else 50)
+    r["multi_subject"] = multi_subject_cost(steps=20 if quick else 100)
     ms = r["multi_subject"]
     compiled = {"compiled_vs_eager": r["compiled_infer_s"] / r["eager_infer_s"],
                 "compiled_train_vs_eager": r["loldu_compiled_s"] / r["loldu_eager_s"]} if compile_backend else {}
