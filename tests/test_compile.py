@@ -59,3 +59,27 @@ def test_compiled_unet_equals_eager_and_sees_every_change():
         torch.testing.assert_close(compiled[name], eager[name], atol=1e-6, rtol=1e-6, msg=name)
     uncompile_unet(unet)
     assert not is_compiled(unet) and "forward" not in unet.__dict__
+
+
+def test_trainer_compile_trains_the_same_adapter(tiny_sd_path, concept_dir, tmp_path):
+    """--compile traces the training forward (and, through AOT autograd, the backward) and gives
+    the adapter eager training gives. aot_eager: dynamo and AOT autograd without inductor's code
+    generation, whose fused kernels round differently (and compile for minutes on 2 cores)."""
+    from safetensors.torch import load_file
+
+    from loldu_diffusion.training import parse_args, train
+
+    def run(out, extra):
+        train(parse_args(["--pretrained_model_name_or_path", tiny_sd_path, "--instance_data_dir", concept_dir, "--instance_prompt",
+                          "a photo of sks heart", "--output_dir", str(tmp_path / out), "--max_train_steps", "3", "--train_batch_size", "2",
+                          "--learning_rate", "1e-2", "--rank", "4", "--report_to", "none"] + extra))
+        return load_file(str(tmp_path / out / "loldu_adapter.safetensors"))["unet.delta"]
+
+    eager = run("eager", [])
+    from torch._dynamo.utils import counters
+
+    counters.clear()
+    compiled = run("compiled", ["--compile", "--compile_backend", "aot_eager"])
+    assert counters["stats"]["unique_graphs"] >= 1 and not counters["graph_break"], dict(counters["graph_break"])
+    assert eager.abs().max() > 1e-4
+    torch.testing.assert_close(compiled, eager, atol=1e-6, rtol=1e-5)

@@ -102,6 +102,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--placeholder_token", default=None, help="for --method ti: the token whose embedding trains (default: the instance prompt's identifier)")
     a("--optimizer", default="adamw", type=str.lower, choices=["adamw", "prodigy", "fira"],
       help="adamw; prodigy (pip install prodigyopt; use --learning_rate 1.0); fira for --method full")
+    a("--compile", action="store_true", help="torch.compile the UNet's forward for training (the first steps pay the compilation)")
+    a("--compile_backend", default="inductor", help="torch.compile backend for --compile (inductor; aot_eager traces without code generation)")
     a("--fira_rank", type=int, default=128)
     a("--fira_update_proj_gap", type=int, default=200)
     a("--fira_alpha", type=float, default=0.25)

@@ -17,6 +17,7 @@ import types
 import torch
 
 from ..adapter_file import AdapterFileError
+from ..compile import compile_unet, uncompile_unet
 from ..quiet import quiet_libraries
 from . import compat, report
 from .args import check_inputs, resolve_defaults, settle_schedule
@@ -244,6 +245,8 @@ def train(args) -> dict:
                                  num_training_steps=args.max_train_steps, num_cycles=args.lr_num_cycles, power=args.lr_power)
     text_encoders = text_encoders_of(m) if method.trains_text_encoder else []
     unet, optimizer, lr_scheduler, *train_encoders = accelerator.prepare(m.unet, optimizer, lr_scheduler, *text_encoders)
+    if args.compile:  # the module's own forward: names, state dict and adapters stay as they are (compile.py)
+        compile_unet(accelerator.unwrap_model(unet), backend=args.compile_backend)
     # the trained text encoders run through their wrappers so their gradients are synchronised
     run = types.SimpleNamespace(
         accelerator=accelerator, m=m, unet=unet, sched=m.noise_scheduler, device=device, weight_dtype=weight_dtype,
@@ -324,7 +327,7 @@ def train(args) -> dict:
 
     summary = {}
     if is_main:
-        unet_u = accelerator.unwrap_model(unet)
+        unet_u = uncompile_unet(accelerator.unwrap_model(unet))  # validation and saving run eager: other shapes, no recompiles
         unet_u.eval()
         summary = {
             "method": args.method, "base_model": os.path.basename(os.path.normpath(args.pretrained_model_name_or_path)),
