@@ -64,6 +64,10 @@ def configs(quick: bool, which: str = "all"):
         # the lead above with the lr decaying to 0 by the last step: at constant lr it collapsed between steps 100 and 200
         dict(name="loldu-text-encoder-prior-cosine", method="loldu", lr=lr,
              args=["--train_text_encoder", "--with_prior_preservation", "--num_class_images", "48", "--lr_scheduler", "cosine"]),
+        # … with the text encoder at a tenth of the UNet's lr: its swings between checkpoints
+        dict(name="loldu-text-encoder-prior-cosine-telr1e-3", method="loldu", lr=lr,
+             args=["--train_text_encoder", "--with_prior_preservation", "--num_class_images", "48", "--lr_scheduler", "cosine",
+                   "--text_encoder_lr", "1e-3"]),
         dict(name="loldu-r8", method="loldu", lr=lr, args=["--rank", "8"]),
     ]
 
