@@ -87,5 +87,4 @@ def subject_args(args: argparse.Namespace, concept: Concept) -> argparse.Namespa
         "instance_prompt": concept.instance_prompt, "instance_data_dir": concept.instance_data_dir,
         "class_prompt": concept.class_prompt, "class_data_dir": concept.class_data_dir,
         "output_dir": os.path.join(args.output_dir, concept.name), "concepts": None, "concepts_list": None,
-        "validation_prompt": concept.instance_prompt if args.embedded else None,
     })

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .compat import INTERPOLATION
 from ..images import IMAGE_EXTENSIONS, MAX_ASPECT, MAX_PIXELS, DataError, read_images, to_rgb  # noqa: F401 — re-exported
 
 MAX_CAPTION_BYTES = 64 * 1024
@@ -35,8 +36,7 @@ def caption_for(path: str, default: str) -> str:
     return default
 
 
-RESAMPLE = {"lanczos": Image.LANCZOS, "bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR, "nearest": Image.NEAREST,
-            "box": Image.BOX, "hamming": Image.HAMMING}
+RESAMPLE = {name: Image.Resampling[name.upper()] for name in INTERPOLATION}  # --image_interpolation_mode's choices
 
 
 def resize_shorter(img: Image.Image, size: int, resample: str | None = None) -> torch.Tensor:

@@ -372,7 +372,8 @@ def finish(args, method, models, summary, history, before, during, validation, a
     grids = report.write_images(args.output_dir, before, during, after)
     report.loss_curve(history, os.path.join(args.output_dir, "loss.png"))
     report.write_json(os.path.join(args.output_dir, "train_summary.json"), summary)
-    for s in subjects_of(args):
+    subjects = subjects_of(args)
+    for s in subjects:
         judged = judge_toy_subject(s, method)
         if judged:
             if args.concepts:
@@ -386,10 +387,9 @@ def finish(args, method, models, summary, history, before, during, validation, a
     if args.output_kohya_format:
         summary["outputs"] += [os.path.relpath(p, args.output_dir) for p in method.save_kohya(models, args.output_dir)]
         report.write_json(os.path.join(args.output_dir, "train_summary.json"), summary)
-    for s in subjects_of(args):
-        own = [o for o in summary["outputs"] if not args.concepts or o.startswith(os.path.basename(s.output_dir) + os.sep)]
-        report.model_card(s, summary | {"outputs": [os.path.relpath(os.path.join(args.output_dir, o), s.output_dir) for o in own]},
-                          grids if not args.concepts else {})
+    for s in subjects:  # each subject's card lists the outputs in its own folder
+        own = [os.path.relpath(os.path.join(args.output_dir, o), s.output_dir) for o in summary["outputs"]]
+        report.model_card(s, summary | {"outputs": [o for o in own if not o.startswith("..")]}, grids if not args.concepts else {})
     say(f"wrote {', '.join(summary['outputs'])} ({summary['output_bytes']:,} bytes) to {args.output_dir} "
         f"in {summary['seconds']:.0f} s ({summary['seconds_per_step']:.3f} s/step)")
     if args.push_to_hub:
