@@ -382,8 +382,11 @@ def load_adapter(model, path_or_file, adapter_name: str | None = None, weight: f
         if adapter_name in layer.adapters:
             raise ValueError(f"an adapter named {adapter_name!r} is already loaded; pick another adapter_name or delete_adapter() it")
     factors = f.check_against(model)
-    vectors = {(c, m, t): LoLDUVector.fixed(f.delta[c][i]) for c, rows in f.layers.items() for i, (m, t) in enumerate(rows)}
     comps = components(model)
+    vectors = {}
+    for c, rows in f.layers.items():
+        device = next(comps[c].parameters()).device  # built where the layers are: add_adapter's .to() keeps the views
+        vectors.update(zip([(c, m, t) for m, t in rows], LoLDUVector.fixed_rows(f.delta[c].to(device))))
     with all_or_nothing(model, adapter_name):
         for c, rows in f.layers.items():
             install_processors(comps[c], c, [m for m, _ in rows])

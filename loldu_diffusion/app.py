@@ -72,7 +72,7 @@ class Studio:
     def __init__(self, base: str | None = None, adapters_dir: str | None = None, device: str | None = None,
                  preload=(), outputs_dir: str | None = None, default_prompt: str | None = None, compile: bool = False):
         self.pipe = load_base(base, device=device)
-        if compile:  # every blend, weight and batch of sessions keeps working: compile.py refreshes δ before each call
+        if compile:  # every blend, weight and batch of sessions keeps working: the UNet's guard (guard.py) refreshes δ before each call
             from .compile import compile_unet
 
             compile_unet(self.pipe.unet)

@@ -74,6 +74,32 @@ class LoLDUVector(nn.Module):
     def fixed(cls, delta: torch.Tensor) -> "LoLDUVector":
         return cls(delta, 1.0, trainable=False)._zero_reference()
 
+    @classmethod
+    def fixed_rows(cls, deltas: torch.Tensor) -> list["LoLDUVector"]:
+        """One fixed vector per row of `deltas` (layers, r), for a loaded adapter. Their values are
+        views of two tensors (every z, every σ), so one version counter says whether any of them
+        was edited in place: guard.py checks a loaded adapter once per call, not once per layer."""
+        z = deltas.detach().to(torch.float32).clone()  # (layers, r)
+        sigma = torch.ones(z.shape[0], device=z.device)  # (layers,)
+        vectors = []
+        for i in range(z.shape[0]):
+            v = cls.fixed(z[i])
+            v.z = nn.Parameter(z[i], requires_grad=False)  # (r,) a view of z
+            v.sigma = nn.Parameter(sigma[i], requires_grad=False)  # () a view of sigma
+            v.shared = (z, sigma)
+            vectors.append(v)
+        return vectors
+
+    def version_sources(self) -> list[torch.Tensor]:
+        """Tensors whose version counters cover this vector's values: the shared tensors its
+        values are still views of (fixed_rows), else the values themselves (.to() to another
+        device or dtype makes them tensors of their own)."""
+        shared = getattr(self, "shared", None)
+        if shared is not None and all(t.untyped_storage().data_ptr() == s.untyped_storage().data_ptr() and t.device == s.device
+                                      for t, s in zip((self.z, self.sigma), shared)):
+            return list(shared)
+        return [self.z, self.sigma]
+
     def _zero_reference(self) -> "LoLDUVector":
         self.z0.zero_()
         self.sigma0.zero_()
@@ -95,6 +121,8 @@ class LoLDULayer(nn.Module):
         self._plan = None  # (shared active, per-sample actives, their values) until adapters or weights change
         self._cache_key = None  # version counters of the active values when the cache was computed
         self._live = False  # an active adapter trains: blends are computed in the forward
+        self._guard = None  # the component's BlendGuard (guard.py), once it has seen this layer
+        self._guard_generation = -1
         # buffers so that .to() / .half() move them with the factors; never saved
         self.register_buffer("_delta_cache", None, persistent=False)  # (r,) the shared blend
         self.register_buffer("_sample_cache", None, persistent=False)  # (S, r) one blend per sample
@@ -122,6 +150,8 @@ class LoLDULayer(nn.Module):
 
     def _invalidate(self) -> None:
         self._plan, self._cache_key, self._delta_cache, self._sample_cache = None, None, None, None
+        if self._guard is not None:
+            self._guard.values_changed()
 
     def _apply(self, fn, *args, **kwargs):  # .to(), .half(), …: the plan's tensors may be new ones
         self._invalidate()
@@ -187,9 +217,9 @@ class LoLDULayer(nn.Module):
             samples = None if self._sample_weights is None else [self._active(b) for b in self._sample_weights]
             vecs = {id(v): v for a in [active] + (samples or []) for v, _ in a}.values()
             values = [t for v in vecs for t in (v.z, v.sigma)]
-            self._plan = (active, samples, values)
+            self._plan = (active, samples, values, list(vecs))
             self._cache_key = None
-        active, samples, values = self._plan
+        active, samples, values, _ = self._plan
         self._live = any(t.requires_grad for t in values)  # read each time: a trainer may freeze or unfreeze
         if self._live:
             return  # computed in the forward, with gradients to what trains
@@ -200,11 +230,21 @@ class LoLDULayer(nn.Module):
                 self._sample_cache = None if samples is None else self._stack(samples)
             self._cache_key = key
 
+    def plan_vectors(self) -> list[LoLDUVector]:
+        """The adapter vectors the cached blends are computed from (after `refresh`)."""
+        return self._plan[3]
+
+    def _check(self) -> None:
+        """Refresh unless compiling or the component's guard has checked this call already."""
+        if torch.compiler.is_compiling():
+            return
+        if self._plan is None or self._guard is None or not self._guard.covers(self):
+            self.refresh()
+
     def delta_vector(self) -> torch.Tensor | None:
         """Σ_a w_a δ_a of the shared blend, zero-padded to the largest active rank: (r,) or None.
         Cached unless an active adapter trains."""
-        if not torch.compiler.is_compiling():
-            self.refresh()
+        self._check()
         active = self._plan[0]
         if self._live:
             return self._blend(active) if active else None
@@ -213,8 +253,7 @@ class LoLDULayer(nn.Module):
     def sample_deltas(self) -> torch.Tensor | None:
         """(S, r): one blended δ per sample (zero rows for samples without an adapter), or None
         when no per-sample blends are set or none of them touches this layer."""
-        if not torch.compiler.is_compiling():
-            self.refresh()
+        self._check()
         samples = self._plan[1]
         return self._stack(samples) if self._live and samples is not None else self._sample_cache
 

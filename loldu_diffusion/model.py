@@ -14,6 +14,7 @@ from typing import Iterator
 from torch import nn
 
 from .config import LoLDUConfig
+from .guard import guard_of, remove_guard
 from .layer import LoLDULayer, LoLDUVector, initial_z
 from .sites import canonical_path, resolve_submodule, sites_for  # noqa: F401 — canonical_path, resolve_submodule re-exported
 
@@ -48,7 +49,13 @@ def attach_layer(component: nn.Module, comp_name: str, module_path: str, target:
     `factors` when given) if missing."""
     layer = sites_for(comp_name).attach(component, module_path, target, rank, factors)
     layer.ensure_rank(rank)
+    guard_component(component, comp_name).layers_changed()
     return layer
+
+
+def guard_component(component: nn.Module, comp_name: str):
+    """The component's BlendGuard: checks its layers' cached blends once per call (guard.py)."""
+    return guard_of(component, comp_name, lambda c: [layer for *_, layer in sites_for(comp_name).layers(c)])
 
 
 @contextmanager
@@ -231,4 +238,5 @@ def remove_loldu(model, keep_fused: bool = False) -> None:
             layer.unfuse()
     for comp_name, comp in components(model).items():
         sites_for(comp_name).remove(comp)
+        remove_guard(comp)
         comp.__dict__.pop("_loldu_configs", None)

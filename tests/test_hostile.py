@@ -264,11 +264,15 @@ def test_a_blend_of_16_adapters_uses_the_cached_delta(tiny_sd_path, good, tmp_pa
     for _ in range(3):
         assert torch.equal(unet_out(pipe), first)
     assert calls == []  # never per forward
-    # the live computation (as while training) gives the same output, bit for bit
+    # the live computation (as while training: values that train, gradients recorded) gives the
+    # same output, bit for bit; under no_grad a value that could train still uses the cache
     for layer in layers:
         for vec in layer.adapters.values():
             vec.z.requires_grad_(True)
-    assert torch.equal(unet_out(pipe), first) and len(calls) > 0
+    assert torch.equal(unet_out(pipe), first) and calls == []
+    g = torch.Generator().manual_seed(0)
+    x, c = torch.randn(1, 4, 8, 8, generator=g), torch.randn(1, 7, pipe.unet.config.cross_attention_dim, generator=g)
+    assert torch.equal(pipe.unet(x, torch.tensor([400]), c).sample.detach(), first) and len(calls) > 0
     for layer in layers:
         for vec in layer.adapters.values():
             vec.z.requires_grad_(False)
@@ -280,6 +284,30 @@ def test_a_blend_of_16_adapters_uses_the_cached_delta(tiny_sd_path, good, tmp_pa
     with torch.no_grad():
         layers[0].adapters["a0"].z.mul_(2)
     assert not torch.equal(unet_out(pipe), only)
+
+
+def test_the_per_call_check_of_a_blend_does_not_grow_with_layers(tiny_sd_path, good):
+    """The UNet's guard reads one version counter per loaded adapter's z's and one for its σ's
+    (views of two tensors), whatever the number of layers; a copy of the values made by .to()
+    is checked value by value, so an edit is still seen."""
+    from loldu_diffusion import set_adapter_weights
+    from loldu_diffusion.pipeline import load_base
+
+    pipe = load_base(tiny_sd_path)
+    for k in range(4):
+        load_adapter(pipe, good, adapter_name=f"a{k}", weight=0.25)
+    before = unet_out(pipe)
+    guard = pipe.unet.__dict__["_loldu_guard"]
+    layers = [layer for *_, layer in iter_layers(pipe.unet)]
+    assert len(guard.layers) == len(layers) > 4 and len(guard.versions) == 4 * 2
+    pipe.unet._apply(torch.clone)  # as .to() to another device does: new tensors, no longer views of the shared ones
+    set_adapter_weights(pipe, {f"a{k}": 0.25 for k in range(4)})
+    after = unet_out(pipe)  # (equal up to rounding: kernels may sum differently at new addresses)
+    torch.testing.assert_close(after, before, atol=1e-6, rtol=1e-6)
+    assert len(guard.versions) == 4 * 2 * len(layers)
+    with torch.no_grad():
+        layers[-1].adapters["a3"].z.mul_(3)
+    assert (unet_out(pipe) - after).abs().max() > 1e-4
 
 
 # ---- the trainer's image folders and output folder -------------------------------------------
