@@ -238,7 +238,10 @@ class LoLDULayer(nn.Module):
         """Refresh unless compiling or the component's guard has checked this call already."""
         if torch.compiler.is_compiling():
             return
-        if self._plan is None or self._guard is None or not self._guard.covers(self):
+        guard = self._guard
+        if self._plan is None or guard is None or not guard.covers(self):
+            if guard is not None and guard.depth > 0:  # run by its component, yet not in the guard's list (processors
+                guard.layers_changed()  # swapped since it looked): look again at the next call
             self.refresh()
 
     def delta_vector(self) -> torch.Tensor | None:

@@ -49,7 +49,9 @@ def attach_layer(component: nn.Module, comp_name: str, module_path: str, target:
     `factors` when given) if missing."""
     layer = sites_for(comp_name).attach(component, module_path, target, rank, factors)
     layer.ensure_rank(rank)
-    guard_component(component, comp_name).layers_changed()
+    guard = guard_component(component, comp_name)
+    guard.layers_changed()
+    layer._guard = guard
     return layer
 
 

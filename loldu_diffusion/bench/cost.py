@@ -101,6 +101,18 @@ def train_step_cost(unet, params, inp, device, warmup, iters):
 
 
 @torch.no_grad()
+def python_calls(unet, inp) -> int:
+    """Python function calls in one forward: the overhead a busy CPU's timings blur, counted exactly."""
+    import cProfile
+    import pstats
+
+    x, t, c = inp
+    prof = cProfile.Profile()
+    prof.runcall(lambda: unet(x, t, c))
+    return pstats.Stats(prof).total_calls
+
+
+@torch.no_grad()
 def infer_cost(unet, inp, device, warmup, iters):
     x, t, c = inp
     return timed(lambda: unet(x, t, c), device, warmup, iters)
@@ -332,9 +344,12 @@ def run(quick: bool = False, device: str | None = None, iters: int | None = None
             t = infer_cost(unet, inp, device, 0, 1)
             if rnd >= warmup:
                 times[n].append(t)
-    set_inference_state(unet, "unfused", original, loldu_procs)
     for n in names:
         r[f"{n}_infer_s"] = statistics.median(times[n])
+        set_inference_state(unet, n, original, loldu_procs)
+        infer_cost(unet, inp, device, 0, 1)
+        r[f"{n}_py_calls"] = python_calls(unet, inp)
+    set_inference_state(unet, "unfused", original, loldu_procs)
     serving = serving_cost(unet, latent, device, dtype, original, loldu_procs, warmup, infer_iters)
     r["batch16_hetero_setup_s"] = serving.pop("hetero_setup")
     for n, secs in serving.items():
@@ -374,6 +389,7 @@ def run(quick: bool = False, device: str | None = None, iters: int | None = None
         "fused_vs_base": r["fused_infer_s"] / r["base_infer_s"],
         "blend4_vs_blend1": r["blend4_infer_s"] / r["blend1_infer_s"],
         "blend16_vs_blend1": r["blend16_infer_s"] / r["blend1_infer_s"],
+        "blend16_vs_blend1_py_calls": r["blend16_py_calls"] / r["blend1_py_calls"],
         "hetero16_vs_same16": r["batch16_hetero_infer_s"] / r["batch16_same_infer_s"],
         "lora_params_vs_loldu": r["lora_params"] / r["loldu_params"],
         "subjects8_vs_8_runs": ms["together_s"][8] / sum(ms["separate_s"][:8]),
@@ -395,10 +411,12 @@ def markdown(r: dict) -> str:
            f"| training step | s/step | ×floor | {mem} | trainable | file |", "|---|---|---|---|---|---|"]
     for name, s, m, n, f in rows:
         out.append(f"| {name} | {s:.4f} | {s / r['floor_s']:.3f} | {m:.1f} | {n} | {f} |")
-    out += ["", "| inference | s/forward | ×base |", "|---|---|---|"]
-    for k, name in (("base_infer_s", "base"), ("unfused_infer_s", "LoLDU unfused"), ("fused_infer_s", "LoLDU fused"),
-                    ("blend1_infer_s", "1 adapter (blend path)"), ("blend4_infer_s", "4 blended"), ("blend16_infer_s", "16 blended")):
-        out.append(f"| {name} | {r[k]:.4f} | {r[k] / r['base_infer_s']:.3f} |")
+    out += ["", "| inference | s/forward | ×base | Python calls / forward |", "|---|---|---|---|"]
+    for k, name in (("base", "base"), ("unfused", "LoLDU unfused"), ("fused", "LoLDU fused"),
+                    ("blend1", "1 adapter (blend path)"), ("blend4", "4 blended"), ("blend16", "16 blended")):
+        secs = r[f"{k}_infer_s"]
+        calls = r.get(f"{k}_py_calls")
+        out.append(f"| {name} | {secs:.4f} | {secs / r['base_infer_s']:.3f} | {'—' if calls is None else f'{calls:,}'} |")
     out += ["", "| batch of 16 (serving) | s/forward | ×base | ×one adapter |", "|---|---|---|---|"]
     for k, name in (("base", "base"), ("same", "one adapter for all 16"), ("hetero", "16 different adapters, one per sample")):
         v = r[f"batch16_{k}_infer_s"]
