@@ -73,3 +73,35 @@ def test_ti_needs_an_identifier(tiny_sd_path, concept_dir, tmp_path):
     args.instance_prompt, args.class_prompt = "a photo of a heart", "a photo of a heart"
     with pytest.raises(ValueError, match="--placeholder_token"):
         make_method(args)
+
+
+def test_pivotal_tuning_trains_the_adapter_and_the_identifier_embedding_and_resumes(tiny_sd_path, concept_dir, tmp_path):
+    """--train_text_encoder_ti: the LoLDU adapter and the identifier's embedding train together;
+    both files are written and reload to the trained pipeline; a resumed run gives the same."""
+    from safetensors.torch import load_file
+
+    args = _args(tiny_sd_path, concept_dir, tmp_path / "pt", "loldu", "--train_text_encoder_ti", "--rank", "4",
+                 "--checkpointing_steps", "2")
+    summary = train(args)
+    m = load_models(args)
+    hidden = m.text_encoder.config.hidden_size
+    emb = load_file(os.path.join(tmp_path / "pt", "learned_embeds.safetensors"))["sks"]
+    init = m.text_encoder.get_input_embeddings().weight[m.tokenizer("heart", add_special_tokens=False).input_ids].mean(0)
+    assert emb.shape == (1, hidden) and not torch.allclose(emb[0], init)  # it trained from the class word's embedding
+    adapter = load_file(os.path.join(tmp_path / "pt", "loldu_adapter.safetensors"))["unet.delta"]
+    assert adapter.abs().sum() > 0
+    n_layers = adapter.shape[0]
+    assert summary["trainable_parameters"] == n_layers * (4 + 1) + hidden
+    pipe = make_pipeline(m, m.unet, args)
+    base = _image(pipe)
+    make_method(args).load_output(pipe, str(tmp_path / "pt"))
+    assert not torch.allclose(base, _image(pipe))
+    # killed after step 2: resuming gives the same files
+    resumed = _args(tiny_sd_path, concept_dir, tmp_path / "pt2", "loldu", "--train_text_encoder_ti", "--rank", "4",
+                    "--checkpointing_steps", "2", "--max_train_steps", "2")
+    train(resumed)
+    resumed.max_train_steps, resumed.resume_from_checkpoint = 3, "latest"
+    os.remove(os.path.join(tmp_path / "pt2", "loldu_adapter.safetensors"))
+    train(resumed)
+    torch.testing.assert_close(load_file(os.path.join(tmp_path / "pt2", "learned_embeds.safetensors"))["sks"], emb, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(load_file(os.path.join(tmp_path / "pt2", "loldu_adapter.safetensors"))["unet.delta"], adapter, atol=1e-6, rtol=1e-5)

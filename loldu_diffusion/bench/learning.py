@@ -69,6 +69,10 @@ def configs(quick: bool, which: str = "all"):
              args=["--train_text_encoder", "--with_prior_preservation", "--num_class_images", "48", "--lr_scheduler", "cosine",
                    "--text_encoder_lr", "1e-3"]),
         dict(name="loldu-r8", method="loldu", lr=lr, args=["--rank", "8"]),
+        # pivotal tuning: the identifier's own embedding carries the subject, so the class prompt (which lacks
+        # it) has no shared value to drift through but the UNet's; prior preservation holds that one
+        dict(name="loldu-ti", method="loldu", lr=lr, args=["--train_text_encoder_ti"]),
+        dict(name="loldu-ti-prior", method="loldu", lr=lr, args=["--train_text_encoder_ti", "--with_prior_preservation", "--num_class_images", "48"]),
     ]
 
 

@@ -85,6 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--num_inference_steps", type=int, default=None, help="sampling steps for validation/class images (default 25; 20 on the embedded base)")
     a("--guidance_scale", type=float, default=None)
     a("--train_text_encoder", action="store_true")
+    a("--train_text_encoder_ti", action="store_true", help="pivotal tuning (diffusers' advanced DreamBooth name): also train the "
+      "identifier token's embedding (--placeholder_token), written beside the adapter as learned_embeds.safetensors")
     a("--snr_gamma", type=float, default=None)
     a("--noise_offset", type=float, default=0.0)
     a("--dataloader_num_workers", type=int, default=0, help="accepted for compatibility; images are preloaded")
@@ -193,6 +195,8 @@ def concepts_of(args) -> tuple | None:
     given = [f for f in ("instance_data_dir", "instance_prompt", "class_prompt", "class_data_dir", "dataset_name") if getattr(args, f)]
     if given:
         raise ValueError(f"--concepts_list gives each subject's images and prompts: leave --{given[0]} out (or put it in the list's entries)")
+    if args.train_text_encoder_ti:
+        raise ValueError("--concepts_list with --train_text_encoder_ti is not supported yet: train each subject's embedding in its own run")
     if args.method != "loldu":
         raise ValueError(f"--concepts_list trains one LoLDU adapter per subject in one run; --method {args.method} trains "
                          "shared weights: run it once per subject")

@@ -55,7 +55,9 @@ class LoLDUMethod(Method):
 
     def __init__(self, args):
         self.args = args
-        self.trains_text_encoder = args.train_text_encoder
+        # pivotal tuning: the identifier's embedding trains too (a TextualInversionMethod beside the adapter)
+        self.ti = TextualInversionMethod(args) if getattr(args, "train_text_encoder_ti", False) else None
+        self.trains_text_encoder = args.train_text_encoder or self.ti is not None
         self.config = LoLDUConfig(
             rank=args.rank, alpha=args.alpha, init=args.init, unet_targets=args.unet_targets,
             text_encoder_targets=args.text_encoder_targets if args.train_text_encoder else None,
@@ -70,7 +72,7 @@ class LoLDUMethod(Method):
 
         if not self.subjects:
             inject_loldu(models, self.config)
-            return loldu_parameters(models)
+            return loldu_parameters(models) + (self.ti.setup(models) if self.ti else [])
         for name in self.subjects:
             set_seed(self.args.seed)  # random inits as each subject's own run draws them
             layers = inject_loldu(models, self.config, adapter_name=name)
@@ -88,10 +90,14 @@ class LoLDUMethod(Method):
         return mods
 
     def trainable_state(self, models):
-        return {f"{c}.{k}": v.detach().clone() for c, m in self._trainable_modules(models).items()
-                for k, v in m.state_dict().items() if ".adapters." in k}
+        state = {f"{c}.{k}": v.detach().clone() for c, m in self._trainable_modules(models).items()
+                 for k, v in m.state_dict().items() if ".adapters." in k}
+        return state | (self.ti.trainable_state(models) if self.ti else {})
 
     def load_trainable_state(self, models, tensors):
+        if self.ti:
+            self.ti.load_trainable_state(models, tensors)
+            tensors = {k: v for k, v in tensors.items() if k != "text_encoder.token_embedding"}
         for c, m in self._trainable_modules(models).items():
             own = {k[len(c) + 1 :]: v for k, v in tensors.items() if k.startswith(c + ".")}
             missing, unexpected = m.load_state_dict(own, strict=False)
@@ -103,7 +109,7 @@ class LoLDUMethod(Method):
         if not self.subjects:
             path = os.path.join(out_dir, ADAPTER_FILE)
             save_adapter(models, path, adapter_name="default", metadata=metadata, overwrite=True)
-            return [path]
+            return [path] + (self.ti.save(models, out_dir, metadata) if self.ti else [])
         paths = []
         for c in self.args.concepts:
             paths.append(os.path.join(out_dir, c.name, ADAPTER_FILE))
@@ -112,10 +118,11 @@ class LoLDUMethod(Method):
                          metadata=metadata | {"instance_prompt": c.instance_prompt, "class_prompt": c.class_prompt, "validation_prompt": None})
         return paths
 
-    @staticmethod
-    def load_output(pipe, out_dir):
+    def load_output(self, pipe, out_dir):
         """Apply what `save` wrote to a pristine base pipeline."""
         load_adapter(pipe, os.path.join(out_dir, ADAPTER_FILE))
+        if self.ti:
+            self.ti.load_output(pipe, out_dir)
 
     def save_kohya(self, models, out_dir):
         from ..export import export_lora
