@@ -16,11 +16,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .sites import sites_for
+
 
 class BlendGuard:
-    def __init__(self, comp_name: str, find_layers):
+    def __init__(self, comp_name: str):
         self.comp_name = comp_name
-        self._find_layers = find_layers  # component → its LoLDU layers
         self.depth = 0  # > 0 while the component runs (nested calls count)
         self.generation = 0  # bumped when the covered layers are looked up again
         self.layers: list | None = None  # None: look them up at the next call
@@ -28,6 +29,9 @@ class BlendGuard:
         self.versions: list = []  # tensors whose version counters cover those values (one per loaded adapter)
         self.key = None
         self.handles = []
+
+    def __getstate__(self):  # a copy (deepcopy, pickle) of the component looks its layers up again
+        return self.__dict__ | {"depth": 0, "layers": None, "values": None, "versions": [], "key": None}
 
     def install(self, component: nn.Module) -> "BlendGuard":
         self.handles = [component.register_forward_pre_hook(self.enter),
@@ -60,7 +64,7 @@ class BlendGuard:
     def check(self, component) -> None:
         if self.layers is None:
             self.generation += 1
-            self.layers = list(self._find_layers(component))
+            self.layers = [layer for _, _, layer in sites_for(self.comp_name).layers(component)]
             for layer in self.layers:
                 layer._guard, layer._guard_generation = self, self.generation
             self.values = None
@@ -80,11 +84,11 @@ class BlendGuard:
             self.key = key
 
 
-def guard_of(component: nn.Module, comp_name: str, find_layers) -> BlendGuard:
+def guard_of(component: nn.Module, comp_name: str) -> BlendGuard:
     """The component's guard, installed on first use."""
     guard = component.__dict__.get("_loldu_guard")
     if guard is None:
-        guard = component.__dict__["_loldu_guard"] = BlendGuard(comp_name, find_layers).install(component)
+        guard = component.__dict__["_loldu_guard"] = BlendGuard(comp_name).install(component)
     return guard
 
 

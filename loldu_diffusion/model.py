@@ -57,7 +57,7 @@ def attach_layer(component: nn.Module, comp_name: str, module_path: str, target:
 
 def guard_component(component: nn.Module, comp_name: str):
     """The component's BlendGuard: checks its layers' cached blends once per call (guard.py)."""
-    return guard_of(component, comp_name, lambda c: [layer for *_, layer in sites_for(comp_name).layers(c)])
+    return guard_of(component, comp_name)
 
 
 @contextmanager

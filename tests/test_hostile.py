@@ -2,6 +2,7 @@
 through every entry point (library, CLI inspect / blend / export-lora, the app), hostile image
 folders through the trainer's reader, and faults (locks, full or read-only disks). Each is a
 one-line error, and a refusal leaves the model's output bit-identical."""
+import copy
 import errno
 import json
 import os
@@ -307,7 +308,14 @@ def test_the_per_call_check_of_a_blend_does_not_grow_with_layers(tiny_sd_path, g
     assert len(guard.versions) == 4 * 2 * len(layers)
     with torch.no_grad():
         layers[-1].adapters["a3"].z.mul_(3)
-    assert (unet_out(pipe) - after).abs().max() > 1e-4
+    edited = unet_out(pipe)
+    assert (edited - after).abs().max() > 1e-4
+    # a deep copy of the pipeline has a guard of its own, which sees edits of the copy's values only
+    twin = copy.deepcopy(pipe)
+    torch.testing.assert_close(unet_out(twin), edited, atol=1e-6, rtol=1e-6)
+    with torch.no_grad():
+        next(layer for *_, layer in iter_layers(twin.unet)).adapters["a0"].z.mul_(-2)
+    assert (unet_out(twin) - edited).abs().max() > 1e-4 and torch.equal(unet_out(pipe), edited)
 
 
 # ---- the trainer's image folders and output folder -------------------------------------------
