@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .model import guard_component
+from .guard import guard_of
 
 
 def compile_unet(unet: nn.Module, **compile_kwargs) -> nn.Module:
@@ -29,7 +29,7 @@ def compile_unet(unet: nn.Module, **compile_kwargs) -> nn.Module:
     # an instance attribute: nn.Module.__call__ runs the (eager) hooks, then this compiled forward
     unet.forward = torch.compile(unet.forward, **compile_kwargs)
     unet.__dict__["_loldu_compiled"] = True
-    guard_component(unet, "unet")  # (every attach installs it too: this covers a UNet compiled before any adapter)
+    guard_of(unet, "unet")  # (every attach installs it too: this covers a UNet compiled before any adapter)
     return unet
 
 

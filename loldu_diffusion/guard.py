@@ -69,8 +69,6 @@ class BlendGuard:
                 layer._guard, layer._guard_generation = self, self.generation
             self.values = None
         if self.values is None:
-            for layer in self.layers:
-                layer.refresh()  # (re)builds its plan: which adapter vectors it reads
             vectors = {id(v): v for layer in self.layers for v in layer.plan_vectors()}.values()
             self.values = [t for v in vectors for t in (v.z, v.sigma)]
             self.versions = list({id(t): t for v in vectors for t in v.version_sources()}.values())

@@ -212,13 +212,7 @@ class LoLDULayer(nn.Module):
 
     def refresh(self) -> None:
         """Recompute the cached blends if adapters, weights or values changed (eager only)."""
-        if self._plan is None:
-            active = self._active(self._weights)
-            samples = None if self._sample_weights is None else [self._active(b) for b in self._sample_weights]
-            vecs = {id(v): v for a in [active] + (samples or []) for v, _ in a}.values()
-            values = [t for v in vecs for t in (v.z, v.sigma)]
-            self._plan = (active, samples, values, list(vecs))
-            self._cache_key = None
+        self._ensure_plan()
         active, samples, values, _ = self._plan
         self._live = any(t.requires_grad for t in values)  # read each time: a trainer may freeze or unfreeze
         if self._live:
@@ -230,8 +224,19 @@ class LoLDULayer(nn.Module):
                 self._sample_cache = None if samples is None else self._stack(samples)
             self._cache_key = key
 
+    def _ensure_plan(self) -> None:
+        """Which adapter vectors (and values) the blends read, until adapters or weights change."""
+        if self._plan is None:
+            active = self._active(self._weights)
+            samples = None if self._sample_weights is None else [self._active(b) for b in self._sample_weights]
+            vecs = {id(v): v for a in [active] + (samples or []) for v, _ in a}.values()
+            values = [t for v in vecs for t in (v.z, v.sigma)]
+            self._plan = (active, samples, values, list(vecs))
+            self._cache_key = None
+
     def plan_vectors(self) -> list[LoLDUVector]:
-        """The adapter vectors the cached blends are computed from (after `refresh`)."""
+        """The adapter vectors the cached blends are computed from."""
+        self._ensure_plan()
         return self._plan[3]
 
     def _check(self) -> None:

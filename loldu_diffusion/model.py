@@ -49,15 +49,10 @@ def attach_layer(component: nn.Module, comp_name: str, module_path: str, target:
     `factors` when given) if missing."""
     layer = sites_for(comp_name).attach(component, module_path, target, rank, factors)
     layer.ensure_rank(rank)
-    guard = guard_component(component, comp_name)
+    guard = guard_of(component, comp_name)
     guard.layers_changed()
     layer._guard = guard
     return layer
-
-
-def guard_component(component: nn.Module, comp_name: str):
-    """The component's BlendGuard: checks its layers' cached blends once per call (guard.py)."""
-    return guard_of(component, comp_name)
 
 
 @contextmanager

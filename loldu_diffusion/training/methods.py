@@ -97,7 +97,7 @@ class LoLDUMethod(Method):
     def load_trainable_state(self, models, tensors):
         if self.ti:
             self.ti.load_trainable_state(models, tensors)
-            tensors = {k: v for k, v in tensors.items() if k != "text_encoder.token_embedding"}
+            tensors = {k: v for k, v in tensors.items() if k != TextualInversionMethod.STATE_KEY}
         for c, m in self._trainable_modules(models).items():
             own = {k[len(c) + 1 :]: v for k, v in tensors.items() if k.startswith(c + ".")}
             missing, unexpected = m.load_state_dict(own, strict=False)
@@ -395,6 +395,7 @@ class TextualInversionMethod(Method):
 
     name = "ti"
     FILE = "learned_embeds.safetensors"
+    STATE_KEY = "text_encoder.token_embedding"  # its entry in a checkpoint's trainable state
     trains_text_encoder = True
 
     def __init__(self, args):
@@ -424,11 +425,11 @@ class TextualInversionMethod(Method):
         return [self.vector]
 
     def trainable_state(self, models):
-        return {"text_encoder.token_embedding": self.vector.detach().clone()}
+        return {self.STATE_KEY: self.vector.detach().clone()}
 
     def load_trainable_state(self, models, tensors):
         with torch.no_grad():
-            self.vector.copy_(tensors["text_encoder.token_embedding"])
+            self.vector.copy_(tensors[self.STATE_KEY])
 
     def save(self, models, out_dir, metadata):
         path = os.path.join(out_dir, self.FILE)
