@@ -73,6 +73,9 @@ def configs(quick: bool, which: str = "all"):
         # it) has no shared value to drift through but the UNet's; prior preservation holds that one
         dict(name="loldu-ti", method="loldu", lr=lr, args=["--train_text_encoder_ti"]),
         dict(name="loldu-ti-prior", method="loldu", lr=lr, args=["--train_text_encoder_ti", "--with_prior_preservation", "--num_class_images", "48"]),
+        # … with the lr decaying to 0 by the last step: at constant lr, zwx went 1.00 -> 0.02 of the ceiling between steps 100 and 200
+        dict(name="loldu-ti-prior-cosine", method="loldu", lr=lr,
+             args=["--train_text_encoder_ti", "--with_prior_preservation", "--num_class_images", "48", "--lr_scheduler", "cosine"]),
     ]
 
 
