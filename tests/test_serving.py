@@ -107,3 +107,37 @@ def test_per_sample_blends_train_each_samples_own_adapter():
     with torch.no_grad(), per_sample_adapters(unet, [{"a": 1.0}, {"b": 1.0}]):
         cached = unet(x, t, c).sample
     torch.testing.assert_close(cached, out.detach(), atol=0, rtol=0)
+
+
+def test_per_sample_rows_follow_batch_shapes_and_edits():
+    """The per-row layout of the samples' δ is built once per batch shape and reused by later
+    calls; a guidance-sized batch (2 S rows) and an in-place edit of an adapter still read right."""
+    from tiny import tiny_unet, unet_inputs
+
+    unet = tiny_unet()
+    for name in ("a", "b"):
+        inject_loldu(unet, LoLDUConfig(rank=4, init="uniform"), adapter_name=name)
+    with torch.no_grad():
+        for p in loldu_parameters(unet):
+            p.mul_(1 + 0.5 * torch.randn_like(p))
+            p.requires_grad_(False)
+    x, t, c = unet_inputs(unet, batch=2)
+
+    def alone(name, b):
+        set_adapter_weights(unet, {name: 1.0})
+        return unet(x[b : b + 1], t[b : b + 1], c[b : b + 1]).sample[0]
+
+    with torch.no_grad():
+        with per_sample_adapters(unet, [{"a": 1.0}, {"b": 1.0}]):
+            first = unet(x, t, c).sample
+            again = unet(x, t, c).sample
+            for *_, layer in iter_layers(unet):
+                layer.adapters["b"].z.mul_(1.5)
+            edited = unet(x, t, c).sample  # same batch shape as before the edit
+            doubled = unet(torch.cat([x, x]), torch.cat([t, t]), torch.cat([c, c])).sample  # [uncond; cond]-shaped
+        torch.testing.assert_close(again, first, atol=0, rtol=0)
+        torch.testing.assert_close(doubled, torch.cat([edited, edited]), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(edited[0], first[0], atol=0, rtol=0)
+        assert (edited[1] - first[1]).abs().max() > 1e-3
+        torch.testing.assert_close(edited[1], alone("b", 1), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(edited[0], alone("a", 0), atol=1e-5, rtol=1e-5)
