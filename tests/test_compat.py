@@ -53,6 +53,9 @@ def test_text_encoder_lr_makes_its_own_group():
     groups = param_groups(args, params, [te])
     assert [len(g["params"]) for g in groups] == [2, 2] and groups[1]["lr"] == 1e-5 and groups[1]["weight_decay"] == 0.5
     assert param_groups(parse_args([]), params, [te]) is params  # not asked: one group, as before
+    embedding = torch.nn.Parameter(torch.zeros(4))  # pivotal tuning's token embedding trains with the text encoder
+    groups = param_groups(args, params + [embedding], [te], [embedding])
+    assert [len(g["params"]) for g in groups] == [2, 3] and groups[1]["params"][-1] is embedding
 
 
 def test_a_local_dataset_with_captions_and_repeats_trains(tiny_sd_path, tmp_path):

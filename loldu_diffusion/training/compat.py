@@ -46,7 +46,7 @@ def add_diffusers_flags(p: argparse.ArgumentParser) -> None:
     a("--image_interpolation_mode", default=None, choices=INTERPOLATION, help="resize filter (default bicubic)")
     # training
     a("--offset_noise", action="store_true", help="noise offset 0.1 (as train_dreambooth.py); --noise_offset sets any value")
-    a("--text_encoder_lr", type=float, default=None, help="learning rate of what trains in the text encoder (default: --learning_rate)")
+    a("--text_encoder_lr", type=float, default=None, help="learning rate of what trains in the text encoder, the identifier's embedding under --train_text_encoder_ti included (default: --learning_rate)")
     a("--adam_weight_decay_text_encoder", type=float, default=None, help="weight decay of the text encoder's group (default: --adam_weight_decay)")
     a("--lora_dropout", type=float, default=0.0, help="--method lora/olora: dropout on the LoRA branch")
     a("--use_dora", action="store_true", help="--method lora: DoRA (PEFT)")

@@ -240,7 +240,7 @@ def train(args) -> dict:
             cast_frozen(mod, weight_dtype)
     if args.gradient_checkpointing:
         m.unet.enable_gradient_checkpointing()
-    optimizer = make_optimizer(args, param_groups(args, params, text_encoders_of(m)), args.optimizer_lr)
+    optimizer = make_optimizer(args, param_groups(args, params, text_encoders_of(m), method.text_side_parameters()), args.optimizer_lr)
     lr_scheduler = get_scheduler(args.lr_scheduler, optimizer=optimizer, num_warmup_steps=args.lr_warmup_steps,
                                  num_training_steps=args.max_train_steps, num_cycles=args.lr_num_cycles, power=args.lr_power)
     text_encoders = text_encoders_of(m) if method.trains_text_encoder else []

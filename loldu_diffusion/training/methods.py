@@ -45,6 +45,11 @@ class Method:
     def parameter_sets(self, params) -> list:
         return [params]
 
+    def text_side_parameters(self) -> list:
+        """Trained tensors outside the text encoders' modules that belong with them (a token
+        embedding): --text_encoder_lr applies to them, as in diffusers' advanced DreamBooth script."""
+        return []
+
 
 class LoLDUMethod(Method):
     """One adapter ("default"), or under --concepts_list one per subject, named after it: each
@@ -82,6 +87,9 @@ class LoLDUMethod(Method):
 
     def parameter_sets(self, params):
         return self.sets or [params]
+
+    def text_side_parameters(self) -> list:
+        return self.ti.text_side_parameters() if self.ti else []
 
     def _trainable_modules(self, models):
         mods = {"unet": models.unet}
@@ -424,6 +432,9 @@ class TextualInversionMethod(Method):
         self._attach(models.text_encoder, ids, emb[init_ids].mean(0))
         return [self.vector]
 
+    def text_side_parameters(self) -> list:
+        return [self.vector]
+
     def trainable_state(self, models):
         return {self.STATE_KEY: self.vector.detach().clone()}
 
@@ -459,12 +470,13 @@ def make_method(args):
             "vera": PeftVectorMethod, "ia3": PeftVectorMethod, "ti": TextualInversionMethod}[args.method](args)
 
 
-def param_groups(args, params, text_encoders) -> list:
+def param_groups(args, params, text_encoders, text_side=()) -> list:
     """The optimizer's groups: one, or with --text_encoder_lr / --adam_weight_decay_text_encoder,
-    the text encoder's parameters apart (as diffusers' SDXL script)."""
+    the text encoder's parameters (and `text_side`: a trained token embedding) apart, as
+    diffusers' SDXL and advanced scripts."""
     if args.text_encoder_lr is None and args.adam_weight_decay_text_encoder is None:
         return params
-    in_text = {id(p) for enc in text_encoders for p in enc.parameters()}
+    in_text = {id(p) for enc in text_encoders for p in enc.parameters()} | {id(p) for p in text_side}
     te = [p for p in params if id(p) in in_text]
     rest = [p for p in params if id(p) not in in_text]
     if not te:
