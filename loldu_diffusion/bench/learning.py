@@ -76,6 +76,10 @@ def configs(quick: bool, which: str = "all"):
         # … with the lr decaying to 0 by the last step: at constant lr, zwx went 1.00 -> 0.02 of the ceiling between steps 100 and 200
         dict(name="loldu-ti-prior-cosine", method="loldu", lr=lr,
              args=["--train_text_encoder_ti", "--with_prior_preservation", "--num_class_images", "48", "--lr_scheduler", "cosine"]),
+        # … with the identifier's embedding at a tenth of the lr (its coordinates have std 0.03; at 1e-2 Adam moves them 0.01 a step)
+        dict(name="loldu-ti-prior-cosine-telr1e-3", method="loldu", lr=lr,
+             args=["--train_text_encoder_ti", "--with_prior_preservation", "--num_class_images", "48", "--lr_scheduler", "cosine",
+                   "--text_encoder_lr", "1e-3"]),
     ]
 
 
