@@ -107,6 +107,10 @@ def judge_model(pipe, judge, subject, n: int, seed: int = 1000) -> dict:
     inst, ctx, cls = read[:n], read[n : 2 * n], read[2 * n :]
     return {
         "subject": _rate(map(subject.shown_in, inst)),
+        # which attribute an instance image misses, when the whole subject is not shown
+        "subject_shape": _rate(a["shape"] == subject.shape for a in inst),
+        "subject_color": _rate(a["object_color"] == subject.object_color for a in inst),
+        "subject_marking": _rate(a["marking"] == subject.marking for a in inst),
         "recontext": _rate(subject.shown_in(a) and a["background_color"] == b for a, b in zip(ctx, bgs)),
         "class_color": _rate(a["object_color"] == subject.object_color for a in cls),
         "class_marking": _rate(a["marking"] == subject.marking for a in cls),
