@@ -178,8 +178,16 @@ def _generate(args) -> int:
     own = _prompt_specs(args)
     _check_specs((args.adapter or []) + [spec for specs in own for spec in specs])
     _check_output(args, folder=True)
+    for path in args.embedding or []:
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"--embedding {path}: no such file")
     pipe = load_base(args.base, device=args.device)
     blends = _load_blends(pipe, args.adapter or [], own)
+    if args.embedding:
+        from .embeddings import load_token_embeddings
+
+        for path in args.embedding:
+            print(f"{path}: token embedding for {', '.join(load_token_embeddings(pipe, path))}")
     if args.compile:
         from .compile import compile_unet
 
@@ -197,7 +205,8 @@ def _generate(args) -> int:
         for prompt, blend in zip(args.prompt, blends):
             seed = first + i
             settings = {"prompt": prompt, "negative_prompt": args.negative_prompt, "seed": seed, "steps": args.steps,
-                        "guidance": args.guidance, "size": size, "base": pipe._loldu_base_path, "adapters": blend}
+                        "guidance": args.guidance, "size": size, "base": pipe._loldu_base_path, "adapters": blend,
+                        "embeddings": args.embedding or []}
             same = _same_image(args.output, seed, json.dumps(settings))
             if same:  # the same settings and seed make the same image: do not write a copy
                 present.append(same)
@@ -314,6 +323,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the adapters of one prompt, comma-separated ('none': only --adapter); one per --prompt, in order. Prompts "
                    "with different adapters are generated in one batch")
     s.add_argument("--batch_size", type=int, default=8, help="images per pipeline call")
+    s.add_argument("--embedding", action="append", default=None, metavar="FILE",
+                   help="a token-embedding file to use with the adapters (learned_embeds.safetensors from --train_text_encoder_ti "
+                        "or --method ti; {token: (1, width)}); repeat for several")
     s.add_argument("--compile", action="store_true", help="torch.compile the UNet (slow first call; pays off over many images)")
     s.add_argument("--negative_prompt", default=None, help="what the images should not show")
     s.add_argument("--steps", type=int, default=20, help="sampling steps")

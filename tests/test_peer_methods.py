@@ -96,6 +96,17 @@ def test_pivotal_tuning_trains_the_adapter_and_the_identifier_embedding_and_resu
     base = _image(pipe)
     make_method(args).load_output(pipe, str(tmp_path / "pt"))
     assert not torch.allclose(base, _image(pipe))
+    # what a user loads (the adapter, and the embedding with --embedding) draws what the trainer's pipeline drew
+    from loldu_diffusion import load_adapter
+    from loldu_diffusion.embeddings import load_token_embeddings
+
+    m2 = load_models(args)
+    user = make_pipeline(m2, m2.unet, args)
+    load_adapter(user, os.path.join(tmp_path / "pt", "loldu_adapter.safetensors"))
+    without = _image(user)
+    assert load_token_embeddings(user, os.path.join(tmp_path / "pt", "learned_embeds.safetensors")) == ["sks"]
+    torch.testing.assert_close(_image(user), _image(pipe), atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(without, _image(pipe))  # the embedding is part of what was learnt
     # killed after step 2: resuming gives the same files
     resumed = _args(tiny_sd_path, concept_dir, tmp_path / "pt2", "loldu", "--train_text_encoder_ti", "--rank", "4",
                     "--checkpointing_steps", "2", "--max_train_steps", "2")

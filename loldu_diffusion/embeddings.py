@@ -1,0 +1,74 @@
+"""Token embeddings trained beside an adapter (--train_text_encoder_ti, --method ti).
+
+The file is diffusers' textual-inversion layout, `{token: (1, width)}` (or `(width,)`) in
+safetensors. The identifier is a word the tokenizer already has as one token ("sks"), so
+loading writes its row of the text encoder's embedding table — what the trainer's hook did
+during training — instead of adding a token as diffusers' `load_textual_inversion` does (it
+refuses a token the vocabulary has).
+
+Files come from strangers: safetensors only, at most a few tokens, every tensor checked for
+shape, dtype and finite values, one-line errors that name the file.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+MAX_BYTES = 2**20  # a few rows of ≤ 1,280 floats; SD 1.5's width is 768
+MAX_TOKENS = 16
+# A row far beyond the table's own scale is not a trained embedding (the embedded base's rows
+# have norms ≤ 1, SD 1.5's ≤ 1.5; a pivotal-tuning run at lr 1e-2 stays within a few times that).
+NORM_BOUND = 100.0
+
+
+class EmbeddingFileError(ValueError):
+    """A file that is not a token-embedding file for this text encoder."""
+
+
+def read_token_embeddings(path: str, tokenizer, width: int) -> dict[int, tuple[str, torch.Tensor]]:
+    """token id → (token, (width,) float32) of a checked file."""
+    from safetensors import safe_open
+
+    name = os.path.basename(path)
+    if not os.path.isfile(path):
+        raise EmbeddingFileError(f"--embedding {path}: no such file")
+    if os.path.getsize(path) > MAX_BYTES:
+        raise EmbeddingFileError(f"--embedding {name}: larger than {MAX_BYTES} bytes; a token-embedding file holds a few rows")
+    try:
+        with safe_open(path, framework="pt") as f:
+            keys = list(f.keys())
+            if not 0 < len(keys) <= MAX_TOKENS:
+                raise EmbeddingFileError(f"--embedding {name}: {len(keys)} tensors; expected 1 to {MAX_TOKENS} ({{token: (1, {width})}})")
+            tensors = {k: f.get_tensor(k) for k in keys}
+    except EmbeddingFileError:
+        raise
+    except Exception as e:
+        raise EmbeddingFileError(f"--embedding {name}: not a readable safetensors file ({str(e).splitlines()[0]})") from None
+    rows = {}
+    for token, t in tensors.items():
+        if t.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+            raise EmbeddingFileError(f"--embedding {name}: {token!r} is {t.dtype}, not a float tensor")
+        if tuple(t.shape) not in ((width,), (1, width)):
+            raise EmbeddingFileError(f"--embedding {name}: {token!r} has shape {tuple(t.shape)}; this text encoder needs "
+                                     f"(1, {width}) — an embedding trained on another base model?")
+        t = t.float().reshape(width)
+        if not torch.isfinite(t).all() or float(t.norm()) > NORM_BOUND:
+            raise EmbeddingFileError(f"--embedding {name}: {token!r} has values that are not finite or far out of scale")
+        ids = tokenizer(token, add_special_tokens=False).input_ids
+        if len(ids) != 1:
+            raise EmbeddingFileError(f"--embedding {name}: {token!r} is {len(ids)} tokens of this tokenizer, not one; "
+                                     "train with a one-token identifier (--placeholder_token)")
+        rows[ids[0]] = (token, t)
+    return rows
+
+
+@torch.no_grad()
+def load_token_embeddings(pipe, path: str) -> list[str]:
+    """Write the file's rows into the pipeline's text-encoder embedding table; returns the
+    tokens. (SDXL's second text encoder is not covered: the trainer writes one table's rows.)"""
+    table = pipe.text_encoder.get_input_embeddings().weight  # (vocab, width)
+    rows = read_token_embeddings(path, pipe.tokenizer, table.shape[1])
+    for token_id, (_, row) in rows.items():
+        table[token_id] = row.to(table.dtype)
+    return [token for token, _ in rows.values()]

@@ -1,0 +1,78 @@
+"""`--embedding`: a trained identifier embedding ({token: (1, width)}) loaded into the text
+encoder's table for generation; files from strangers refused with one line naming the file."""
+import json
+import os
+
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import save_file
+
+from loldu_diffusion.cli import main as loldu
+from loldu_diffusion.embeddings import EmbeddingFileError, load_token_embeddings
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    from loldu_diffusion.pipeline import load_base
+
+    return load_base()  # the embedded base
+
+
+def test_the_row_is_written_and_only_that_row(pipe, tmp_path):
+    table = pipe.text_encoder.get_input_embeddings().weight
+    before = table.detach().clone()
+    sks = pipe.tokenizer("sks", add_special_tokens=False).input_ids[0]
+    row = before[pipe.tokenizer("heart", add_special_tokens=False).input_ids[0]] * 1.5
+    path = str(tmp_path / "e.safetensors")
+    save_file({"sks": row[None].clone()}, path)
+    try:
+        assert load_token_embeddings(pipe, path) == ["sks"]
+        after = table.detach()
+        torch.testing.assert_close(after[sks], row, atol=0, rtol=0)
+        changed = (after != before).any(dim=1).nonzero().flatten().tolist()
+        assert changed == [sks]
+    finally:
+        with torch.no_grad():
+            table.copy_(before)
+
+
+@pytest.mark.parametrize("tensors,match", [
+    ({"sks": torch.zeros(1, 7)}, r"shape \(1, 7\); this text encoder needs \(1, 128\)"),
+    ({"sks": torch.full((1, 128), float("nan"))}, "not finite or far out of scale"),
+    ({"sks": torch.full((1, 128), 50.0)}, "not finite or far out of scale"),
+    ({"sks": torch.zeros(1, 128, dtype=torch.int32)}, "not a float tensor"),
+    ({"sks heart": torch.zeros(1, 128)}, "is 2 tokens of this tokenizer"),
+])
+def test_bad_files_are_refused_by_name(pipe, tmp_path, tensors, match):
+    path = str(tmp_path / "bad.safetensors")
+    save_file(tensors, path)
+    before = pipe.text_encoder.get_input_embeddings().weight.detach().clone()
+    with pytest.raises(EmbeddingFileError, match=match) as e:
+        load_token_embeddings(pipe, path)
+    assert "bad.safetensors" in str(e.value) and "\n" not in str(e.value)
+    assert torch.equal(pipe.text_encoder.get_input_embeddings().weight, before)
+
+
+def test_not_safetensors_is_refused(pipe, tmp_path):
+    path = tmp_path / "learned_embeds.bin"
+    torch.save({"sks": torch.zeros(1, 128)}, path)  # a pickle: never unpickled
+    with pytest.raises(EmbeddingFileError, match="not a readable safetensors file"):
+        load_token_embeddings(pipe, str(path))
+
+
+def test_generate_uses_the_embedding(tmp_path, capsys):
+    from loldu_diffusion.toy import default_base_path
+
+    emb = str(tmp_path / "learned_embeds.safetensors")
+    save_file({"sks": torch.randn(1, 128) * 0.5}, emb)
+    common = ["generate", "--base", default_base_path(), "--prompt", "a photo of sks heart", "--steps", "2", "--num_images", "1",
+              "--seed", "3"]
+    assert loldu(common + ["-o", str(tmp_path / "plain")]) == 0
+    assert loldu(common + ["--embedding", emb, "-o", str(tmp_path / "emb")]) == 0
+    assert "token embedding for sks" in capsys.readouterr().out
+    plain, with_emb = (Image.open(tmp_path / d / "0000_seed3.png") for d in ("plain", "emb"))
+    assert json.loads(with_emb.text["parameters"])["embeddings"] == [emb]
+    assert plain.tobytes() != with_emb.tobytes()
+    assert loldu(common + ["--embedding", str(tmp_path / "missing.safetensors"), "-o", str(tmp_path / "x")]) == 2
+    assert "--embedding" in capsys.readouterr().err and not os.path.exists(tmp_path / "x")
