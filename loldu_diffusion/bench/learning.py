@@ -80,6 +80,10 @@ def configs(quick: bool, which: str = "all"):
         dict(name="loldu-ti-prior-cosine-telr1e-3", method="loldu", lr=lr,
              args=["--train_text_encoder_ti", "--with_prior_preservation", "--num_class_images", "48", "--lr_scheduler", "cosine",
                    "--text_encoder_lr", "1e-3"]),
+        # the other way round: the UNet's adapter at 3e-3, the identifier's embedding at 1e-2 (at 1e-3 it carried too little
+        # of the subject and the shared adapter drifted: zwx +48, sks +40)
+        dict(name="loldu-ti-prior-unetlr3e-3", method="loldu", lr=3e-3,
+             args=["--train_text_encoder_ti", "--with_prior_preservation", "--num_class_images", "48", "--text_encoder_lr", "1e-2"]),
     ]
 
 
