@@ -116,3 +116,22 @@ def test_pivotal_tuning_trains_the_adapter_and_the_identifier_embedding_and_resu
     train(resumed)
     torch.testing.assert_close(load_file(os.path.join(tmp_path / "pt2", "learned_embeds.safetensors"))["sks"], emb, atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(load_file(os.path.join(tmp_path / "pt2", "loldu_adapter.safetensors"))["unet.delta"], adapter, atol=1e-6, rtol=1e-5)
+
+
+def test_ti_norm_fixed_trains_the_direction_only(tiny_sd_path, concept_dir, tmp_path):
+    """--ti_norm fixed: the saved embedding keeps the class word's norm and moves in direction;
+    free (the default) lets the norm grow."""
+    from safetensors.torch import load_file
+
+    m = load_models(_args(tiny_sd_path, concept_dir, tmp_path / "x", "ti"))
+    init = m.text_encoder.get_input_embeddings().weight[m.tokenizer("heart", add_special_tokens=False).input_ids].mean(0)
+    saved = {}
+    for norm in ("free", "fixed"):
+        train(_args(tiny_sd_path, concept_dir, tmp_path / norm, "loldu", "--train_text_encoder_ti", "--rank", "2",
+                    "--ti_norm", norm, "--learning_rate", "0.2"))
+        saved[norm] = load_file(os.path.join(tmp_path / norm, "learned_embeds.safetensors"))["sks"][0]
+    assert saved["fixed"].norm().item() == pytest.approx(init.norm().item(), rel=1e-5)
+    assert torch.nn.functional.cosine_similarity(saved["fixed"], init, dim=0) < 0.999  # its direction trained
+    assert abs(saved["free"].norm().item() - init.norm().item()) > 1e-3
+    with pytest.raises(ValueError, match="--ti_norm is for a trained token embedding"):
+        _args(tiny_sd_path, concept_dir, tmp_path / "y", "loldu", "--ti_norm", "fixed")

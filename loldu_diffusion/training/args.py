@@ -87,6 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
     a("--train_text_encoder", action="store_true")
     a("--train_text_encoder_ti", action="store_true", help="pivotal tuning (diffusers' advanced DreamBooth name): also train the "
       "identifier token's embedding (--placeholder_token), written beside the adapter as learned_embeds.safetensors")
+    a("--ti_norm", default="free", choices=("free", "fixed"), help="the trained token embedding (--train_text_encoder_ti, --method ti): "
+      "free, or fixed at its initial norm (the class word's) so that only its direction trains — learned embeddings otherwise "
+      "inflate to out-of-distribution norms (Directional Textual Inversion, Kim et al. 2025)")
     a("--snr_gamma", type=float, default=None)
     a("--noise_offset", type=float, default=0.0)
     a("--dataloader_num_workers", type=int, default=0, help="accepted for compatibility; images are preloaded")
@@ -183,6 +186,8 @@ def resolve_defaults(args: argparse.Namespace) -> argparse.Namespace:
             raise ValueError("--optimizer prodigy needs the prodigyopt package: pip install prodigyopt")
     if args.method != "full" and args.optimizer == "fira":
         raise ValueError("--optimizer fira is for --method full (full fine-tuning); adapters train with AdamW")
+    if args.ti_norm != "free" and not (args.train_text_encoder_ti or args.method == "ti"):
+        raise ValueError("--ti_norm is for a trained token embedding: add --train_text_encoder_ti (or use --method ti)")
     return args
 
 

@@ -296,6 +296,7 @@ def train(args) -> dict:
                 if accelerator.sync_gradients and args.max_grad_norm:
                     clip_gradients(accelerator, method.parameter_sets(params), args.max_grad_norm)
                 optimizer.step()
+                method.after_step()
                 lr_scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
         global_step += 1
