@@ -89,6 +89,10 @@ def test_merge_joins_processes_and_summarizes_relative_to_the_ceiling(tmp_path):
     assert s["subject"][1] == pytest.approx((0.75, 0.25))
     assert s["drift"][1][0] == pytest.approx(10.0)  # colour 0.2 vs base 0.1: +10 points (marking +0)
     assert s["steps_to_learn"] == [100, None] and s["learnt_by_200"] == 1
+    assert s["bar_at_200"] == 1  # sks: 1.0 of the ceiling with drift +10 at its last checkpoint; zwx 0.5
+    drifting = _fake("sks", 0, 0.8)
+    drifting["runs"][0]["curve"][-1]["class_color"] = 0.3  # +20 points: learnt, but not the bar
+    assert learning.summarize(drifting)["loldu|bench"]["bar_at_200"] == 0
     bad = _fake("qlt", 2, 0.5)
     bad["n"] = 12
     json.dump(bad, open(tmp_path / "bad.json", "w"))
