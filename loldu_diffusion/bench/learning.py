@@ -85,6 +85,9 @@ def configs(quick: bool, which: str = "all"):
         # of the subject and the shared adapter drifted: zwx +48, sks +40)
         dict(name="loldu-ti-prior-unetlr3e-3", method="loldu", lr=3e-3,
              args=["--train_text_encoder_ti", "--with_prior_preservation", "--num_class_images", "48", "--text_encoder_lr", "1e-2"]),
+        # both at 3e-3: at 1e-2 the embedding over-fits between steps 100 and 200 (zwx: yellow stars in one pose)
+        dict(name="loldu-ti-prior-lr3e-3", method="loldu", lr=3e-3,
+             args=["--train_text_encoder_ti", "--with_prior_preservation", "--num_class_images", "48"]),
         # the embedding's norm fixed at the class word's (it inflated 0.73 -> 2.2 by step 200 as zwx's colour went)
         dict(name="loldu-ti-prior-fixednorm", method="loldu", lr=lr,
              args=["--train_text_encoder_ti", "--ti_norm", "fixed", "--with_prior_preservation", "--num_class_images", "48"]),
