@@ -88,6 +88,14 @@ def configs(quick: bool, which: str = "all"):
         # both at 3e-3: at 1e-2 the embedding over-fits between steps 100 and 200 (zwx: yellow stars in one pose)
         dict(name="loldu-ti-prior-lr3e-3", method="loldu", lr=3e-3,
              args=["--train_text_encoder_ti", "--with_prior_preservation", "--num_class_images", "48"]),
+        # stabilisers against the swings between checkpoints (pfm 0.98 -> 0.00 -> 0.89 of the ceiling at 50/100/200):
+        # min-SNR loss weighting (Hang et al. 2023), horizontal flips (every shape here is mirror-symmetric) and cosine decay
+        dict(name="loldu-text-encoder-prior-cosine-snr5-flip", method="loldu", lr=lr,
+             args=["--train_text_encoder", "--with_prior_preservation", "--num_class_images", "48", "--lr_scheduler", "cosine",
+                   "--snr_gamma", "5", "--random_flip"]),
+        dict(name="loldu-ti-prior-unetlr3e-3-cosine-snr5-flip", method="loldu", lr=3e-3,
+             args=["--train_text_encoder_ti", "--with_prior_preservation", "--num_class_images", "48", "--text_encoder_lr", "1e-2",
+                   "--lr_scheduler", "cosine", "--snr_gamma", "5", "--random_flip"]),
         # the embedding's norm fixed at the class word's (it inflated 0.73 -> 2.2 by step 200 as zwx's colour went)
         dict(name="loldu-ti-prior-fixednorm", method="loldu", lr=lr,
              args=["--train_text_encoder_ti", "--ti_norm", "fixed", "--with_prior_preservation", "--num_class_images", "48"]),
