@@ -75,14 +75,31 @@ class AttentionSites:
     def adaptable(self, component) -> set[tuple[str, str]]:
         return {(p, t) for p, attn in self.attentions(component).items() for t in self.targets if projection(attn, t) is not None}
 
+    def split_scope(self, target: str) -> tuple[str, str]:
+        """'attn2.to_k' → ('attn2', 'to_k'): a target may name the attentions it applies to by the
+        end of their module path (Custom Diffusion's cross-attention-only K/V, as PEFT's suffix
+        matching of target_modules does); a bare projection name applies to every attention."""
+        for proj in sorted(self.targets, key=len, reverse=True):
+            if target == proj:
+                return "", proj
+            if target.endswith("." + proj):
+                return target[: -len(proj) - 1], proj
+        return "", target
+
     def find(self, component, targets: tuple[str, ...]) -> list[tuple[str, str]]:
-        found = [(path, t) for path, attn in self.attentions(component).items() for t in targets if projection(attn, t) is not None]
-        missing = set(targets) - {t for _, t in found}
+        found, hit = {}, set()
+        for path, attn in self.attentions(component).items():
+            for t in targets:
+                scope, proj = self.split_scope(t)
+                if (not scope or path == scope or path.endswith("." + scope)) and projection(attn, proj) is not None:
+                    found[(path, proj)] = None  # 'to_k' and 'attn2.to_k' together select a layer once
+                    hit.add(t)
+        missing = set(targets) - hit
         if not found:
             raise ValueError(f"{self.comp_name}: target modules {sorted(missing)} not found (targets asked: {list(targets)})")
         if missing - self.optional_targets:
             raise ValueError(f"{self.comp_name}: target modules {sorted(missing)} not found in any attention")
-        return found
+        return list(found)
 
     def linear(self, component, path: str, target: str) -> nn.Linear | None:
         module = _submodule_or_none(component, path)

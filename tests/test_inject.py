@@ -215,3 +215,29 @@ def test_text_encoder_layer_names_are_canonical_across_transformers_versions(tmp
     target = tiny_text_encoder(0, projection=True)
     load_adapter(target, str(tmp_path / "te.safetensors"))
     assert torch.allclose(target.text_model(ids)[0], plain(ids)[0], atol=1e-5)
+
+
+def test_scoped_targets_select_cross_attention_only_as_peft_does(tmp_path):
+    """'attn2.to_k,attn2.to_v' is Custom Diffusion's choice (cross-attention K/V only); the
+    scope matches module paths the way PEFT's target_modules suffix matching does."""
+    from peft import LoraConfig
+
+    unet = tiny_unet()
+    inputs = unet_inputs(unet)
+    ref = unet_out(unet, inputs)
+    inject_loldu(unet, LoLDUConfig(rank=4, unet_targets=("attn2.to_k", "attn2.to_v")))
+    ours = sorted(f"{path}.{t}" for _, path, t, _ in iter_layers(unet))
+    peft_unet = tiny_unet()
+    peft_unet.add_adapter(LoraConfig(r=1, target_modules=["attn2.to_k", "attn2.to_v"]))
+    theirs = sorted(n.rsplit(".lora_A", 1)[0] for n, _ in peft_unet.named_modules() if n.endswith("lora_A"))
+    assert ours == theirs
+    assert ours and all(n.rsplit(".", 2)[1:] in (["attn2", "to_k"], ["attn2", "to_v"]) for n in ours)
+    train_steps(unet, lambda: (unet(*inputs).sample - ref * 0.5).pow(2).mean())
+    path = tmp_path / "kv.safetensors"
+    save_adapter(unet, str(path))
+    fresh = tiny_unet()
+    load_adapter(fresh, str(path))
+    assert torch.allclose(unet_out(fresh, inputs), unet_out(unet, inputs), atol=1e-6)
+    assert not torch.allclose(unet_out(fresh, inputs), ref, atol=1e-4)
+    with pytest.raises(ValueError, match="attn3.to_k"):
+        inject_loldu(tiny_unet(), LoLDUConfig(rank=4, unet_targets=("attn3.to_k",)))
