@@ -96,6 +96,16 @@ def configs(quick: bool, which: str = "all"):
         dict(name="loldu-ti-prior-unetlr3e-3-cosine-snr5-flip", method="loldu", lr=3e-3,
              args=["--train_text_encoder_ti", "--with_prior_preservation", "--num_class_images", "48", "--text_encoder_lr", "1e-2",
                    "--lr_scheduler", "cosine", "--snr_gamma", "5", "--random_flip"]),
+        # the peer under the same drift control: does LoRA r=4 with prior preservation learn where LoLDU with it does not?
+        dict(name="lora-r4-prior", method="lora", lr=1e-3, args=["--rank", "4", "--with_prior_preservation", "--num_class_images", "48"]),
+        # Custom Diffusion's recipe with LoLDU: only the cross-attentions' keys and values adapt (they see the text, not the
+        # image), the identifier's embedding trains, prior preservation holds the class
+        dict(name="loldu-custom-diffusion", method="loldu", lr=lr,
+             args=["--unet_targets", "attn2.to_k,attn2.to_v", "--train_text_encoder_ti", "--with_prior_preservation",
+                   "--num_class_images", "48"]),
+        # pivotal tuning without prior preservation: the embedding (lr 1e-2) carries the subject, the shared adapter only
+        # refines it at a tenth of that lr, so the class prompt has little to drift through
+        dict(name="loldu-ti-unetlr1e-3", method="loldu", lr=1e-3, args=["--train_text_encoder_ti", "--text_encoder_lr", "1e-2"]),
         # the embedding's norm fixed at the class word's (it inflated 0.73 -> 2.2 by step 200 as zwx's colour went)
         dict(name="loldu-ti-prior-fixednorm", method="loldu", lr=lr,
              args=["--train_text_encoder_ti", "--ti_norm", "fixed", "--with_prior_preservation", "--num_class_images", "48"]),
