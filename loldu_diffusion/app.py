@@ -6,7 +6,9 @@ wires them to Gradio. Switching or re-weighting adapters only recomputes each la
 the base is never reloaded, so it takes milliseconds.
 
 Sessions never see each other's adapters: an adapter file is loaded onto the shared base once,
-under a name no session shows. Generations of different pages are batched (`app_batch.py`):
+under a name no session shows. A token-embedding file (pivotal tuning's `learned_embeds.safetensors`,
+loaded with the adapter beside it or on its own) is a session's too: its rows are written into the
+text encoder's table only while that session's images are drawn (`Studio.use_rows`). Generations of different pages are batched (`app_batch.py`):
 requests waiting together share pipeline calls, each image with its own session's blend
 (per-sample δ); a fused generation serves one blend and runs alone, under the same lock.
 
@@ -26,6 +28,7 @@ from dataclasses import dataclass
 import torch
 
 from .adapter_file import AdapterFile, AdapterFileError, load_adapter
+from .embeddings import EMBEDDINGS_FILE, EmbeddingFileError, is_embedding_file, read_token_embeddings
 from .config import EXPORT_FORMATS
 from .model import delete_adapter, fuse_loldu, loldu_disabled, set_adapter_weights, unfuse_loldu
 from .pipeline import adapter_name_for, load_base
@@ -52,6 +55,18 @@ class LoadedAdapter:
         layers = ", ".join(f"{c} {len(r)}" for c, r in self.file.layers.items())
         return (f"**{self.name}** · trigger `{trigger}` · rank {self.file.rank} · layers {layers} · "
                 f"{self.file.num_parameters:,} values · {self.file.nbytes:,} bytes · base {m.get('base_model') or '?'}")
+
+
+@dataclass
+class LoadedEmbedding:
+    """A session's token embeddings: rows of the text encoder's table, by token id."""
+    path: str
+    key: str  # the file's content hash
+    rows: dict  # token id → (token, (width,) float32)
+
+    def describe(self) -> str:
+        tokens = ", ".join(f"`{t}`" for t, _ in self.rows.values())
+        return f"embedding of {tokens} from {os.path.basename(self.path)}"
 
 
 def file_key(path: str) -> str:
@@ -85,6 +100,7 @@ class Studio:
         self.users: dict[str, int] = {}  # file key → sessions holding it
         self.fused: tuple | None = None  # the blend fused into the weights, if any
         self.base_scheduler = self.pipe.scheduler
+        self.base_rows: dict[int, torch.Tensor] = {}  # the table's own rows of every token a session's embedding wrote
         self.trainer = None  # app_train.Trainer when the app trains: its adapters join the list
         self.preload, self.preload_errors = [], []  # loaded once, at start, for every session
         for p in preload:
@@ -139,6 +155,17 @@ class Studio:
                 delete_adapter(self.pipe, self.on_base.pop(key)[0])
                 del self.users[key]
 
+    @torch.no_grad()
+    def use_rows(self, rows: dict) -> None:
+        """Under the lock: make the text encoder's embedding table the base's plus exactly `rows`
+        (token id → (token, row)); `use_rows({})` puts the base's table back."""
+        table = self.pipe.text_encoder.get_input_embeddings().weight  # (vocab, width)
+        for i in set(self.base_rows) - set(rows):
+            table[i] = self.base_rows.pop(i)
+        for i, (_, row) in rows.items():
+            self.base_rows.setdefault(i, table[i].clone())
+            table[i] = row.to(table.dtype)
+
     def _unfuse(self):
         if self.fused is not None:
             unfuse_loldu(self.pipe)
@@ -164,6 +191,7 @@ class Session:
     def __init__(self, studio: Studio):
         self.studio = studio
         self.loaded: dict[str, LoadedAdapter] = {}
+        self.embeddings: dict[str, LoadedEmbedding] = {}  # file key → its rows
         self.history: list[tuple[object, str]] = []  # (image or PNG path, caption), newest first
         self.closed = False
 
@@ -176,15 +204,50 @@ class Session:
         return self.loaded[name]
 
     def add(self, path: str, weight: float = 1.0, display_name: str | None = None) -> LoadedAdapter:
-        """Validate and load an adapter file for this session; refused files change nothing."""
+        """Validate and load an adapter file for this session; refused files change nothing. A
+        pivotal-tuning embedding beside it (the trainer's `learned_embeds.safetensors`) loads too."""
         if len(self.loaded) >= MAX_SLOTS:
             raise ValueError(f"at most {MAX_SLOTS} adapters at once; remove one first")
+        beside = os.path.join(os.path.dirname(os.path.abspath(path)), EMBEDDINGS_FILE)
+        rows = self._read_embedding(beside) if os.path.isfile(beside) else None  # checked before anything changes
         key, _, f = self.studio.acquire(path)
-        for a in self.loaded.values():
-            if a.key == key:  # the same file twice (or the preloaded one again) loads once
-                self.studio.release(key)
-                return a
-        return self._attach(path, f, key, weight, display_name)
+        a = next((a for a in self.loaded.values() if a.key == key), None)
+        if a is not None:  # the same file twice (or the preloaded one again) loads once
+            self.studio.release(key)
+        else:
+            a = self._attach(path, f, key, weight, display_name)
+        if rows is not None:
+            self.embeddings[rows.key] = rows
+        return a
+
+    def _read_embedding(self, path: str) -> LoadedEmbedding:
+        te = self.studio.pipe.text_encoder.get_input_embeddings().weight
+        rows = read_token_embeddings(path, self.studio.pipe.tokenizer, te.shape[1])
+        key = file_key(path)
+        for other in self.embeddings.values():
+            clash = sorted(t for i, (t, _) in rows.items() if i in other.rows)
+            if clash and other.key != key:
+                raise EmbeddingFileError(f"{os.path.basename(path)}: the token(s) {clash} already have an embedding in this "
+                                         f"session ({os.path.basename(other.path)}); remove it first")
+        return LoadedEmbedding(path, key, rows)
+
+    def add_embedding(self, path: str) -> LoadedEmbedding:
+        """Validate and load a token-embedding file (textual inversion / pivotal tuning) for this session."""
+        e = self._read_embedding(path)
+        self.embeddings[e.key] = e
+        return e
+
+    def add_any(self, path: str) -> str:
+        """Load an adapter or a token-embedding file, whichever it is; returns what was loaded."""
+        if is_embedding_file(path):
+            return f"loaded the {self.add_embedding(path).describe()}"
+        a = self.add(path)
+        return f"loaded {a.name}" + "".join(f" with the {e.describe()}" for e in self.embeddings.values()
+                                             if os.path.dirname(e.path) == os.path.dirname(os.path.abspath(path)))
+
+    def token_rows(self) -> dict:
+        """token id → (token, row) of this session's embeddings."""
+        return {i: r for e in self.embeddings.values() for i, r in e.rows.items()}
 
     def remove(self, name: str) -> None:
         self.studio.release(self.loaded.pop(name).key)
@@ -192,6 +255,7 @@ class Session:
     def clear(self) -> None:
         for n in list(self.loaded):
             self.remove(n)
+        self.embeddings = {}
 
     def close(self) -> None:
         """The tab is gone: let go of its adapters (Gradio calls this when it drops the state)."""
@@ -211,7 +275,9 @@ class Session:
         return time.perf_counter() - t0
 
     def blend_text(self) -> str:
-        return ", ".join(f"{n}:{a.weight:g}" for n, a in self.loaded.items() if a.weight != 0) or "no adapter"
+        text = ", ".join(f"{n}:{a.weight:g}" for n, a in self.loaded.items() if a.weight != 0) or "no adapter"
+        tokens = [t for e in self.embeddings.values() for t, _ in e.rows.values()]
+        return text + (f" + embedding of {', '.join(tokens)}" if tokens else "")
 
     # ---- generation ---------------------------------------------------------------------
     def generate(self, prompt: str, negative_prompt: str = "", steps: int = 20, guidance: float = 4.0, seed: int = -1,
@@ -225,11 +291,13 @@ class Session:
             try:
                 blend = studio._activate(self, fuse)
                 studio.pipe.scheduler = scheduler
+                studio.use_rows(self.token_rows())
                 out = self._generate(prompt, negative_prompt, steps, guidance, seed, num_images, size, compare, progress, blend, sampler)
             except BaseException:
                 studio._unfuse()  # the next user gets the exact base back, whatever failed
                 raise
             finally:
+                studio.use_rows({})
                 studio.pipe.scheduler = studio.base_scheduler
         self.history = (out + self.history)[:MAX_HISTORY]
         return out
@@ -259,7 +327,7 @@ class Session:
 
     def _generate(self, prompt, negative_prompt, steps, guidance, seed, num_images, size, compare, progress, blend, sampler):
         studio, pipe = self.studio, self.studio.pipe
-        total = num_images * (2 if compare and blend else 1) * steps
+        total = num_images * (2 if compare and (blend or self.embeddings) else 1) * steps
         done = [0]
 
         def on_step(pipe, i, t, kw):
@@ -285,10 +353,12 @@ class Session:
             s = seed + i
             settings = f"seed {s} · {steps} steps · cfg {guidance:g} · {size}px · {sampler}"
             out.append(keep(run(s), s, f"{settings} · {self.blend_text()}", mine))
-            if compare and blend:
+            if compare and (blend or self.embeddings):
                 studio._unfuse()
+                studio.use_rows({})
                 with loldu_disabled(pipe):
                     out.append(keep(run(s), s, f"{settings} · base model", {}))
+                studio.use_rows(self.token_rows())
         return out
 
     def export_lora(self, fmt: str | None = None) -> str:
@@ -356,8 +426,7 @@ def build_ui(studio: Studio):
         msgs = []
         for p in list(paths or []) + [getattr(u, "name", u) for u in (uploads or [])]:
             try:
-                a = session.add(p)
-                msgs.append(f"loaded {a.name}")
+                msgs.append(session.add_any(p))
             except Exception as e:  # noqa: BLE001 — whatever a stranger's file does, it is one line here
                 msgs.append(f"**error:** {_one_line(e)}")
         return ["<br>".join(msgs) or "nothing selected"] + slot_updates(session)

@@ -5,7 +5,8 @@ in shared pipeline calls (per-sample blends, `serving.py`).
 waiting, generates it, and takes what arrived meanwhile. Requests with the same steps,
 guidance, size and sampler share calls (at most MAX_SAMPLES images each); each image has its
 own prompt, negative prompt, seed and blend, and a side-by-side base image is one more sample
-with no adapter. An image equals the one its session would make alone (tests/test_app_batch.py).
+with no adapter. Samples whose sessions use token embeddings (rows of the shared text-encoder
+table) share a call only with samples using the same rows. An image equals the one its session would make alone (tests/test_app_batch.py).
 """
 from __future__ import annotations
 
@@ -72,10 +73,16 @@ def _run_group(studio, group: list[Request]) -> None:
             blend = {studio.on_base[a.key][0]: a.weight for a in r.session.loaded.values() if a.weight != 0}
             for i in range(r.num_images):
                 samples.append((r, r.prompt, r.negative_prompt, r.seed + i, blend, False))
-                if r.compare and blend:
+                if r.compare and (blend or r.session.embeddings):
                     samples.append((r, r.prompt, r.negative_prompt, r.seed + i, {}, True))
-        images, done = [], [0]
-        total = steps * -(-len(samples) // MAX_SAMPLES)
+        # token embeddings are rows of the one shared table: samples share a call only if they use the same rows
+        by_rows: dict[tuple, list[int]] = {}
+        for j, (r, *_, base) in enumerate(samples):
+            by_rows.setdefault(() if base else tuple(sorted(r.session.embeddings)), []).append(j)
+        calls = [(idx[k : k + MAX_SAMPLES], {} if not rows else samples[idx[0]][0].session.token_rows())
+                 for rows, idx in by_rows.items() for k in range(0, len(idx), MAX_SAMPLES)]
+        images, done = [None] * len(samples), [0]
+        total = steps * len(calls)
 
         def on_step(pipe, i, t, kw):
             done[0] += 1
@@ -89,12 +96,16 @@ def _run_group(studio, group: list[Request]) -> None:
 
         studio.pipe.scheduler = make_scheduler(sampler, studio.base_scheduler)
         try:
-            for k in range(0, len(samples), MAX_SAMPLES):
-                chunk = samples[k : k + MAX_SAMPLES]
-                images += generate(studio.pipe, [s[1] for s in chunk], [s[4] for s in chunk], [s[3] for s in chunk],
-                                   negative_prompt=[s[2] or "" for s in chunk], num_inference_steps=steps,
-                                   guidance_scale=guidance, height=size, width=size, callback_on_step_end=on_step)
+            for idx, rows in calls:
+                chunk = [samples[j] for j in idx]
+                studio.use_rows(rows)
+                drawn = generate(studio.pipe, [s[1] for s in chunk], [s[4] for s in chunk], [s[3] for s in chunk],
+                                 negative_prompt=[s[2] or "" for s in chunk], num_inference_steps=steps,
+                                 guidance_scale=guidance, height=size, width=size, callback_on_step_end=on_step)
+                for j, image in zip(idx, drawn):
+                    images[j] = image
         finally:
+            studio.use_rows({})
             studio.pipe.scheduler = studio.base_scheduler
     outs: dict[int, list] = {id(r): [] for r in group}
     for (r, prompt, negative, seed, _, base), image in zip(samples, images):

@@ -15,6 +15,7 @@ import os
 
 import torch
 
+EMBEDDINGS_FILE = "learned_embeds.safetensors"  # what the trainer writes beside the adapter (diffusers' name)
 MAX_BYTES = 2**20  # a few rows of ≤ 1,280 floats; SD 1.5's width is 768
 MAX_TOKENS = 16
 # A row far beyond the table's own scale is not a trained embedding (the embedded base's rows
@@ -61,6 +62,21 @@ def read_token_embeddings(path: str, tokenizer, width: int) -> dict[int, tuple[s
                                      "train with a one-token identifier (--placeholder_token)")
         rows[ids[0]] = (token, t)
     return rows
+
+
+def is_embedding_file(path: str) -> bool:
+    """Whether a .safetensors file is laid out as token embeddings rather than as an adapter:
+    the trainer's file name, or tensors named by tokens (no 'unet.' prefix) without adapter metadata."""
+    from safetensors import safe_open
+
+    if os.path.basename(path) == EMBEDDINGS_FILE:
+        return True
+    try:
+        with safe_open(path, framework="pt") as f:
+            keys, meta = list(f.keys()), f.metadata() or {}
+    except Exception:  # noqa: BLE001 — not readable: the adapter reader says why
+        return False
+    return 0 < len(keys) <= MAX_TOKENS and "loldu" not in meta and all("." not in k for k in keys)
 
 
 @torch.no_grad()

@@ -241,3 +241,65 @@ def test_samplers_by_their_a1111_names(session, studio, sampler):
     assert not getattr(made.config, "clip_sample", False)  # latents are not bounded to [-1, 1] (DDIM's default clips)
     with pytest.raises(ValueError, match="unknown sampler 'k_lms'; choose one of"):
         session.generate(PROMPT, steps=1, sampler="k_lms")
+
+
+def _embedding(path, pipe, seed=0):
+    from safetensors.torch import save_file
+
+    width = pipe.text_encoder.get_input_embeddings().weight.shape[1]
+    save_file({"sks": torch.randn(1, width, generator=torch.Generator().manual_seed(seed)) * 0.5}, str(path))
+    return str(path)
+
+
+def test_an_embedding_beside_its_adapter_loads_with_it_draws_as_the_library_does_and_stays_in_its_session(studio, adapter_dir,
+                                                                                                         tmp_path):
+    from loldu_diffusion.embeddings import load_token_embeddings
+
+    out = tmp_path / "run"  # a trainer's output folder: the adapter and the identifier's embedding
+    out.mkdir()
+    shutil.copy(adapter_dir / "dog.safetensors", out / "loldu_adapter.safetensors")
+    emb = _embedding(out / "learned_embeds.safetensors", studio.pipe)
+    table = studio.pipe.text_encoder.get_input_embeddings().weight
+    before = table.detach().clone()
+    mine, other = studio.new_session(), studio.new_session()
+    msg = mine.add_any(str(out / "loldu_adapter.safetensors"))
+    assert "embedding of `sks` from learned_embeds.safetensors" in msg and len(mine.embeddings) == 1
+    other.add(str(adapter_dir / "dog.safetensors"))  # the same adapter, no embedding
+    got = mine.generate(PROMPT, steps=2, seed=3, compare=True)
+    plain = other.generate(PROMPT, steps=2, seed=3, compare=True)
+    assert torch.equal(table, before)  # the shared table is the base's again after every generation
+    assert got[0][1].endswith("+ embedding of sks") and got[1][1].endswith("base model")
+    assert torch.equal(pixels(got[1][0]), pixels(plain[1][0]))  # the side-by-side base has no embedding either
+    assert not torch.equal(pixels(got[0][0]), pixels(plain[0][0]))  # the row is used
+    try:  # the library's path (what `loldu generate --embedding` does) draws the same image
+        load_token_embeddings(studio.pipe, emb)
+        ref = other.generate(PROMPT, steps=2, seed=3)
+    finally:
+        with torch.no_grad():
+            table.copy_(before)
+    assert torch.equal(pixels(got[0][0]), pixels(ref[0][0]))
+    # batched with the session without it, each image equals the one its session draws alone
+    from loldu_diffusion.app_batch import Request, generate_batch
+
+    requests = [Request(mine, PROMPT, steps=2, seed=3, compare=True), Request(other, PROMPT, steps=2, seed=3)]
+    generate_batch(studio, requests)
+    assert all((pixels(a) - pixels(b)).abs().max() <= 1 for (a, _), (b, _) in zip(requests[0].result, got))
+    assert (pixels(requests[1].result[0][0]) - pixels(plain[0][0])).abs().max() <= 1
+    assert torch.equal(table, before)
+    mine.clear()
+    assert mine.embeddings == {} and mine.token_rows() == {}
+
+
+def test_bad_or_clashing_embeddings_are_refused_and_change_nothing(studio, session, tmp_path):
+    from safetensors.torch import save_file
+
+    from loldu_diffusion.embeddings import EmbeddingFileError
+
+    first = session.add_any(_embedding(tmp_path / "sks_a.safetensors", studio.pipe, seed=1))
+    assert first.startswith("loaded the embedding of `sks`")
+    with pytest.raises(EmbeddingFileError, match=r"sks_b.safetensors: the token\(s\) \['sks'\] already have an embedding"):
+        session.add_any(_embedding(tmp_path / "sks_b.safetensors", studio.pipe, seed=2))
+    save_file({"sks": torch.zeros(1, 3)}, str(tmp_path / "learned_embeds.safetensors"))
+    with pytest.raises(EmbeddingFileError, match=r"learned_embeds.safetensors: 'sks' has shape \(1, 3\)"):
+        session.add_any(str(tmp_path / "learned_embeds.safetensors"))
+    assert [os.path.basename(e.path) for e in session.embeddings.values()] == ["sks_a.safetensors"]

@@ -24,6 +24,7 @@ import torch
 
 from ..adapter_file import load_adapter, save_adapter
 from ..config import LoLDUConfig
+from ..embeddings import EMBEDDINGS_FILE
 from ..io import atomic_save_dir, atomic_save_safetensors
 from ..model import inject_loldu, loldu_parameters
 
@@ -409,7 +410,7 @@ class TextualInversionMethod(Method):
     diffusers' textual_inversion.py does with --initializer_token."""
 
     name = "ti"
-    FILE = "learned_embeds.safetensors"
+    FILE = EMBEDDINGS_FILE
     STATE_KEY = "text_encoder.token_embedding"  # its entry in a checkpoint's trainable state
     trains_text_encoder = True
 
