@@ -138,15 +138,27 @@ def test_class_images_come_in_sample_batch_size_batches_and_do_not_depend_on_the
         args = resolve_defaults(parse_args(["--pretrained_model_name_or_path", tiny_sd_path, "--instance_data_dir", str(tmp_path),
                                             "--instance_prompt", "a photo of sks dog", "--class_prompt", "a photo of a dog",
                                             "--with_prior_preservation", "--num_class_images", "4", "--sample_batch_size", str(batch),
-                                            "--num_inference_steps", "2", "--output_dir", str(tmp_path / f"out{batch}")]))
+                                            "--num_inference_steps", "7", "--class_num_inference_steps", "2",
+                                            "--output_dir", str(tmp_path / f"out{batch}")]))
         m = load_models(args)
         real = m.unet.forward
         m.unet.forward = lambda x, *a, **kw: (calls.append((batch, x.shape[0])), real(x, *a, **kw))[1]
         ensure_class_images(args, Acc(), m, 32)
         folders[batch] = sorted(os.listdir(args.class_data_dir))
         assert folders[batch] == [f"class_{k:05d}.png" for k in range(4)]
-    # classifier-free guidance doubles the batch: 1 image → 2 rows; 3 then 1 → 6 then 2 rows
-    assert {b for batch, b in calls if batch == 1} == {2} and {b for batch, b in calls if batch == 3} == {6, 2}
+    # classifier-free guidance doubles the batch: 1 image → 2 rows; 3 then 1 → 6 then 2 rows; 2 steps each
+    # (--class_num_inference_steps, not the validation images' --num_inference_steps)
+    assert [b for batch, b in calls if batch == 1] == [2] * 8 and sorted(b for batch, b in calls if batch == 3) == [2, 2] + [6, 6]
     for name in folders[1]:
         one, three = (np.asarray(Image.open(tmp_path / f"out{b}" / "class_images" / name), dtype=np.int16) for b in (1, 3))
         assert np.abs(one - three).max() <= 2  # the same image, up to batched arithmetic
+
+
+def test_class_images_do_not_take_the_validation_step_count(tmp_path):
+    """The learning bench passed --num_inference_steps 2 for cheap validation images, and its
+    class images were drawn with 2 steps too (blurred, mixed-colour blobs): a poor prior."""
+    common = ["--instance_data_dir", str(tmp_path), "--instance_prompt", "a photo of sks heart", "--output_dir", str(tmp_path / "o")]
+    args = resolve_defaults(parse_args(common + ["--num_inference_steps", "2"]))
+    assert (args.num_inference_steps, args.class_num_inference_steps) == (2, 20)
+    with pytest.raises(ValueError, match="--class_num_inference_steps must be at least 1"):
+        resolve_defaults(parse_args(common + ["--class_num_inference_steps", "0"]))

@@ -30,6 +30,8 @@ def main(argv=None) -> int:
                    "(docs/learning_plan_*.json are the published runs)")
     p.add_argument("--merge", nargs="+", default=None, metavar="JSON", help="learning: merge results (e.g. learning_partial.json of "
                    "processes that ran different subjects) instead of running")
+    p.add_argument("--base", default=None, metavar="PATH", help="learning: train and judge on this base (a diffusers folder of the "
+                   "toy world, e.g. one made by `python -m loldu_diffusion.toy.identifier_rows`); default the embedded base")
     a = p.parse_args(argv)
     os.makedirs(a.out, exist_ok=True)
     if a.suite == "cost":
@@ -44,7 +46,7 @@ def main(argv=None) -> int:
         elif a.plan:
             with open(a.plan) as f:
                 plan = [tuple(x) for x in json.load(f)]
-            result = suite.run_plan(plan, a.steps or suite.CHECKPOINTS[-1], a.n or 48, a.out)
+            result = suite.run_plan(plan, a.steps or suite.CHECKPOINTS[-1], a.n or 48, a.out, base_path=a.base)
         else:
             result = suite.run(quick=a.quick, steps=a.steps, out_dir=a.out, subjects=a.subjects, seeds=a.seeds, n=a.n,
                                which="core" if a.core else "all", held_out=not a.no_held_out,

@@ -176,7 +176,7 @@ def judge_output(args, method, subject, n: int = 48) -> dict:
             "drift_points": rel["drift"], "recontext_of_ceiling": rel["recontext"], "base": base, "after": after}
 
 
-def run_one(cfg, subject, seed, instance_dir, work, steps, checkpoints, n, judge):
+def run_one(cfg, subject, seed, instance_dir, work, steps, checkpoints, n, judge, base_path=None):
     from safetensors.torch import load_file
 
     from ..training import parse_args, train
@@ -191,6 +191,7 @@ def run_one(cfg, subject, seed, instance_dir, work, steps, checkpoints, n, judge
             "--method", cfg["method"], "--learning_rate", str(cfg["lr"]), "--max_train_steps", str(steps), "--seed", str(seed),
             "--checkpointing_steps", str(every), "--output_dir", out, "--report_to", "none", "--num_validation_images", "1",
             "--validation_steps", str(10**9), "--num_inference_steps", "2", "--judge_images", "0", "--overwrite"] + cfg.get("args", [])
+    argv += ["--pretrained_model_name_or_path", base_path] if base_path else []
     args = resolve_defaults(parse_args(argv))  # settled once: the method below sees what train() saw
     summary = train(args)
     method = make_method(args)
@@ -228,7 +229,7 @@ def run(quick: bool = False, steps: int | None = None, out_dir: str = "bench_res
 
 
 def run_plan(plan: list[tuple[str, str, int]], steps: int = CHECKPOINTS[-1], n: int = 48, out_dir: str = "bench_results",
-             quick: bool = False) -> dict:
+             quick: bool = False, base_path: str | None = None) -> dict:
     """Run (config name, subject identifier, seed) triples in the order given, skipping subjects the
     base does not admit. Runs are appended to OUT/learning_partial.json as they finish, so a long
     run that is stopped keeps what it measured (`merge` reads such files)."""
@@ -238,8 +239,8 @@ def run_plan(plan: list[tuple[str, str, int]], steps: int = CHECKPOINTS[-1], n: 
     checkpoints = (steps // 2, steps) if quick else tuple(c for c in CHECKPOINTS if c < steps) + (steps,)
     by_name = {c["name"]: c for c in configs(quick)} | {c["name"]: c for c in configs(False)}
     subjects = {s.identifier: s for s in BENCH_SUBJECTS + HELD_OUT_SUBJECTS}
-    judge, base = load_judge(), load_pipeline()
-    result = {"steps": steps, "checkpoints": list(checkpoints), "n": n, "seeds": sorted({p[2] for p in plan}), "runs": [], "base": {},
+    judge, base = load_judge(), load_pipeline(base_path)
+    result = {"base_path": base_path, "steps": steps, "checkpoints": list(checkpoints), "n": n, "seeds": sorted({p[2] for p in plan}), "runs": [], "base": {},
               "held_out": list(dict.fromkeys(p[1] for p in plan if subjects[p[1]] in HELD_OUT_SUBJECTS)),
               "configs": list(dict.fromkeys(p[0] for p in plan))}
     partial = os.path.join(out_dir, "learning_partial.json")
@@ -254,7 +255,7 @@ def run_plan(plan: list[tuple[str, str, int]], steps: int = CHECKPOINTS[-1], n: 
             inst = os.path.join(work, f"subject-{ident}")
             if not os.path.isdir(inst):
                 render_subject(subject, inst)
-            result["runs"].append(run_one(by_name[cfg_name], subject, seed, inst, work, steps, checkpoints, n, judge))
+            result["runs"].append(run_one(by_name[cfg_name], subject, seed, inst, work, steps, checkpoints, n, judge, base_path))
             if not quick:
                 write_json(partial, result)
     result["summary"] = summarize(result)

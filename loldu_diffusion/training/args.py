@@ -82,7 +82,10 @@ def build_parser() -> argparse.ArgumentParser:
     a("--validation_prompt", default=None, help="default: the instance prompt")
     a("--num_validation_images", type=int, default=4, help="0: no validation images (the embedded base otherwise draws them before and after)")
     a("--validation_steps", type=int, default=None, help="also validate every N steps (before and after are always written)")
-    a("--num_inference_steps", type=int, default=None, help="sampling steps for validation/class images (default 25; 20 on the embedded base)")
+    a("--num_inference_steps", type=int, default=None, help="sampling steps for validation images (default 25; 20 on the embedded base)")
+    a("--class_num_inference_steps", type=int, default=None,
+      help="sampling steps for the generated class images (default 25; 20 on the embedded base). Apart from --num_inference_steps "
+      "so that cheap validation images never make a poor prior: 2-step class images are blurred, mixed-colour blobs")
     a("--guidance_scale", type=float, default=None)
     a("--train_text_encoder", action="store_true")
     a("--train_text_encoder_ti", action="store_true", help="pivotal tuning (diffusers' advanced DreamBooth name): also train the "
@@ -164,6 +167,8 @@ def resolve_defaults(args: argparse.Namespace) -> argparse.Namespace:
         args.judge_images = 48 if args.embedded else 0
     if args.num_inference_steps is None:
         args.num_inference_steps = 20 if args.embedded else 25
+    if args.class_num_inference_steps is None:
+        args.class_num_inference_steps = 20 if args.embedded else 25
     if args.guidance_scale is None:
         args.guidance_scale = 4.0 if args.embedded else 7.5
     # as diffusers: a real base validates only when --validation_prompt is given; the embedded
@@ -172,7 +177,7 @@ def resolve_defaults(args: argparse.Namespace) -> argparse.Namespace:
     if args.offset_noise and not args.noise_offset:
         args.noise_offset = 0.1  # train_dreambooth.py's --offset_noise
     compat.check(args)
-    for name in ("train_batch_size", "gradient_accumulation_steps", "checkpointing_steps", "sample_batch_size"):
+    for name in ("train_batch_size", "gradient_accumulation_steps", "checkpointing_steps", "sample_batch_size", "class_num_inference_steps"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name} must be at least 1")
     if args.num_validation_images < 0:

@@ -286,7 +286,7 @@ def ensure_class_images(args, accelerator, m, resolution):
         for b in tqdm(range(0, missing, args.sample_batch_size), desc="generating class images"):
             ks = range(start + b, start + min(missing, b + args.sample_batch_size))
             images = draw(pipe, [args.class_prompt] * len(ks), [args.seed + 100_000 + k for k in ks], batch=len(ks),
-                          num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale, height=resolution, width=resolution)
+                          num_inference_steps=args.class_num_inference_steps, guidance_scale=args.guidance_scale, height=resolution, width=resolution)
             for k, img in zip(ks, images):
                 atomic_write(os.path.join(args.class_data_dir, f"class_{k:05d}.png"), img.save, ".png")
     accelerator.wait_for_everyone()
