@@ -191,7 +191,9 @@ def run_one(cfg, subject, seed, instance_dir, work, steps, checkpoints, n, judge
             "--method", cfg["method"], "--learning_rate", str(cfg["lr"]), "--max_train_steps", str(steps), "--seed", str(seed),
             "--checkpointing_steps", str(every), "--output_dir", out, "--report_to", "none", "--num_validation_images", "1",
             "--validation_steps", str(10**9), "--num_inference_steps", "2", "--judge_images", "0", "--overwrite"] + cfg.get("args", [])
-    argv += ["--pretrained_model_name_or_path", base_path] if base_path else []
+    if base_path:  # another toy-world base: the embedded base's defaults, given explicitly (they apply only to the embedded one)
+        argv += ["--pretrained_model_name_or_path", base_path, "--train_batch_size", "4", "--guidance_scale", "4.0",
+                 "--class_num_inference_steps", "20"]
     args = resolve_defaults(parse_args(argv))  # settled once: the method below sees what train() saw
     summary = train(args)
     method = make_method(args)
