@@ -86,3 +86,30 @@ def test_example_subject(judge):
     assert all(DEFAULT_SUBJECT.shown_in(a) for a in read)
     readme = open(os.path.join(default_concept_path(), "README.md")).read()
     assert "a photo of sks heart" in readme and "a photo of a heart" in readme
+
+
+def test_identifier_rows_copy_changes_only_the_identifiers_rows(tmp_path):
+    """The learning bench's experimental base: identifiers get rows of a trained word's size;
+    the class and explicit prompts are encoded exactly as by the embedded base."""
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    from loldu_diffusion.toy import default_base_path
+    from loldu_diffusion.toy.identifier_rows import identifier_rows
+    from loldu_diffusion.toy.world import RARE_WORDS
+
+    base, out = default_base_path(), str(tmp_path / "rows")
+    norm = identifier_rows(base, out)
+    tok = CLIPTokenizer.from_pretrained(os.path.join(base, "tokenizer"))
+    old, new = (CLIPTextModel.from_pretrained(os.path.join(p, "text_encoder")) for p in (base, out))
+    ids = [tok(w, add_special_tokens=False).input_ids[0] for w in RARE_WORDS]
+    t_old, t_new = old.get_input_embeddings().weight, new.get_input_embeddings().weight
+    assert 0.4 < norm < 0.8 and torch.allclose(t_new[ids].norm(dim=1), torch.full((len(ids),), norm), atol=1e-5)
+    assert float(t_old[ids].norm(dim=1).max()) < 0.3  # never trained: still at their initial scale
+    others = torch.ones(t_old.shape[0], dtype=torch.bool)
+    others[ids] = False
+    assert torch.equal(t_old[others], t_new[others])
+    for k, v in old.state_dict().items():
+        if "token_embedding" not in k:
+            assert torch.equal(v, new.state_dict()[k]), k
+    with pytest.raises(Exception, match="exists"):
+        identifier_rows(base, out)
