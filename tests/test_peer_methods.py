@@ -118,6 +118,29 @@ def test_pivotal_tuning_trains_the_adapter_and_the_identifier_embedding_and_resu
     torch.testing.assert_close(load_file(os.path.join(tmp_path / "pt2", "loldu_adapter.safetensors"))["unet.delta"], adapter, atol=1e-6, rtol=1e-5)
 
 
+def test_pivotal_tuning_works_with_lora_too(tiny_sd_path, concept_dir, tmp_path):
+    """--method lora --train_text_encoder_ti (diffusers' advanced script's pivotal LoRA) trains the
+    embedding beside the LoRA, as with LoLDU; it used to be ignored without a word."""
+    from safetensors.torch import load_file
+
+    args = _args(tiny_sd_path, concept_dir, tmp_path / "lora", "lora", "--train_text_encoder_ti", "--rank", "2")
+    summary = train(args)
+    m = load_models(args)
+    init = m.text_encoder.get_input_embeddings().weight[m.tokenizer("heart", add_special_tokens=False).input_ids].mean(0)
+    emb = load_file(os.path.join(tmp_path / "lora", "learned_embeds.safetensors"))["sks"][0]
+    assert not torch.allclose(emb, init)
+    plain = train(_args(tiny_sd_path, concept_dir, tmp_path / "plain", "lora", "--rank", "2"))
+    assert summary["trainable_parameters"] == plain["trainable_parameters"] + m.text_encoder.config.hidden_size
+    pipe = make_pipeline(m, m.unet, args)
+    make_method(args).load_output(pipe, str(tmp_path / "lora"))
+    m2 = load_models(args)
+    lora_only = make_pipeline(m2, m2.unet, args)
+    make_method(_args(tiny_sd_path, concept_dir, tmp_path / "plain", "lora", "--rank", "2")).load_output(lora_only, str(tmp_path / "lora"))
+    assert not torch.allclose(_image(pipe), _image(lora_only))  # the embedding is part of the output
+    with pytest.raises(ValueError, match="--method ti trains only that embedding: drop one"):
+        _args(tiny_sd_path, concept_dir, tmp_path / "z", "ti", "--train_text_encoder_ti")
+
+
 def test_ti_norm_fixed_trains_the_direction_only(tiny_sd_path, concept_dir, tmp_path):
     """--ti_norm fixed: the saved embedding keeps the class word's norm and moves in direction;
     free (the default) lets the norm grow."""

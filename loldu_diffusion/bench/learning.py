@@ -98,6 +98,9 @@ def configs(quick: bool, which: str = "all"):
                    "--lr_scheduler", "cosine", "--snr_gamma", "5", "--random_flip"]),
         # the peer under the same drift control: does LoRA r=4 with prior preservation learn where LoLDU with it does not?
         dict(name="lora-r4-prior", method="lora", lr=1e-3, args=["--rank", "4", "--with_prior_preservation", "--num_class_images", "48"]),
+        # … and with pivotal tuning, the recipe of loldu-ti-prior (diffusers' advanced script's pivotal LoRA)
+        dict(name="lora-r4-ti-prior", method="lora", lr=1e-3,
+             args=["--rank", "4", "--train_text_encoder_ti", "--text_encoder_lr", "1e-2", "--with_prior_preservation", "--num_class_images", "48"]),
         # Custom Diffusion's recipe with LoLDU: only the cross-attentions' keys and values adapt (they see the text, not the
         # image), the identifier's embedding trains, prior preservation holds the class
         dict(name="loldu-custom-diffusion", method="loldu", lr=lr,

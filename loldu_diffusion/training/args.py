@@ -191,6 +191,9 @@ def resolve_defaults(args: argparse.Namespace) -> argparse.Namespace:
             raise ValueError("--optimizer prodigy needs the prodigyopt package: pip install prodigyopt")
     if args.method != "full" and args.optimizer == "fira":
         raise ValueError("--optimizer fira is for --method full (full fine-tuning); adapters train with AdamW")
+    if args.train_text_encoder_ti and args.method == "ti":
+        raise ValueError("--train_text_encoder_ti trains the identifier's embedding beside an adapter; --method ti trains only "
+                         "that embedding: drop one of them")
     if args.ti_norm != "free" and not (args.train_text_encoder_ti or args.method == "ti"):
         raise ValueError("--ti_norm is for a trained token embedding: add --train_text_encoder_ti (or use --method ti)")
     return args

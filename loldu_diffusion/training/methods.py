@@ -64,9 +64,7 @@ class LoLDUMethod(Method):
 
     def __init__(self, args):
         self.args = args
-        # pivotal tuning: the identifier's embedding trains too (a TextualInversionMethod beside the adapter)
-        self.ti = TextualInversionMethod(args) if getattr(args, "train_text_encoder_ti", False) else None
-        self.trains_text_encoder = args.train_text_encoder or self.ti is not None
+        self.trains_text_encoder = args.train_text_encoder
         self.config = LoLDUConfig(
             rank=args.rank, alpha=args.alpha, init=args.init, unet_targets=args.unet_targets,
             text_encoder_targets=args.text_encoder_targets if args.train_text_encoder else None,
@@ -81,7 +79,7 @@ class LoLDUMethod(Method):
 
         if not self.subjects:
             inject_loldu(models, self.config)
-            return loldu_parameters(models) + (self.ti.setup(models) if self.ti else [])
+            return loldu_parameters(models)
         for name in self.subjects:
             set_seed(self.args.seed)  # random inits as each subject's own run draws them
             layers = inject_loldu(models, self.config, adapter_name=name)
@@ -92,13 +90,6 @@ class LoLDUMethod(Method):
     def parameter_sets(self, params):
         return self.sets or [params]
 
-    def text_side_parameters(self) -> list:
-        return self.ti.text_side_parameters() if self.ti else []
-
-    def after_step(self) -> None:
-        if self.ti:
-            self.ti.after_step()
-
     def _trainable_modules(self, models):
         mods = {"unet": models.unet}
         if self.args.train_text_encoder:
@@ -108,12 +99,9 @@ class LoLDUMethod(Method):
     def trainable_state(self, models):
         state = {f"{c}.{k}": v.detach().clone() for c, m in self._trainable_modules(models).items()
                  for k, v in m.state_dict().items() if ".adapters." in k}
-        return state | (self.ti.trainable_state(models) if self.ti else {})
+        return state
 
     def load_trainable_state(self, models, tensors):
-        if self.ti:
-            self.ti.load_trainable_state(models, tensors)
-            tensors = {k: v for k, v in tensors.items() if k != TextualInversionMethod.STATE_KEY}
         for c, m in self._trainable_modules(models).items():
             own = {k[len(c) + 1 :]: v for k, v in tensors.items() if k.startswith(c + ".")}
             missing, unexpected = m.load_state_dict(own, strict=False)
@@ -125,7 +113,7 @@ class LoLDUMethod(Method):
         if not self.subjects:
             path = os.path.join(out_dir, ADAPTER_FILE)
             save_adapter(models, path, adapter_name="default", metadata=metadata, overwrite=True)
-            return [path] + (self.ti.save(models, out_dir, metadata) if self.ti else [])
+            return [path]
         paths = []
         for c in self.args.concepts:
             paths.append(os.path.join(out_dir, c.name, ADAPTER_FILE))
@@ -137,8 +125,6 @@ class LoLDUMethod(Method):
     def load_output(self, pipe, out_dir):
         """Apply what `save` wrote to a pristine base pipeline."""
         load_adapter(pipe, os.path.join(out_dir, ADAPTER_FILE))
-        if self.ti:
-            self.ti.load_output(pipe, out_dir)
 
     def save_kohya(self, models, out_dir):
         from ..export import export_lora
@@ -481,9 +467,55 @@ def placeholder_token(args) -> str:
     return extra[0]
 
 
+class PivotalTuning(Method):
+    """--train_text_encoder_ti with any method: the identifier's embedding (a
+    TextualInversionMethod) trains beside the method's own values and is written beside its
+    file, as diffusers' advanced DreamBooth script does for LoRA."""
+
+    def __init__(self, inner: Method, args):
+        self.inner, self.ti, self.args = inner, TextualInversionMethod(args), args
+        self.trains_text_encoder = True  # gradients reach the embedding through the text encoder
+
+    def __getattr__(self, name):  # name, tuner, config, … are the wrapped method's
+        if name == "inner":
+            raise AttributeError(name)
+        return getattr(self.inner, name)
+
+    def setup(self, models):
+        return self.inner.setup(models) + self.ti.setup(models)
+
+    def parameter_sets(self, params):
+        return self.inner.parameter_sets(params)
+
+    def text_side_parameters(self) -> list:
+        return self.inner.text_side_parameters() + self.ti.text_side_parameters()
+
+    def after_step(self) -> None:
+        self.inner.after_step()
+        self.ti.after_step()
+
+    def save_checkpoint_models(self, models, folder) -> None:
+        self.inner.save_checkpoint_models(models, folder)
+
+    def trainable_state(self, models):
+        return self.inner.trainable_state(models) | self.ti.trainable_state(models)
+
+    def load_trainable_state(self, models, tensors):
+        self.ti.load_trainable_state(models, tensors)
+        self.inner.load_trainable_state(models, {k: v for k, v in tensors.items() if k != TextualInversionMethod.STATE_KEY})
+
+    def save(self, models, out_dir, metadata):
+        return self.inner.save(models, out_dir, metadata) + self.ti.save(models, out_dir, metadata)
+
+    def load_output(self, pipe, out_dir):
+        self.inner.load_output(pipe, out_dir)
+        self.ti.load_output(pipe, out_dir)
+
+
 def make_method(args):
-    return {"loldu": LoLDUMethod, "lora": LoRAMethod, "olora": LoRAMethod, "full": FullMethod,
-            "vera": PeftVectorMethod, "ia3": PeftVectorMethod, "ti": TextualInversionMethod}[args.method](args)
+    method = {"loldu": LoLDUMethod, "lora": LoRAMethod, "olora": LoRAMethod, "full": FullMethod,
+              "vera": PeftVectorMethod, "ia3": PeftVectorMethod, "ti": TextualInversionMethod}[args.method](args)
+    return PivotalTuning(method, args) if getattr(args, "train_text_encoder_ti", False) else method
 
 
 def param_groups(args, params, text_encoders, text_side=()) -> list:
