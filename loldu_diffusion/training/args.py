@@ -16,7 +16,7 @@ from .compat import add_diffusers_flags
 METHODS = ("loldu", "lora", "olora", "full", "vera", "ia3", "ti")
 PAPER = dict(rank=32, learning_rate=5e-4, lr_warmup_steps=15, max_train_steps=1000, train_batch_size=1)
 # On the embedded base (learning benchmark in BENCHMARKS.md, n = 48, 2 seeds): at lr 1e-2 the
-# subject reaches ≥ 0.8 of the ceiling by step 200 in 5/5 runs; 600 steps add no subject and
+# subject reaches ≥ 0.8 of the ceiling by step 200 in 6/6 bench runs; 600 steps add no subject and
 # lose what is left of recontextualisation; lr 1e-3 reaches it in 4/10 runs. The paper's SD
 # setting (lr 5e-4, batch 1) is kept for real bases: nothing here measures it.
 EMBEDDED = dict(learning_rate=1e-2, max_train_steps=200, train_batch_size=4, validation_steps=100)
