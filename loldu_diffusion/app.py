@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import torch
 
 from .adapter_file import AdapterFile, AdapterFileError, load_adapter
-from .embeddings import EMBEDDINGS_FILE, EmbeddingFileError, is_embedding_file, read_token_embeddings
+from .embeddings import EMBEDDINGS_FILE, EmbeddingFileError, is_embedding_file, read_pipeline_embeddings
 from .config import EXPORT_FORMATS
 from .model import delete_adapter, fuse_loldu, loldu_disabled, set_adapter_weights, unfuse_loldu
 from .pipeline import adapter_name_for, load_base
@@ -221,8 +221,7 @@ class Session:
         return a
 
     def _read_embedding(self, path: str) -> LoadedEmbedding:
-        te = self.studio.pipe.text_encoder.get_input_embeddings().weight
-        rows = read_token_embeddings(path, self.studio.pipe.tokenizer, te.shape[1])
+        rows = read_pipeline_embeddings(self.studio.pipe, path)
         key = file_key(path)
         for other in self.embeddings.values():
             clash = sorted(t for i, (t, _) in rows.items() if i in other.rows)
@@ -327,7 +326,8 @@ class Session:
 
     def _generate(self, prompt, negative_prompt, steps, guidance, seed, num_images, size, compare, progress, blend, sampler):
         studio, pipe = self.studio, self.studio.pipe
-        total = num_images * (2 if compare and (blend or self.embeddings) else 1) * steps
+        beside = compare and (blend or self.embeddings)  # a base image beside each: something of this session is on
+        total = num_images * (2 if beside else 1) * steps
         done = [0]
 
         def on_step(pipe, i, t, kw):
@@ -353,7 +353,7 @@ class Session:
             s = seed + i
             settings = f"seed {s} · {steps} steps · cfg {guidance:g} · {size}px · {sampler}"
             out.append(keep(run(s), s, f"{settings} · {self.blend_text()}", mine))
-            if compare and (blend or self.embeddings):
+            if beside:
                 studio._unfuse()
                 studio.use_rows({})
                 with loldu_disabled(pipe):

@@ -79,12 +79,17 @@ def is_embedding_file(path: str) -> bool:
     return 0 < len(keys) <= MAX_TOKENS and "loldu" not in meta and all("." not in k for k in keys)
 
 
+def read_pipeline_embeddings(pipe, path: str) -> dict[int, tuple[str, torch.Tensor]]:
+    """`read_token_embeddings` for the pipeline's (first) text encoder and tokenizer."""
+    return read_token_embeddings(path, pipe.tokenizer, pipe.text_encoder.get_input_embeddings().weight.shape[1])
+
+
 @torch.no_grad()
 def load_token_embeddings(pipe, path: str) -> list[str]:
     """Write the file's rows into the pipeline's text-encoder embedding table; returns the
     tokens. (SDXL's second text encoder is not covered: the trainer writes one table's rows.)"""
     table = pipe.text_encoder.get_input_embeddings().weight  # (vocab, width)
-    rows = read_token_embeddings(path, pipe.tokenizer, table.shape[1])
+    rows = read_pipeline_embeddings(pipe, path)
     for token_id, (_, row) in rows.items():
         table[token_id] = row.to(table.dtype)
     return [token for token, _ in rows.values()]

@@ -88,9 +88,9 @@ class AttentionSites:
 
     def find(self, component, targets: tuple[str, ...]) -> list[tuple[str, str]]:
         found, hit = {}, set()
+        scoped = [(t, *self.split_scope(t)) for t in targets]
         for path, attn in self.attentions(component).items():
-            for t in targets:
-                scope, proj = self.split_scope(t)
+            for t, scope, proj in scoped:
                 if (not scope or path == scope or path.endswith("." + scope)) and projection(attn, proj) is not None:
                     found[(path, proj)] = None  # 'to_k' and 'attn2.to_k' together select a layer once
                     hit.add(t)

@@ -165,10 +165,11 @@ def resolve_defaults(args: argparse.Namespace) -> argparse.Namespace:
         args.adam_weight_decay = 0.0 if args.method == "loldu" else 1e-2
     if args.judge_images is None:
         args.judge_images = 48 if args.embedded else 0
+    sampling_steps = 20 if args.embedded else 25  # validation and class images alike, each settable on its own
     if args.num_inference_steps is None:
-        args.num_inference_steps = 20 if args.embedded else 25
+        args.num_inference_steps = sampling_steps
     if args.class_num_inference_steps is None:
-        args.class_num_inference_steps = 20 if args.embedded else 25
+        args.class_num_inference_steps = sampling_steps
     if args.guidance_scale is None:
         args.guidance_scale = 4.0 if args.embedded else 7.5
     # as diffusers: a real base validates only when --validation_prompt is given; the embedded

@@ -97,9 +97,8 @@ class LoLDUMethod(Method):
         return mods
 
     def trainable_state(self, models):
-        state = {f"{c}.{k}": v.detach().clone() for c, m in self._trainable_modules(models).items()
-                 for k, v in m.state_dict().items() if ".adapters." in k}
-        return state
+        return {f"{c}.{k}": v.detach().clone() for c, m in self._trainable_modules(models).items()
+                for k, v in m.state_dict().items() if ".adapters." in k}
 
     def load_trainable_state(self, models, tensors):
         for c, m in self._trainable_modules(models).items():
