@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import torch
 
 from .adapter_file import AdapterFile, AdapterFileError, load_adapter
-from .embeddings import EMBEDDINGS_FILE, EmbeddingFileError, is_embedding_file, read_pipeline_embeddings
+from .embeddings import EmbeddingFileError, embedding_beside, is_embedding_file, read_pipeline_embeddings
 from .config import EXPORT_FORMATS
 from .model import delete_adapter, fuse_loldu, loldu_disabled, set_adapter_weights, unfuse_loldu
 from .pipeline import adapter_name_for, load_base
@@ -105,22 +105,25 @@ class Studio:
         self.preload, self.preload_errors = [], []  # loaded once, at start, for every session
         for p in preload:
             try:
-                self.preload.append(self.acquire(p) + (p,))
-            except (AdapterFileError, OSError) as e:  # e.g. an adapter of another base: the app starts without it
+                beside = embedding_beside(p)  # the bundled adapter's identifier embedding (pivotal tuning)
+                emb = LoadedEmbedding(beside, file_key(beside), read_pipeline_embeddings(self.pipe, beside)) if beside else None
+                self.preload.append(self.acquire(p) + (p, emb))
+            except (AdapterFileError, EmbeddingFileError, OSError) as e:  # e.g. an adapter of another base: the app starts without it
                 self.preload_errors.append(f"{os.path.basename(p)} is not preloaded: {str(e).splitlines()[0]}")
         self.default_prompt = default_prompt or next(filter(None, map(_first_prompt, self.preload)), "")
 
     def new_session(self) -> "Session":
         s = Session(self)
         with self.lock:
-            for key, _, f, path in self.preload:
-                self.users[key] += 1  # the session's own hold; the studio keeps one for every later session
-                s._attach(path, f, key)
+            for entry in self.preload:
+                self.users[entry[0]] += 1  # the session's own hold; the studio keeps one for every later session
+                s.attach_preloaded(entry)
         return s
 
     def folder_adapters(self) -> list[str]:
         d = self.adapters_dir
-        listed = sorted(os.path.join(d, n) for n in os.listdir(d) if n.endswith(".safetensors")) if d and os.path.isdir(d) else []
+        listed = sorted(os.path.join(d, n) for n in os.listdir(d) if n.endswith(".safetensors") and not is_embedding_file(os.path.join(d, n))) \
+            if d and os.path.isdir(d) else []
         return listed + (self.trainer.trained() if self.trainer else [])
 
     def adapter_choices(self) -> list[tuple[str, str]]:
@@ -203,13 +206,19 @@ class Session:
         self.loaded[name] = LoadedAdapter(name, path, f, key, weight)
         return self.loaded[name]
 
+    def attach_preloaded(self, entry) -> None:
+        key, _, f, path, emb = entry
+        self._attach(path, f, key)
+        if emb is not None:
+            self.embeddings[emb.key] = emb
+
     def add(self, path: str, weight: float = 1.0, display_name: str | None = None) -> LoadedAdapter:
         """Validate and load an adapter file for this session; refused files change nothing. A
         pivotal-tuning embedding beside it (the trainer's `learned_embeds.safetensors`) loads too."""
         if len(self.loaded) >= MAX_SLOTS:
             raise ValueError(f"at most {MAX_SLOTS} adapters at once; remove one first")
-        beside = os.path.join(os.path.dirname(os.path.abspath(path)), EMBEDDINGS_FILE)
-        rows = self._read_embedding(beside) if os.path.isfile(beside) else None  # checked before anything changes
+        beside = embedding_beside(path)
+        rows = self._read_embedding(beside) if beside else None  # checked before anything changes
         key, _, f = self.studio.acquire(path)
         a = next((a for a in self.loaded.values() if a.key == key), None)
         if a is not None:  # the same file twice (or the preloaded one again) loads once
@@ -474,8 +483,8 @@ def build_ui(studio: Studio):
 
     # what a fresh page shows: the preloaded adapters of a new session (not a held one)
     first = Session(studio)
-    for key, _, f, path in studio.preload:
-        first._attach(path, f, key)
+    for entry in studio.preload:
+        first.attach_preloaded(entry)
     first_names = list(first.loaded)
     batcher = Batcher(studio)  # one worker: concurrent pages' requests are generated together
     sampler_info = f"default: the base's own ({type(studio.base_scheduler).__name__})"
@@ -586,8 +595,9 @@ def launch(base=None, adapters_dir=None, host="127.0.0.1", port=7860, block=True
     trainer = _trainer(base, outputs, train_args)  # a mistyped --train-args is one line now, not after the base loads
     adapters_dir = adapters_dir or (os.path.join(ASSETS, "adapters") if embedded else None)
     if preload is None:  # the bundled example is made for the embedded base only
-        preload = [os.path.join(ASSETS, "adapters", f) for f in os.listdir(os.path.join(ASSETS, "adapters"))
-                   if f.endswith(".safetensors")] if embedded else []
+        bundled = os.path.join(ASSETS, "adapters")
+        preload = [os.path.join(bundled, f) for f in os.listdir(bundled)
+                   if f.endswith(".safetensors") and not is_embedding_file(os.path.join(bundled, f))] if embedded else []
     studio = Studio(base, adapters_dir, preload=sorted(preload), outputs_dir=outputs, compile=compile)
     studio.trainer = trainer
     if embedded and not studio.default_prompt:  # the bundled adapter could not be preloaded: a first click still draws

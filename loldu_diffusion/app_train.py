@@ -105,7 +105,7 @@ class Trainer:
         from .training import build_parser
         from .training.args import resolve_defaults
 
-        argv = self.argv("photos", "a photo of sks subject", "unused")
+        argv = self.argv("photos", "sks", "subject", "unused")
         try:
             with contextlib.redirect_stderr(io.StringIO()) as said:  # argparse's usage block: one line instead
                 args, unknown = build_parser().parse_known_args(argv)
@@ -115,10 +115,12 @@ class Trainer:
             raise ValueError(f"--train-args: the trainer takes no {' '.join(unknown)} (see train_dreambooth_loldu.py --help)")
         return resolve_defaults(args)
 
-    def argv(self, photos_dir: str, prompt: str, output_dir: str) -> list[str]:
-        # the page shows before/after images: ask for them (a real base validates only when asked)
+    def argv(self, photos_dir: str, trigger: str, noun: str, output_dir: str) -> list[str]:
+        prompt = f"a photo of {trigger} {noun}"
+        # the page shows before/after images: ask for them (a real base validates only when asked); the class
+        # prompt lets the embedded base's recipe (pivotal tuning + prior preservation) apply, as in the trainer
         return ["--pretrained_model_name_or_path", self.base_path, "--instance_data_dir", photos_dir, "--instance_prompt", prompt,
-                "--validation_prompt", prompt,
+                "--class_prompt", f"a photo of a {noun}", "--validation_prompt", prompt,
                 "--output_dir", output_dir, "--report_to", "none", *self.extra_args]
 
     def start(self, owner, photos: list[str], trigger: str, noun: str, steps: int | None = None) -> Run:
@@ -145,7 +147,7 @@ class Trainer:
             os.makedirs(photos_dir)
             for i, p in enumerate(photos):  # numbered: two photos may share a name
                 shutil.copy(p, os.path.join(photos_dir, f"{i:02d}_{os.path.basename(p)}"))
-            argv = self.argv(photos_dir, f"a photo of {trigger} {noun}", output_dir)
+            argv = self.argv(photos_dir, trigger, noun, output_dir)
             if steps:
                 argv += ["--max_train_steps", str(int(steps))]
             try:  # the trainer's own checks, before a process starts: one line in the page

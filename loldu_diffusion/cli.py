@@ -142,6 +142,20 @@ def _prompt_specs(args) -> list[list[str]]:
     return [[] if text.strip().lower() == "none" else [x.strip() for x in text.split(",") if x.strip()] for text in args.prompt_adapters]
 
 
+def _embeddings_of(given: list[str], specs: list[str]) -> list[str]:
+    """--embedding files, then the identifier embedding beside each adapter (pivotal tuning writes
+    it there, and the adapter without it draws the class, not the subject), each once."""
+    from .embeddings import embedding_beside
+    from .pipeline import parse_adapter_spec
+
+    found = [os.path.abspath(p) for p in given]
+    for spec in specs:
+        beside = embedding_beside(parse_adapter_spec(spec)[0])
+        if beside and beside not in found:
+            found.append(beside)
+    return found
+
+
 def _load_blends(pipe, shared: list[str], own: list[list[str]]) -> list[dict[str, float]]:
     """Load every adapter file once (inactive) and return each prompt's blend {name: weight}:
     the --adapter blend plus the prompt's own adapters (weights of one file add up)."""
@@ -181,12 +195,13 @@ def _generate(args) -> int:
     for path in args.embedding or []:
         if not os.path.isfile(path):
             raise FileNotFoundError(f"--embedding {path}: no such file")
+    embeddings = _embeddings_of(args.embedding or [], (args.adapter or []) + [spec for specs in own for spec in specs])
     pipe = load_base(args.base, device=args.device)
     blends = _load_blends(pipe, args.adapter or [], own)
-    if args.embedding:
+    if embeddings:
         from .embeddings import load_token_embeddings
 
-        for path in args.embedding:
+        for path in embeddings:
             print(f"{path}: token embedding for {', '.join(load_token_embeddings(pipe, path))}")
     if args.compile:
         from .compile import compile_unet
@@ -206,7 +221,7 @@ def _generate(args) -> int:
             seed = first + i
             settings = {"prompt": prompt, "negative_prompt": args.negative_prompt, "seed": seed, "steps": args.steps,
                         "guidance": args.guidance, "size": size, "base": pipe._loldu_base_path, "adapters": blend,
-                        "embeddings": args.embedding or []}
+                        "embeddings": embeddings}
             same = _same_image(args.output, seed, json.dumps(settings))
             if same:  # the same settings and seed make the same image: do not write a copy
                 present.append(same)

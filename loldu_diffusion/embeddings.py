@@ -64,12 +64,23 @@ def read_token_embeddings(path: str, tokenizer, width: int) -> dict[int, tuple[s
     return rows
 
 
+def embedding_beside(adapter_path: str) -> str | None:
+    """The identifier embedding that goes with an adapter file, if there is one: NAME.learned_embeds.safetensors
+    beside NAME.safetensors (a folder of several adapters, as the bundled one), else the trainer's
+    learned_embeds.safetensors in its output folder."""
+    folder, name = os.path.split(os.path.abspath(adapter_path))
+    for candidate in (name.removesuffix(".safetensors") + "." + EMBEDDINGS_FILE, EMBEDDINGS_FILE):
+        if os.path.isfile(os.path.join(folder, candidate)):
+            return os.path.join(folder, candidate)
+    return None
+
+
 def is_embedding_file(path: str) -> bool:
     """Whether a .safetensors file is laid out as token embeddings rather than as an adapter:
     the trainer's file name, or tensors named by tokens (no 'unet.' prefix) without adapter metadata."""
     from safetensors import safe_open
 
-    if os.path.basename(path) == EMBEDDINGS_FILE:
+    if os.path.basename(path).endswith(EMBEDDINGS_FILE):
         return True
     try:
         with safe_open(path, framework="pt") as f:

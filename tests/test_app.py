@@ -290,6 +290,25 @@ def test_an_embedding_beside_its_adapter_loads_with_it_draws_as_the_library_does
     assert mine.embeddings == {} and mine.token_rows() == {}
 
 
+def test_a_preloaded_adapter_brings_its_named_embedding_and_the_list_shows_only_adapters(tiny_sd_path, adapter_dir, tmp_path):
+    # the bundled example's layout: NAME.safetensors and NAME.learned_embeds.safetensors in one folder of several adapters
+    folder = tmp_path / "adapters"
+    folder.mkdir()
+    shutil.copy(adapter_dir / "dog.safetensors", folder / "dog.safetensors")
+    shutil.copy(adapter_dir / "dog.safetensors", folder / "cat.safetensors")
+    studio = Studio(tiny_sd_path, str(folder), preload=[str(folder / "dog.safetensors")])
+    _embedding(folder / "dog.learned_embeds.safetensors", studio.pipe)
+    studio = Studio(tiny_sd_path, str(folder), preload=[str(folder / "dog.safetensors")])
+    assert [name for name, _ in studio.adapter_choices()] == ["cat.safetensors", "dog.safetensors"]
+    tab = studio.new_session()
+    assert [e.path for e in tab.embeddings.values()] == [str(folder / "dog.learned_embeds.safetensors")]
+    assert studio.new_session().generate(PROMPT, steps=2, seed=0)[0][1].endswith("+ embedding of sks")
+    cat = studio.new_session()
+    cat.clear()
+    cat.add(str(folder / "cat.safetensors"))  # another adapter of the folder does not take dog's embedding
+    assert cat.embeddings == {}
+
+
 def test_bad_or_clashing_embeddings_are_refused_and_change_nothing(studio, session, tmp_path):
     from safetensors.torch import save_file
 

@@ -100,3 +100,12 @@ def test_mistyped_train_args_are_one_line_before_the_base_loads(extra, match, tm
     monkeypatch.setattr(app, "Studio", None)  # never reached
     with pytest.raises(ValueError, match=f"^--train-args: {match}"):
         app.launch(outputs=str(tmp_path), train_args=extra, block=False)
+
+
+def test_the_app_trains_with_the_trainers_recipe_on_the_embedded_base(tmp_path):
+    from loldu_diffusion.assets import default_base_path
+
+    args = Trainer(default_base_path(), str(tmp_path), []).defaults()
+    assert args.recipe == "embedded" and args.train_text_encoder_ti and args.with_prior_preservation
+    assert args.class_prompt == "a photo of a subject" and args.instance_prompt == "a photo of sks subject"
+

@@ -131,6 +131,27 @@ def test_generate_writes_pngs_with_settings(embedded, adapters, tmp_path, capsys
     assert f"0000_seed{seeds[1] + 1}.png" in os.listdir(out)
 
 
+def test_generate_loads_the_embedding_beside_an_adapter(embedded, tmp_path, capsys):
+    import shutil
+
+    import numpy as np
+
+    from loldu_diffusion.assets import bundled_adapters_dir
+
+    bundled = os.path.join(bundled_adapters_dir(), "sks-heart.safetensors")  # pivotal tuning's adapter + embedding
+    alone = shutil.copy(bundled, tmp_path / "sks-heart.safetensors")  # the adapter without its embedding
+    common = ["generate", "--base", embedded, "--prompt", "a photo of sks heart", "--steps", "2", "--seed", "3", "--num_images", "1"]
+    assert loldu(common + ["--adapter", bundled, "-o", str(tmp_path / "beside")]) == 0
+    assert "sks-heart.learned_embeds.safetensors: token embedding for sks" in capsys.readouterr().out
+    emb = os.path.join(bundled_adapters_dir(), "sks-heart.learned_embeds.safetensors")
+    assert loldu(common + ["--adapter", str(alone), "--embedding", emb, "-o", str(tmp_path / "given")]) == 0
+    assert loldu(common + ["--adapter", str(alone), "-o", str(tmp_path / "without")]) == 0
+    px = {k: np.asarray(Image.open(tmp_path / k / "0000_seed3.png")) for k in ("beside", "given", "without")}
+    assert np.array_equal(px["beside"], px["given"]) and not np.array_equal(px["beside"], px["without"])
+    meta = json.loads(Image.open(tmp_path / "beside" / "0000_seed3.png").text["parameters"])
+    assert meta["embeddings"] == [emb]
+
+
 def test_generate_per_prompt_adapters_in_one_batch_equal_each_alone(embedded, adapters, tmp_path):
     import numpy as np
 

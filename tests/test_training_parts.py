@@ -29,6 +29,27 @@ def test_arguments_are_settled_into_copies_and_resolving_twice_changes_nothing()
     assert settled.optimizer_lr == pytest.approx(once.learning_rate * 2 * 2 * 2) and settled.learning_rate == once.learning_rate
 
 
+def test_the_embedded_recipe_applies_to_loldu_with_a_class_prompt_and_each_part_can_be_turned_off(tiny_sd_path, tmp_path):
+    def resolved(*argv):
+        args = resolve_defaults(parse_args(list(argv)))
+        return args.recipe, args.train_text_encoder_ti, args.with_prior_preservation, args.num_class_images, args.lr_scheduler
+
+    recipe = ("embedded", True, True, 48, "cosine")  # pivotal tuning + prior + cosine: the learning bench's best LoLDU
+    plain = ("plain", False, False, 100, "constant")  # diffusers' defaults
+    assert resolved() == recipe  # the bundled subject has a class prompt
+    mine = ["--instance_data_dir", str(tmp_path), "--instance_prompt", "a photo of zwx heart"]
+    assert resolved(*mine, "--class_prompt", "a photo of a heart") == recipe
+    assert resolved(*mine) == plain  # no class word: no prior, no identifier to tell apart
+    assert resolved("--method", "lora") == plain and resolved("--train_text_encoder") == plain
+    assert resolved("--pretrained_model_name_or_path", tiny_sd_path, *mine, "--class_prompt", "a photo of a heart") == plain
+    assert resolved("--no_train_text_encoder_ti") == ("embedded", False, True, 48, "cosine")
+    assert resolved("--no_prior_preservation", "--lr_scheduler", "constant") == ("embedded", True, False, 48, "constant")
+    assert resolved("--num_class_images", "10") == ("embedded", True, True, 10, "cosine")
+    # diffusers' flags keep their meaning on any base
+    assert resolved("--pretrained_model_name_or_path", tiny_sd_path, *mine, "--class_prompt", "a photo of a heart",
+                    "--with_prior_preservation", "--train_text_encoder_ti")[1:3] == (True, True)
+
+
 def test_the_bundled_subject_is_the_one_the_defaults_name():
     from loldu_diffusion.assets import DEFAULT_CLASS_PROMPT, DEFAULT_INSTANCE_PROMPT
     from loldu_diffusion.toy.concepts import DEFAULT_SUBJECT

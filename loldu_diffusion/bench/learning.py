@@ -41,7 +41,10 @@ def configs(quick: bool, which: str = "all"):
     lora = dict(name="lora-r4", method="lora", lr=1e-3, args=["--rank", "4"])
     if quick:
         return [loldu, lora]
-    core = [loldu, lora,
+    # the trainer's default on the embedded base (training.args.EMBEDDED_RECIPE), then LoLDU alone (the paper's recipe)
+    default = dict(name="loldu-ti-prior-cosine", method="loldu", lr=lr,
+                   args=["--train_text_encoder_ti", "--with_prior_preservation", "--num_class_images", "48", "--lr_scheduler", "cosine"])
+    core = [default, loldu, lora,
             dict(name="vera", method="vera", lr=1e-2),
             dict(name="ia3", method="ia3", lr=1e-2),
             dict(name="textual-inversion", method="ti", lr=5e-3)]
@@ -75,8 +78,6 @@ def configs(quick: bool, which: str = "all"):
         dict(name="loldu-ti", method="loldu", lr=lr, args=["--train_text_encoder_ti"]),
         dict(name="loldu-ti-prior", method="loldu", lr=lr, args=["--train_text_encoder_ti", "--with_prior_preservation", "--num_class_images", "48"]),
         # … with the lr decaying to 0 by the last step: at constant lr, zwx went 1.00 -> 0.02 of the ceiling between steps 100 and 200
-        dict(name="loldu-ti-prior-cosine", method="loldu", lr=lr,
-             args=["--train_text_encoder_ti", "--with_prior_preservation", "--num_class_images", "48", "--lr_scheduler", "cosine"]),
         # … with the identifier's embedding at a tenth of the lr (its coordinates have std 0.03; at 1e-2 Adam moves them 0.01 a step)
         dict(name="loldu-ti-prior-cosine-telr1e-3", method="loldu", lr=lr,
              args=["--train_text_encoder_ti", "--with_prior_preservation", "--num_class_images", "48", "--lr_scheduler", "cosine",
@@ -111,6 +112,11 @@ def configs(quick: bool, which: str = "all"):
         dict(name="loldu-custom-diffusion", method="loldu", lr=lr,
              args=["--unet_targets", "attn2.to_k,attn2.to_v", "--train_text_encoder_ti", "--with_prior_preservation",
                    "--num_class_images", "48"]),
+        # … with cosine decay, as the default recipe: LoLDU's update reweights a fixed subspace of every input (it cannot pick
+        # out the identifier as LoRA's learnt directions can), so the fewer places it touches, the less of a new scene it overrides
+        dict(name="loldu-custom-diffusion-cosine", method="loldu", lr=lr,
+             args=["--unet_targets", "attn2.to_k,attn2.to_v", "--train_text_encoder_ti", "--with_prior_preservation",
+                   "--num_class_images", "48", "--lr_scheduler", "cosine"]),
         # pivotal tuning without prior preservation: the embedding (lr 1e-2) carries the subject, the shared adapter only
         # refines it at a tenth of that lr, so the class prompt has little to drift through
         dict(name="loldu-ti-unetlr1e-3", method="loldu", lr=1e-3, args=["--train_text_encoder_ti", "--text_encoder_lr", "1e-2"]),
@@ -198,7 +204,9 @@ def run_one(cfg, subject, seed, instance_dir, work, steps, checkpoints, n, judge
     argv = ["--instance_data_dir", instance_dir, "--instance_prompt", subject.instance_prompt, "--class_prompt", subject.class_prompt,
             "--method", cfg["method"], "--learning_rate", str(cfg["lr"]), "--max_train_steps", str(steps), "--seed", str(seed),
             "--checkpointing_steps", str(every), "--output_dir", out, "--report_to", "none", "--num_validation_images", "1",
-            "--validation_steps", str(10**9), "--num_inference_steps", "2", "--judge_images", "0", "--overwrite"] + cfg.get("args", [])
+            "--validation_steps", str(10**9), "--num_inference_steps", "2", "--judge_images", "0", "--overwrite",
+            # each config names its whole recipe: the embedded base's LoLDU recipe (pivotal + prior + cosine) is off unless asked
+            "--no_train_text_encoder_ti", "--no_prior_preservation", "--lr_scheduler", "constant"] + cfg.get("args", [])
     if base_path:  # another toy-world base: the embedded base's defaults, given explicitly (they apply only to the embedded one)
         argv += ["--pretrained_model_name_or_path", base_path, "--train_batch_size", "4", "--guidance_scale", "4.0",
                  "--class_num_inference_steps", "20"]
