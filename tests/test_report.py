@@ -81,3 +81,15 @@ def test_model_card_without_validation_images_still_lists_what_there_is(concept_
     grids = report.write_images(str(tmp_path), None, [], tiles((0, 0, 250)))
     card = open(report.model_card(card_args(str(tmp_path / "gone"), tmp_path), summary(), grids)).read()
     assert "after: ![after](validation_after.png)" in card and "instance images" not in card
+
+
+def test_model_card_of_pivotal_tuning_loads_the_identifier_embedding(concept_dir, tmp_path):
+    args = card_args(concept_dir, tmp_path)
+    args.train_text_encoder_ti, args.lr_scheduler = True, "cosine"
+    card = open(report.model_card(args, summary(), {})).read()
+    code = card.split("```python\n")[1].split("```")[0]
+    assert code.index("load_adapter(pipe, ") < code.index("load_token_embeddings(pipe, 'learned_embeds.safetensors')") < code.index("image = pipe(")
+    assert "identifier embedding trained (pivotal tuning): yes; lr schedule: cosine" in card
+    args.train_text_encoder_ti = False
+    assert "load_token_embeddings" not in open(report.model_card(args, summary(), {})).read()
+

@@ -6,6 +6,7 @@ import os
 
 from PIL import Image
 
+from ..embeddings import EMBEDDINGS_FILE
 from ..io import atomic_write, atomic_write_text
 from ..single_file import is_single_file
 
@@ -157,13 +158,16 @@ def model_card(args, summary: dict, grids: dict) -> str:
     out = summary["outputs"][0]
     loader = "from_single_file" if is_single_file(base) else "from_pretrained"
     tags = ["text-to-image", "diffusers", "dreambooth", args.method, "loldu-diffusion"]
+    pivotal = bool(getattr(args, "train_text_encoder_ti", False))  # the identifier's embedding is an output too
     load = {
         "loldu": (
             "from diffusers import StableDiffusionPipeline\n"
-            "from loldu_diffusion import load_adapter\n\n"
+            f"from loldu_diffusion import load_adapter{', load_token_embeddings' if pivotal else ''}\n\n"
             f"pipe = StableDiffusionPipeline.{loader}({base!r})\n"
             f"load_adapter(pipe, {out!r}, weight=1.0)\n"
-            f"image = pipe({args.instance_prompt!r}).images[0]\n"
+            + (f"load_token_embeddings(pipe, {EMBEDDINGS_FILE!r})  # the identifier's trained embedding (pivotal tuning)\n"
+               if pivotal else "")
+            + f"image = pipe({args.instance_prompt!r}).images[0]\n"
         ),
         "lora": f"pipe = StableDiffusionPipeline.{loader}({base!r})\npipe.load_lora_weights({args.output_dir!r})\n",
         "full": f"from diffusers import UNet2DConditionModel\nunet = UNet2DConditionModel.from_pretrained({args.output_dir!r}, subfolder='unet')\n"
@@ -173,6 +177,8 @@ def model_card(args, summary: dict, grids: dict) -> str:
         "peft": f"# a PEFT {args.method} state dict for the UNet's {', '.join(args.unet_targets)}: load it with\n"
                 f"# loldu_diffusion.training.methods.PeftVectorMethod(args).load_output(pipe, {args.output_dir!r})\n",
     }[{"olora": "lora", "vera": "peft", "ia3": "peft"}.get(args.method, args.method)]
+    if pivotal and args.method != "loldu":
+        load += f"from loldu_diffusion import load_token_embeddings\nload_token_embeddings(pipe, {EMBEDDINGS_FILE!r})  # the identifier's trained embedding\n"
     front = ["---", f"base_model: {base}", f"instance_prompt: {json.dumps(args.instance_prompt)}", "license: openrail++", "tags:"]
     front += [f"- {t}" for t in tags] + ["inference: true", "---"]
     body = [
@@ -184,7 +190,9 @@ def model_card(args, summary: dict, grids: dict) -> str:
         f"- instance prompt: `{args.instance_prompt}`" + (f"; class prompt: `{args.class_prompt}`" if args.class_prompt else ""),
         f"- method {args.method}, rank {args.rank}, learning rate {args.learning_rate}, batch {args.train_batch_size}, "
         f"resolution {summary['resolution']}, seed {args.seed}",
-        f"- prior preservation: {'yes' if args.with_prior_preservation else 'no'}; text encoder trained: {'yes' if args.train_text_encoder else 'no'}",
+        f"- prior preservation: {'yes' if args.with_prior_preservation else 'no'}; text encoder trained: {'yes' if args.train_text_encoder else 'no'}; "
+        f"identifier embedding trained (pivotal tuning): {'yes' if pivotal else 'no'}; "
+        f"lr schedule: {getattr(args, 'lr_scheduler', None) or 'constant'}",
         "",
         "## Validation",
         "",
