@@ -117,6 +117,10 @@ def configs(quick: bool, which: str = "all"):
         dict(name="loldu-custom-diffusion-cosine", method="loldu", lr=lr,
              args=["--unet_targets", "attn2.to_k,attn2.to_v", "--train_text_encoder_ti", "--with_prior_preservation",
                    "--num_class_images", "48", "--lr_scheduler", "cosine"]),
+        # the peer with the same recipe and targets (PEFT matches "attn2.to_k" as a suffix of the module path, as LoLDU does)
+        dict(name="lora-r4-custom-diffusion-cosine", method="lora", lr=1e-3,
+             args=["--rank", "4", "--unet_targets", "attn2.to_k,attn2.to_v", "--train_text_encoder_ti", "--text_encoder_lr", "1e-2",
+                   "--with_prior_preservation", "--num_class_images", "48", "--lr_scheduler", "cosine"]),
         # pivotal tuning without prior preservation: the embedding (lr 1e-2) carries the subject, the shared adapter only
         # refines it at a tenth of that lr, so the class prompt has little to drift through
         dict(name="loldu-ti-unetlr1e-3", method="loldu", lr=1e-3, args=["--train_text_encoder_ti", "--text_encoder_lr", "1e-2"]),
