@@ -29,6 +29,27 @@ def test_authors_formulation_is_the_same_function():
     assert torch.allclose(layer(x), base(x) + ours(x), atol=1e-5)
 
 
+def test_the_bench_default_config_is_the_trainers_default_and_loldu_is_loldu_alone(tmp_path):
+    from loldu_diffusion.toy.concepts import DEFAULT_SUBJECT
+    from loldu_diffusion.training import parse_args
+    from loldu_diffusion.training.args import resolve_defaults
+
+    cfgs = {c["name"]: c for c in learning.configs(quick=False)}
+    parts = ("train_text_encoder_ti", "with_prior_preservation", "num_class_images", "lr_scheduler", "unet_targets", "learning_rate")
+
+    def settled(argv):
+        args = resolve_defaults(parse_args(argv))
+        return {p: getattr(args, p) for p in parts}
+
+    def bench_run(name):
+        return settled(learning.trainer_argv(cfgs[name], DEFAULT_SUBJECT, 0, 200, 50, str(tmp_path), str(tmp_path / "out")))
+
+    trainer_default = settled(["--output_dir", str(tmp_path / "out")])  # the bundled subject: the same prompts
+    assert bench_run(learning.DEFAULT_CONFIG) == trainer_default
+    assert bench_run("loldu") == {**trainer_default, "train_text_encoder_ti": False, "with_prior_preservation": False,
+                                  "lr_scheduler": "constant"}
+
+
 def test_cost_suite_quick(tmp_path, capsys):
     # (compiled rows: minutes of inductor compilation on a CPU; tests/test_compile.py checks compiled outputs)
     assert bench(["cost", "--quick", "--json", "--out", str(tmp_path), "--compile", "none"]) == 0

@@ -30,6 +30,7 @@ from ..training.report import write_json
 
 CHECKPOINTS = (50, 100, 200, 300)
 LEARNT = 0.8  # of the ceiling
+DEFAULT_CONFIG = "loldu-ti-prior-cosine"  # the trainer's default on the embedded base (a test checks they agree)
 DRIFT_BAR = 15  # points above the base: issue 11's bar, with LEARNT, at step 200
 
 
@@ -42,7 +43,7 @@ def configs(quick: bool, which: str = "all"):
     if quick:
         return [loldu, lora]
     # the trainer's default on the embedded base (training.args.EMBEDDED_RECIPE), then LoLDU alone (the paper's recipe)
-    default = dict(name="loldu-ti-prior-cosine", method="loldu", lr=lr,
+    default = dict(name=DEFAULT_CONFIG, method="loldu", lr=lr,
                    args=["--train_text_encoder_ti", "--with_prior_preservation", "--num_class_images", "48", "--lr_scheduler", "cosine"])
     core = [default, loldu, lora,
             dict(name="vera", method="vera", lr=1e-2),
@@ -194,6 +195,21 @@ def judge_output(args, method, subject, n: int = 48) -> dict:
             "drift_points": rel["drift"], "recontext_of_ceiling": rel["recontext"], "base": base, "after": after}
 
 
+def trainer_argv(cfg: dict, subject, seed: int, steps: int, every: int, instance_dir: str, out: str,
+                 base_path: str | None = None) -> list[str]:
+    """The trainer's command line of one bench run: the config's recipe, the subject, checkpoints every `every` steps."""
+    argv = ["--instance_data_dir", instance_dir, "--instance_prompt", subject.instance_prompt, "--class_prompt", subject.class_prompt,
+            "--method", cfg["method"], "--learning_rate", str(cfg["lr"]), "--max_train_steps", str(steps), "--seed", str(seed),
+            "--checkpointing_steps", str(every), "--output_dir", out, "--report_to", "none", "--num_validation_images", "1",
+            "--validation_steps", str(10**9), "--num_inference_steps", "2", "--judge_images", "0", "--overwrite",
+            # each config names its whole recipe: the embedded base's LoLDU recipe (pivotal + prior + cosine) is off unless asked
+            "--no_train_text_encoder_ti", "--no_prior_preservation", "--lr_scheduler", "constant"] + cfg.get("args", [])
+    if base_path:  # another toy-world base: the embedded base's defaults, given explicitly (they apply only to the embedded one)
+        argv += ["--pretrained_model_name_or_path", base_path, "--train_batch_size", "4", "--guidance_scale", "4.0",
+                 "--class_num_inference_steps", "20"]
+    return argv
+
+
 def run_one(cfg, subject, seed, instance_dir, work, steps, checkpoints, n, judge, base_path=None):
     from safetensors.torch import load_file
 
@@ -204,16 +220,7 @@ def run_one(cfg, subject, seed, instance_dir, work, steps, checkpoints, n, judge
     from ..training.methods import make_method
 
     out = os.path.join(work, f"{cfg['name']}-{subject.identifier}-{seed}")
-    every = math.gcd(*checkpoints)
-    argv = ["--instance_data_dir", instance_dir, "--instance_prompt", subject.instance_prompt, "--class_prompt", subject.class_prompt,
-            "--method", cfg["method"], "--learning_rate", str(cfg["lr"]), "--max_train_steps", str(steps), "--seed", str(seed),
-            "--checkpointing_steps", str(every), "--output_dir", out, "--report_to", "none", "--num_validation_images", "1",
-            "--validation_steps", str(10**9), "--num_inference_steps", "2", "--judge_images", "0", "--overwrite",
-            # each config names its whole recipe: the embedded base's LoLDU recipe (pivotal + prior + cosine) is off unless asked
-            "--no_train_text_encoder_ti", "--no_prior_preservation", "--lr_scheduler", "constant"] + cfg.get("args", [])
-    if base_path:  # another toy-world base: the embedded base's defaults, given explicitly (they apply only to the embedded one)
-        argv += ["--pretrained_model_name_or_path", base_path, "--train_batch_size", "4", "--guidance_scale", "4.0",
-                 "--class_num_inference_steps", "20"]
+    argv = trainer_argv(cfg, subject, seed, steps, math.gcd(*checkpoints), instance_dir, out, base_path)
     args = resolve_defaults(parse_args(argv))  # settled once: the method below sees what train() saw
     summary = train(args)
     method = make_method(args)
