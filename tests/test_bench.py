@@ -50,6 +50,11 @@ def test_the_bench_default_config_is_the_trainers_default_and_loldu_is_loldu_alo
                                   "lr_scheduler": "constant"}
 
 
+def test_learning_bench_refuses_a_base_the_judge_cannot_read(tiny_sd_path, tmp_path):
+    with pytest.raises(ValueError, match=r"--base .*: not a toy-world base \(no loldu_toy_world.json\)"):
+        learning.run_plan([("loldu", "sks", 0)], base_path=tiny_sd_path, out_dir=str(tmp_path))
+
+
 def test_cost_suite_quick(tmp_path, capsys):
     # (compiled rows: minutes of inductor compilation on a CPU; tests/test_compile.py checks compiled outputs)
     assert bench(["cost", "--quick", "--json", "--out", str(tmp_path), "--compile", "none"]) == 0

@@ -50,6 +50,22 @@ def test_the_embedded_recipe_applies_to_loldu_with_a_class_prompt_and_each_part_
                     "--with_prior_preservation", "--train_text_encoder_ti")[1:3] == (True, True)
 
 
+def test_any_toy_world_base_gets_the_embedded_defaults_and_keeps_its_path(tiny_sd_path, tmp_path):
+    import shutil
+
+    from loldu_diffusion.assets import TOY_WORLD_MARKER, default_base_path
+
+    copy = shutil.copytree(default_base_path(), tmp_path / "my-toy-base")  # e.g. toy.identifier_rows' output
+    args = resolve_defaults(parse_args(["--pretrained_model_name_or_path", str(copy)]))
+    assert args.embedded and args.pretrained_model_name_or_path == str(copy) and args.recipe == "embedded"
+    assert args.train_batch_size == 4 and args.instance_prompt == "a photo of sks heart"
+    os.remove(copy / TOY_WORLD_MARKER)  # a diffusers folder without the marker is a real base: the paper's setting
+    with pytest.raises(ValueError, match="--instance_data_dir is required"):
+        resolve_defaults(parse_args(["--pretrained_model_name_or_path", str(copy)]))
+    assert not resolve_defaults(parse_args(["--pretrained_model_name_or_path", tiny_sd_path, "--instance_data_dir", str(tmp_path),
+                                            "--instance_prompt", "a photo of sks dog"])).embedded
+
+
 def test_the_bundled_subject_is_the_one_the_defaults_name():
     from loldu_diffusion.assets import DEFAULT_CLASS_PROMPT, DEFAULT_INSTANCE_PROMPT
     from loldu_diffusion.toy.concepts import DEFAULT_SUBJECT

@@ -204,9 +204,8 @@ def trainer_argv(cfg: dict, subject, seed: int, steps: int, every: int, instance
             "--validation_steps", str(10**9), "--num_inference_steps", "2", "--judge_images", "0", "--overwrite",
             # each config names its whole recipe: the embedded base's LoLDU recipe (pivotal + prior + cosine) is off unless asked
             "--no_train_text_encoder_ti", "--no_prior_preservation", "--lr_scheduler", "constant"] + cfg.get("args", [])
-    if base_path:  # another toy-world base: the embedded base's defaults, given explicitly (they apply only to the embedded one)
-        argv += ["--pretrained_model_name_or_path", base_path, "--train_batch_size", "4", "--guidance_scale", "4.0",
-                 "--class_num_inference_steps", "20"]
+    if base_path:  # another toy-world base (its marker file gives it the embedded base's defaults)
+        argv += ["--pretrained_model_name_or_path", base_path]
     return argv
 
 
@@ -262,9 +261,13 @@ def run_plan(plan: list[tuple[str, str, int]], steps: int = CHECKPOINTS[-1], n: 
     """Run (config name, subject identifier, seed) triples in the order given, skipping subjects the
     base does not admit. Runs are appended to OUT/learning_partial.json as they finish, so a long
     run that is stopped keeps what it measured (`merge` reads such files)."""
+    from ..assets import TOY_WORLD_MARKER, is_toy_world_base
     from ..toy.evaluate_base import load_pipeline
     from ..toy.judge import load_judge
 
+    if base_path and not is_toy_world_base(base_path):
+        raise ValueError(f"--base {base_path}: not a toy-world base (no {TOY_WORLD_MARKER}); the judge reads only the toy world: "
+                         "make one with python -m loldu_diffusion.toy.train_base or python -m loldu_diffusion.toy.identifier_rows")
     checkpoints = (steps // 2, steps) if quick else tuple(c for c in CHECKPOINTS if c < steps) + (steps,)
     by_name = {c["name"]: c for c in configs(quick)} | {c["name"]: c for c in configs(False)}
     subjects = {s.identifier: s for s in BENCH_SUBJECTS + HELD_OUT_SUBJECTS}

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from ..assets import write_toy_world_marker
 from ..io import atomic_save_dir
 from . import world
 from .judge import ATTRIBUTES, Judge, labels_of, save_judge
@@ -203,7 +204,11 @@ def save_pipeline(out_dir, vae, unet, text_encoder, tokenizer):
     # `from_pretrained(path)` must give one dtype throughout.
     unet.to(torch.float16)
     vae.to(torch.float16)
-    atomic_save_dir(pipe.save_pretrained, out_dir, overwrite=True)
+    def save(folder):
+        pipe.save_pretrained(folder)
+        write_toy_world_marker(folder)  # the trainer's embedded defaults and judge apply to this base
+
+    atomic_save_dir(save, out_dir, overwrite=True)
 
 
 def main(argv=None):

@@ -143,13 +143,13 @@ def parse_args(argv=None) -> argparse.Namespace:
 def resolve_defaults(args: argparse.Namespace) -> argparse.Namespace:
     """A copy of `args` with the None defaults filled from the base (embedded or real) and the
     method. The caller's namespace is not changed, and resolving twice gives the same."""
-    from ..assets import DEFAULT_CLASS_PROMPT, DEFAULT_INSTANCE_PROMPT, default_base_path, default_concept_path
+    from ..assets import DEFAULT_CLASS_PROMPT, DEFAULT_INSTANCE_PROMPT, default_base_path, default_concept_path, is_toy_world_base
 
     args = argparse.Namespace(**vars(args))
     given = args.pretrained_model_name_or_path
-    args.embedded = given is None or (os.path.isdir(given) and os.path.isdir(default_base_path()) and os.path.samefile(given, default_base_path()))
+    args.embedded = given is None or is_toy_world_base(given)  # the embedded base, or another toy-world one
     if args.embedded:
-        args.pretrained_model_name_or_path = default_base_path()
+        args.pretrained_model_name_or_path = given or default_base_path()
         if args.instance_data_dir is None and args.dataset_name is None and not args.concepts_list:
             args.instance_data_dir = default_concept_path()
             args.instance_prompt = args.instance_prompt or DEFAULT_INSTANCE_PROMPT

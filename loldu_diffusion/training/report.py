@@ -6,6 +6,7 @@ import os
 
 from PIL import Image
 
+from ..assets import default_base_path
 from ..embeddings import EMBEDDINGS_FILE
 from ..io import atomic_write, atomic_write_text
 from ..single_file import is_single_file
@@ -153,7 +154,7 @@ def _comparison_table(instances: str | None, grids: dict) -> list[str]:
 def model_card(args, summary: dict, grids: dict) -> str:
     """README.md with YAML front matter, as diffusers' DreamBooth scripts write."""
     base = args.pretrained_model_name_or_path
-    if getattr(args, "embedded", False):
+    if os.path.isdir(base) and os.path.samefile(base, default_base_path()):
         base = "assets/tiny-sd"  # the embedded base, as the repository names it
     out = summary["outputs"][0]
     loader = "from_single_file" if is_single_file(base) else "from_pretrained"
