@@ -1,9 +1,10 @@
-"""The default DreamBooth run on the embedded base (LoLDU + pivotal tuning + prior preservation +
-cosine, training.args.EMBEDDED_RECIPE), as the trainer itself reports it (the same measures as
-`loldu bench learning`, n = 48 images per prompt kind). It learns the bundled subject (a purple
-heart with a stripe) close to what the base draws when told exactly and keeps the class prompt;
-it does NOT yet keep new backgrounds — the expected failure below says so and turns into an
-error (strict) the day a change fixes it, so the README's claims get updated.
+"""The default DreamBooth run on the embedded base (LoLDU on the cross-attentions' keys and values
++ pivotal tuning + prior preservation + cosine, training.args.EMBEDDED_RECIPE), as the trainer
+itself reports it (the same measures as `loldu bench learning`, n = 48 images per prompt kind).
+It learns the bundled subject (a purple heart with a stripe) close to what the base draws when
+told exactly, keeps the class prompt and keeps some of new backgrounds; it does NOT yet keep
+them as well as LoRA r=4 with the same recipe — the expected failure below says so and turns
+into an error (strict) the day a change fixes it, so the README's claims get updated.
 
 Marked slow (a full default run, ≈ 2 min on 2 cores); CI runs it all the same."""
 import json
@@ -12,10 +13,11 @@ import os
 import pytest
 
 N = 48
-# Bounds from the runs in BENCHMARKS.md (the recipe, 16 runs at step 200: subject/ceiling 0.84 ± 0.07
-# (bench) and 0.98 ± 0.04 (held-out), 0.98 for this subject and seed; drift −0 ± 1 and +1 ± 1
-# points, −4 here; recontext 0.12 and 0.28, 0.02 here), with margin.
+# Bounds from the runs in BENCHMARKS.md (the recipe, 16 runs at step 200: subject/ceiling 0.89 ± 0.05
+# (bench) and 0.98 ± 0.02 (held-out), 1.02 for this subject and seed; drift +1 ± 1 and −0 ± 1 points,
+# −2 here; recontext 0.27 ± 0.08 and 0.29 ± 0.10, 0.50 here), with margin.
 MIN_SUBJECT_OF_CEILING = 0.6
+MIN_RECONTEXT_OF_CEILING = 0.25
 ISSUE_DRIFT_BAR = 15  # points above the base (issue 11)
 
 
@@ -55,7 +57,13 @@ def test_default_run_keeps_the_class_prompt(default_run):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="known gap (issue 11): LoLDU's adapter overrides backgrounds its images never show "
-                   "(recontext/ceiling 0.12 ± 0.05 with the recipe; LoRA r4 with it 0.67, textual inversion 0.68 on this base)")
-def test_default_run_draws_the_subject_on_new_backgrounds(default_run):
-    assert default_run[1]["judged"]["recontext_of_ceiling"] >= 0.5
+def test_default_run_draws_the_subject_on_some_new_backgrounds(default_run):
+    # on every attention projection the recipe kept 0.02 here (the subject's purple turned blue on dark backgrounds)
+    assert default_run[1]["judged"]["recontext_of_ceiling"] >= MIN_RECONTEXT_OF_CEILING
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(strict=True, reason="known gap (issue 11): LoRA r=4 with the same pivotal recipe keeps new backgrounds "
+                   "better (0.69 ± 0.10 bench, 0.88 ± 0.08 held-out of the ceiling; LoLDU's recipe 0.27 and 0.29)")
+def test_default_run_draws_the_subject_on_new_backgrounds_as_lora_does(default_run):
+    assert default_run[1]["judged"]["recontext_of_ceiling"] >= 0.8

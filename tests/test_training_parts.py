@@ -32,19 +32,22 @@ def test_arguments_are_settled_into_copies_and_resolving_twice_changes_nothing()
 def test_the_embedded_recipe_applies_to_loldu_with_a_class_prompt_and_each_part_can_be_turned_off(tiny_sd_path, tmp_path):
     def resolved(*argv):
         args = resolve_defaults(parse_args(list(argv)))
-        return args.recipe, args.train_text_encoder_ti, args.with_prior_preservation, args.num_class_images, args.lr_scheduler
+        return (args.recipe, args.train_text_encoder_ti, args.with_prior_preservation, args.num_class_images, args.lr_scheduler,
+                args.unet_targets)
 
-    recipe = ("embedded", True, True, 48, "cosine")  # pivotal tuning + prior + cosine: the learning bench's best LoLDU
-    plain = ("plain", False, False, 100, "constant")  # diffusers' defaults
+    cd = ("attn2.to_k", "attn2.to_v")
+    recipe = ("embedded", True, True, 48, "cosine", cd)  # pivotal + prior + cosine on Custom Diffusion's targets: the bench's best
+    plain = ("plain", False, False, 100, "constant", ("to_q", "to_k", "to_v", "to_out.0"))  # diffusers' and the paper's
     assert resolved() == recipe  # the bundled subject has a class prompt
     mine = ["--instance_data_dir", str(tmp_path), "--instance_prompt", "a photo of zwx heart"]
     assert resolved(*mine, "--class_prompt", "a photo of a heart") == recipe
     assert resolved(*mine) == plain  # no class word: no prior, no identifier to tell apart
     assert resolved("--method", "lora") == plain and resolved("--train_text_encoder") == plain
     assert resolved("--pretrained_model_name_or_path", tiny_sd_path, *mine, "--class_prompt", "a photo of a heart") == plain
-    assert resolved("--no_train_text_encoder_ti") == ("embedded", False, True, 48, "cosine")
-    assert resolved("--no_prior_preservation", "--lr_scheduler", "constant") == ("embedded", True, False, 48, "constant")
-    assert resolved("--num_class_images", "10") == ("embedded", True, True, 10, "cosine")
+    assert resolved("--no_train_text_encoder_ti") == ("embedded", False, True, 48, "cosine", cd)
+    assert resolved("--no_prior_preservation", "--lr_scheduler", "constant") == ("embedded", True, False, 48, "constant", cd)
+    assert resolved("--num_class_images", "10") == ("embedded", True, True, 10, "cosine", cd)
+    assert resolved("--unet_targets", "to_q,to_k,to_v,to_out.0")[-1] == plain[-1]
     # diffusers' flags keep their meaning on any base
     assert resolved("--pretrained_model_name_or_path", tiny_sd_path, *mine, "--class_prompt", "a photo of a heart",
                     "--with_prior_preservation", "--train_text_encoder_ti")[1:3] == (True, True)

@@ -177,8 +177,9 @@ def train(args) -> dict:
         say(line)
     if args.recipe == "embedded":
         say(f"note: LoLDU's recipe on the embedded base: pivotal tuning {'on' if args.train_text_encoder_ti else 'off'}, prior "
-            f"preservation {'on' if args.with_prior_preservation else 'off'}, lr schedule {args.lr_scheduler} (README, 'Choices'); "
-            "--no_train_text_encoder_ti, --no_prior_preservation, --lr_scheduler constant change it")
+            f"preservation {'on' if args.with_prior_preservation else 'off'}, lr schedule {args.lr_scheduler}, UNet targets "
+            f"{','.join(args.unet_targets)} (README, 'Choices'); --no_train_text_encoder_ti, --no_prior_preservation, "
+            "--lr_scheduler constant, --unet_targets to_q,to_k,to_v,to_out.0 change it")
     if args.concepts and args.validation_prompt:
         say("note: --validation_prompt changes nothing with --concepts_list: the subjects' adapters are apart until the end; "
             "preview each with loldu generate --adapter OUTPUT_DIR/NAME/loldu_adapter.safetensors")
