@@ -139,9 +139,10 @@ def test_olora_export_is_exact_on_the_pristine_base(tiny_sd_path, tmp_path):
 
     from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 
+    from loldu_diffusion.training.args import resolve_defaults
     from loldu_diffusion.training.methods import LoRAMethod
 
-    args = parse_args(["--method", "olora", "--rank", "4"])
+    args = resolve_defaults(parse_args(["--method", "olora", "--rank", "4"]))  # settled, as train() settles them
     args.alpha, args.train_text_encoder = 8.0, False
     unet = UNet2DConditionModel.from_pretrained(tiny_sd_path, subfolder="unet")
     method = LoRAMethod(args)
