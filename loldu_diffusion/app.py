@@ -74,6 +74,27 @@ def file_key(path: str) -> str:
         return hashlib.sha256(f.read(MAX_UPLOAD_BYTES + 1)).hexdigest()
 
 
+def read_embedding(pipe, path: str, held, where: str) -> LoadedEmbedding:
+    """A token-embedding file, checked, and refused if a token of it already has another file's
+    embedding among `held` (two rows for one token cannot both be drawn)."""
+    rows = read_pipeline_embeddings(pipe, path)
+    key = file_key(path)
+    for other in held:
+        clash = sorted(t for i, (t, _) in rows.items() if i in other.rows)
+        if clash and other.key != key:
+            raise EmbeddingFileError(f"{os.path.basename(path)}: the token(s) {clash} already have an embedding in {where} "
+                                     f"({os.path.basename(other.path)}); remove it first")
+    return LoadedEmbedding(path, key, rows)
+
+
+def adapter_files(folder: str | None) -> list[str]:
+    """The adapter files of a folder, sorted; the token-embedding files beside them are not adapters."""
+    if not folder or not os.path.isdir(folder):
+        return []
+    paths = (os.path.join(folder, n) for n in os.listdir(folder) if n.endswith(".safetensors"))
+    return sorted(p for p in paths if not is_embedding_file(p))
+
+
 def _first_prompt(preloaded) -> str | None:
     """The prompt an adapter's trainer validated with (else its trigger): the one it is known to
     draw its subject for. Added scenery can fail on a small adapter, so none is added."""
@@ -106,7 +127,8 @@ class Studio:
         for p in preload:
             try:
                 beside = embedding_beside(p)  # the bundled adapter's identifier embedding (pivotal tuning)
-                emb = LoadedEmbedding(beside, file_key(beside), read_pipeline_embeddings(self.pipe, beside)) if beside else None
+                held = [entry[-1] for entry in self.preload if entry[-1] is not None]
+                emb = read_embedding(self.pipe, beside, held, "the preloaded adapters") if beside else None
                 self.preload.append(self.acquire(p) + (p, emb))
             except (AdapterFileError, EmbeddingFileError, OSError) as e:  # e.g. an adapter of another base: the app starts without it
                 self.preload_errors.append(f"{os.path.basename(p)} is not preloaded: {str(e).splitlines()[0]}")
@@ -121,10 +143,7 @@ class Studio:
         return s
 
     def folder_adapters(self) -> list[str]:
-        d = self.adapters_dir
-        listed = sorted(os.path.join(d, n) for n in os.listdir(d) if n.endswith(".safetensors") and not is_embedding_file(os.path.join(d, n))) \
-            if d and os.path.isdir(d) else []
-        return listed + (self.trainer.trained() if self.trainer else [])
+        return adapter_files(self.adapters_dir) + (self.trainer.trained() if self.trainer else [])
 
     def adapter_choices(self) -> list[tuple[str, str]]:
         """(label, path) for the list: a file's name, or the name of the run that trained it here."""
@@ -230,14 +249,7 @@ class Session:
         return a
 
     def _read_embedding(self, path: str) -> LoadedEmbedding:
-        rows = read_pipeline_embeddings(self.studio.pipe, path)
-        key = file_key(path)
-        for other in self.embeddings.values():
-            clash = sorted(t for i, (t, _) in rows.items() if i in other.rows)
-            if clash and other.key != key:
-                raise EmbeddingFileError(f"{os.path.basename(path)}: the token(s) {clash} already have an embedding in this "
-                                         f"session ({os.path.basename(other.path)}); remove it first")
-        return LoadedEmbedding(path, key, rows)
+        return read_embedding(self.studio.pipe, path, self.embeddings.values(), "this session")
 
     def add_embedding(self, path: str) -> LoadedEmbedding:
         """Validate and load a token-embedding file (textual inversion / pivotal tuning) for this session."""
@@ -595,9 +607,7 @@ def launch(base=None, adapters_dir=None, host="127.0.0.1", port=7860, block=True
     trainer = _trainer(base, outputs, train_args)  # a mistyped --train-args is one line now, not after the base loads
     adapters_dir = adapters_dir or (os.path.join(ASSETS, "adapters") if embedded else None)
     if preload is None:  # the bundled example is made for the embedded base only
-        bundled = os.path.join(ASSETS, "adapters")
-        preload = [os.path.join(bundled, f) for f in os.listdir(bundled)
-                   if f.endswith(".safetensors") and not is_embedding_file(os.path.join(bundled, f))] if embedded else []
+        preload = adapter_files(os.path.join(ASSETS, "adapters")) if embedded else []
     studio = Studio(base, adapters_dir, preload=sorted(preload), outputs_dir=outputs, compile=compile)
     studio.trainer = trainer
     if embedded and not studio.default_prompt:  # the bundled adapter could not be preloaded: a first click still draws

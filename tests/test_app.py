@@ -307,6 +307,12 @@ def test_a_preloaded_adapter_brings_its_named_embedding_and_the_list_shows_only_
     cat.clear()
     cat.add(str(folder / "cat.safetensors"))  # another adapter of the folder does not take dog's embedding
     assert cat.embeddings == {}
+    # two preloaded adapters whose embeddings give `sks` different rows: the second is not preloaded, and says why
+    _embedding(folder / "cat.learned_embeds.safetensors", studio.pipe, seed=1)
+    both = Studio(tiny_sd_path, str(folder), preload=[str(folder / "dog.safetensors"), str(folder / "cat.safetensors")])
+    assert [e[3] for e in both.preload] == [str(folder / "dog.safetensors")]
+    assert both.preload_errors == ["cat.safetensors is not preloaded: cat.learned_embeds.safetensors: the token(s) ['sks'] already "
+                                   "have an embedding in the preloaded adapters (dog.learned_embeds.safetensors); remove it first"]
 
 
 def test_bad_or_clashing_embeddings_are_refused_and_change_nothing(studio, session, tmp_path):

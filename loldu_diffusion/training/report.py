@@ -160,14 +160,14 @@ def model_card(args, summary: dict, grids: dict) -> str:
     loader = "from_single_file" if is_single_file(base) else "from_pretrained"
     tags = ["text-to-image", "diffusers", "dreambooth", args.method, "loldu-diffusion"]
     pivotal = bool(getattr(args, "train_text_encoder_ti", False))  # the identifier's embedding is an output too
+    embedding = f"load_token_embeddings(pipe, {EMBEDDINGS_FILE!r})  # the identifier's trained embedding (pivotal tuning)\n"
     load = {
         "loldu": (
             "from diffusers import StableDiffusionPipeline\n"
             f"from loldu_diffusion import load_adapter{', load_token_embeddings' if pivotal else ''}\n\n"
             f"pipe = StableDiffusionPipeline.{loader}({base!r})\n"
             f"load_adapter(pipe, {out!r}, weight=1.0)\n"
-            + (f"load_token_embeddings(pipe, {EMBEDDINGS_FILE!r})  # the identifier's trained embedding (pivotal tuning)\n"
-               if pivotal else "")
+            + (embedding if pivotal else "")
             + f"image = pipe({args.instance_prompt!r}).images[0]\n"
         ),
         "lora": f"pipe = StableDiffusionPipeline.{loader}({base!r})\npipe.load_lora_weights({args.output_dir!r})\n",
@@ -179,7 +179,7 @@ def model_card(args, summary: dict, grids: dict) -> str:
                 f"# loldu_diffusion.training.methods.PeftVectorMethod(args).load_output(pipe, {args.output_dir!r})\n",
     }[{"olora": "lora", "vera": "peft", "ia3": "peft"}.get(args.method, args.method)]
     if pivotal and args.method != "loldu":
-        load += f"from loldu_diffusion import load_token_embeddings\nload_token_embeddings(pipe, {EMBEDDINGS_FILE!r})  # the identifier's trained embedding\n"
+        load += "from loldu_diffusion import load_token_embeddings\n" + embedding
     front = ["---", f"base_model: {base}", f"instance_prompt: {json.dumps(args.instance_prompt)}", "license: openrail++", "tags:"]
     front += [f"- {t}" for t in tags] + ["inference: true", "---"]
     body = [
