@@ -121,6 +121,14 @@ def configs(quick: bool, which: str = "all"):
         dict(name="lora-r4-custom-diffusion-cosine", method="lora", lr=1e-3,
              args=["--rank", "4", "--unet_targets", "attn2.to_k,attn2.to_v", "--train_text_encoder_ti", "--text_encoder_lr", "1e-2",
                    "--with_prior_preservation", "--num_class_images", "48", "--lr_scheduler", "cosine"]),
+        # the default without its adapter: the identifier's embedding alone at the default's lr and schedule (prior
+        # preservation gives it no gradient: the class prompt lacks the identifier). Does the adapter add anything?
+        dict(name="textual-inversion-cosine", method="ti", lr=lr, args=["--lr_scheduler", "cosine"]),
+        # the default with its adapter at 3e-3 (the embedding stays at 1e-2): less of the adapter's reweighting of every
+        # token's keys and values (new backgrounds 0.27 of the ceiling, textual inversion alone 0.68)
+        dict(name="loldu-custom-diffusion-cosine-unetlr3e-3", method="loldu", lr=3e-3,
+             args=["--unet_targets", "attn2.to_k,attn2.to_v", "--train_text_encoder_ti", "--text_encoder_lr", "1e-2",
+                   "--with_prior_preservation", "--num_class_images", "48", "--lr_scheduler", "cosine"]),
         # pivotal tuning without prior preservation: the embedding (lr 1e-2) carries the subject, the shared adapter only
         # refines it at a tenth of that lr, so the class prompt has little to drift through
         dict(name="loldu-ti-unetlr1e-3", method="loldu", lr=1e-3, args=["--train_text_encoder_ti", "--text_encoder_lr", "1e-2"]),
