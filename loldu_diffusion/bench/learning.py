@@ -129,6 +129,13 @@ def configs(quick: bool, which: str = "all"):
         dict(name="loldu-custom-diffusion-cosine-unetlr3e-3", method="loldu", lr=3e-3,
              args=["--unet_targets", "attn2.to_k,attn2.to_v", "--train_text_encoder_ti", "--text_encoder_lr", "1e-2",
                    "--with_prior_preservation", "--num_class_images", "48", "--lr_scheduler", "cosine"]),
+        # the other "only vectors train" peers with the default's recipe and targets (their plain rows drift as LoLDU alone)
+        dict(name="vera-custom-diffusion-cosine", method="vera", lr=1e-2,
+             args=["--unet_targets", "attn2.to_k,attn2.to_v", "--train_text_encoder_ti", "--text_encoder_lr", "1e-2",
+                   "--with_prior_preservation", "--num_class_images", "48", "--lr_scheduler", "cosine"]),
+        dict(name="ia3-custom-diffusion-cosine", method="ia3", lr=1e-2,
+             args=["--unet_targets", "attn2.to_k,attn2.to_v", "--train_text_encoder_ti", "--text_encoder_lr", "1e-2",
+                   "--with_prior_preservation", "--num_class_images", "48", "--lr_scheduler", "cosine"]),
         # pivotal tuning without prior preservation: the embedding (lr 1e-2) carries the subject, the shared adapter only
         # refines it at a tenth of that lr, so the class prompt has little to drift through
         dict(name="loldu-ti-unetlr1e-3", method="loldu", lr=1e-3, args=["--train_text_encoder_ti", "--text_encoder_lr", "1e-2"]),
