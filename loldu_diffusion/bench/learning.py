@@ -46,10 +46,19 @@ def configs(quick: bool, which: str = "all"):
     default = dict(name=DEFAULT_CONFIG, method="loldu", lr=lr,
                    args=["--unet_targets", "attn2.to_k,attn2.to_v", "--train_text_encoder_ti", "--with_prior_preservation",
                          "--num_class_images", "48", "--lr_scheduler", "cosine"])
+    # the default's recipe, for the peers that take it (the bar compares them at equal recipe and targets)
+    recipe = ["--unet_targets", "attn2.to_k,attn2.to_v", "--train_text_encoder_ti", "--text_encoder_lr", "1e-2",
+              "--with_prior_preservation", "--num_class_images", "48", "--lr_scheduler", "cosine"]
     core = [default, loldu, lora,
             dict(name="vera", method="vera", lr=1e-2),
             dict(name="ia3", method="ia3", lr=1e-2),
-            dict(name="textual-inversion", method="ti", lr=5e-3)]
+            dict(name="textual-inversion", method="ti", lr=5e-3),
+            # the default without its adapter: the identifier's embedding alone at the default's lr and schedule (prior
+            # preservation gives it no gradient: the class prompt lacks the identifier). Does the adapter add anything?
+            dict(name="textual-inversion-cosine", method="ti", lr=lr, args=["--lr_scheduler", "cosine"]),
+            # the other "only vectors train" peers with the default's recipe and targets (their plain rows drift as LoLDU alone)
+            dict(name="vera-custom-diffusion-cosine", method="vera", lr=1e-2, args=recipe),
+            dict(name="ia3-custom-diffusion-cosine", method="ia3", lr=1e-2, args=recipe)]
     if which == "core":
         return core
     return core + [
@@ -118,24 +127,10 @@ def configs(quick: bool, which: str = "all"):
              args=["--unet_targets", "attn2.to_k,attn2.to_v", "--train_text_encoder_ti", "--with_prior_preservation",
                    "--num_class_images", "48"]),
         # the peer with the same recipe and targets (PEFT matches "attn2.to_k" as a suffix of the module path, as LoLDU does)
-        dict(name="lora-r4-custom-diffusion-cosine", method="lora", lr=1e-3,
-             args=["--rank", "4", "--unet_targets", "attn2.to_k,attn2.to_v", "--train_text_encoder_ti", "--text_encoder_lr", "1e-2",
-                   "--with_prior_preservation", "--num_class_images", "48", "--lr_scheduler", "cosine"]),
-        # the default without its adapter: the identifier's embedding alone at the default's lr and schedule (prior
-        # preservation gives it no gradient: the class prompt lacks the identifier). Does the adapter add anything?
-        dict(name="textual-inversion-cosine", method="ti", lr=lr, args=["--lr_scheduler", "cosine"]),
+        dict(name="lora-r4-custom-diffusion-cosine", method="lora", lr=1e-3, args=["--rank", "4", *recipe]),
         # the default with its adapter at 3e-3 (the embedding stays at 1e-2): less of the adapter's reweighting of every
         # token's keys and values (new backgrounds 0.27 of the ceiling, textual inversion alone 0.68)
-        dict(name="loldu-custom-diffusion-cosine-unetlr3e-3", method="loldu", lr=3e-3,
-             args=["--unet_targets", "attn2.to_k,attn2.to_v", "--train_text_encoder_ti", "--text_encoder_lr", "1e-2",
-                   "--with_prior_preservation", "--num_class_images", "48", "--lr_scheduler", "cosine"]),
-        # the other "only vectors train" peers with the default's recipe and targets (their plain rows drift as LoLDU alone)
-        dict(name="vera-custom-diffusion-cosine", method="vera", lr=1e-2,
-             args=["--unet_targets", "attn2.to_k,attn2.to_v", "--train_text_encoder_ti", "--text_encoder_lr", "1e-2",
-                   "--with_prior_preservation", "--num_class_images", "48", "--lr_scheduler", "cosine"]),
-        dict(name="ia3-custom-diffusion-cosine", method="ia3", lr=1e-2,
-             args=["--unet_targets", "attn2.to_k,attn2.to_v", "--train_text_encoder_ti", "--text_encoder_lr", "1e-2",
-                   "--with_prior_preservation", "--num_class_images", "48", "--lr_scheduler", "cosine"]),
+        dict(name="loldu-custom-diffusion-cosine-unetlr3e-3", method="loldu", lr=3e-3, args=recipe),
         # pivotal tuning without prior preservation: the embedding (lr 1e-2) carries the subject, the shared adapter only
         # refines it at a tenth of that lr, so the class prompt has little to drift through
         dict(name="loldu-ti-unetlr1e-3", method="loldu", lr=1e-3, args=["--train_text_encoder_ti", "--text_encoder_lr", "1e-2"]),
