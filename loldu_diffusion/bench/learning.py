@@ -398,19 +398,25 @@ def plot(r: dict, path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 3, figsize=(14, 3.8), sharex=True)
-    for i, s in enumerate(x for x in r["summary"].values() if x["group"] == "bench"):
+    # the comparisons a reader needs (the default, LoLDU alone, the small-file peers plain and with the default's
+    # recipe, LoRA's recipe rows); every other variant stays in the table
+    plotted = {c["name"] for c in configs(False, "core")} | {"lora-r4-ti-prior", "lora-r4-custom-diffusion-cosine"}
+    rows = [x for x in r["summary"].values() if x["group"] == "bench"]
+    rows = [x for x in rows if x["config"] in plotted] or rows
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4), sharex=True)
+    for i, s in enumerate(rows):
         for ax, k in zip(axes, ("subject", "recontext", "drift")):
             m = [v[0] for v in s[k]]
             se = [0 if math.isnan(v[1]) else v[1] for v in s[k]]
             style = "-" if s["config"].startswith("loldu") else "--"
-            ax.errorbar(s["steps"], m, yerr=se, label=s["config"], color=f"C{i % 10}", linestyle=style, capsize=2)
+            ax.errorbar(s["steps"], m, yerr=se, label=s["config"], color=plt.cm.tab20(i % 20), linestyle=style, capsize=2)
     for ax, title in zip(axes, ("subject / ceiling", "recontextualisation / ceiling", "drift onto the class prompt (points)")):
         ax.set_title(title)
         ax.set_xlabel("step")
     axes[0].axhline(LEARNT, color="gray", linewidth=0.6)
-    axes[2].axhline(15, color="gray", linewidth=0.6)
-    axes[0].legend(fontsize=7, loc="upper left")
-    fig.tight_layout()
+    axes[2].axhline(DRIFT_BAR, color="gray", linewidth=0.6)
+    fig.suptitle("bench subjects, mean ± standard error over runs (LoLDU solid)", fontsize=9)
+    fig.tight_layout(rect=(0, 0, 0.84, 1))
+    fig.legend(*axes[0].get_legend_handles_labels(), fontsize=7, loc="center right")
     fig.savefig(path, dpi=100)
     plt.close(fig)
