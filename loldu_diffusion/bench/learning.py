@@ -43,12 +43,12 @@ def configs(quick: bool, which: str = "all"):
     if quick:
         return [loldu, lora]
     # the trainer's default on the embedded base (training.args.EMBEDDED_RECIPE), then LoLDU alone (the paper's recipe)
-    default = dict(name=DEFAULT_CONFIG, method="loldu", lr=lr,
-                   args=["--unet_targets", "attn2.to_k,attn2.to_v", "--train_text_encoder_ti", "--with_prior_preservation",
-                         "--num_class_images", "48", "--lr_scheduler", "cosine"])
-    # the default's recipe, for the peers that take it (the bar compares them at equal recipe and targets)
-    recipe = ["--unet_targets", "attn2.to_k,attn2.to_v", "--train_text_encoder_ti", "--text_encoder_lr", "1e-2",
-              "--with_prior_preservation", "--num_class_images", "48", "--lr_scheduler", "cosine"]
+    default_args = ["--unet_targets", "attn2.to_k,attn2.to_v", "--train_text_encoder_ti", "--with_prior_preservation",
+                    "--num_class_images", "48", "--lr_scheduler", "cosine"]
+    default = dict(name=DEFAULT_CONFIG, method="loldu", lr=lr, args=default_args)
+    # the default's recipe for the peers that take it at their own lr (the bar compares them at equal recipe and
+    # targets): the identifier's embedding stays at the default's lr
+    recipe = [*default_args, "--text_encoder_lr", "1e-2"]
     core = [default, loldu, lora,
             dict(name="vera", method="vera", lr=1e-2),
             dict(name="ia3", method="ia3", lr=1e-2),
