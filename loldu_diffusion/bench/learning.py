@@ -134,6 +134,11 @@ def configs(quick: bool, which: str = "all"):
         # pivotal tuning without prior preservation: the embedding (lr 1e-2) carries the subject, the shared adapter only
         # refines it at a tenth of that lr, so the class prompt has little to drift through
         dict(name="loldu-ti-unetlr1e-3", method="loldu", lr=1e-3, args=["--train_text_encoder_ti", "--text_encoder_lr", "1e-2"]),
+        # the default with each instance image captioned with its background ("a photo of sks heart on a white background"):
+        # on new backgrounds the default's subject turns red (its embedding alone: red too), as if the identifier had learnt
+        # "on a light background" along with the subject
+        dict(name="loldu-custom-diffusion-cosine-captioned", method="loldu", lr=lr, args=default_args, captions=True),
+        dict(name="lora-r4-custom-diffusion-cosine-captioned", method="lora", lr=1e-3, args=["--rank", "4", *recipe], captions=True),
         # the embedding's norm fixed at the class word's (it inflated 0.73 -> 2.2 by step 200 as zwx's colour went)
         dict(name="loldu-ti-prior-fixednorm", method="loldu", lr=lr,
              args=["--train_text_encoder_ti", "--ti_norm", "fixed", "--with_prior_preservation", "--num_class_images", "48"]),
@@ -293,9 +298,10 @@ def run_plan(plan: list[tuple[str, str, int]], steps: int = CHECKPOINTS[-1], n: 
                 result["base"][ident] = base_rates(base, judge, subject, n)
             if not (result["base"][ident]["admitted"] or quick):
                 continue
-            inst = os.path.join(work, f"subject-{ident}")
+            captions = by_name[cfg_name].get("captions", False)
+            inst = os.path.join(work, f"subject-{ident}" + ("-captioned" if captions else ""))
             if not os.path.isdir(inst):
-                render_subject(subject, inst)
+                render_subject(subject, inst, captions=captions)
             result["runs"].append(run_one(by_name[cfg_name], subject, seed, inst, work, steps, checkpoints, n, judge, base_path))
             if not quick:
                 write_json(partial, result)

@@ -97,9 +97,11 @@ def read_subject(folder: str) -> Subject | None:
         return Subject(**json.load(f))
 
 
-def render_subject(subject: Subject, out_dir: str, n: int = 5, seed: int = 0) -> list[str]:
+def render_subject(subject: Subject, out_dir: str, n: int = 5, seed: int = 0, captions: bool = False) -> list[str]:
     """Write n instance images (PNG) of the subject, a README with its prompts and subject.json
-    (what the trainer's judge compares the learnt images with)."""
+    (what the trainer's judge compares the learnt images with). With `captions`, each image gets a
+    NAME.txt caption that names its background, as a user captions photos for kohya's trainers:
+    the identifier then need not carry the background the photos happen to share."""
     rng = random.Random(seed)
     os.makedirs(out_dir, exist_ok=True)
     paths = []
@@ -111,6 +113,9 @@ def render_subject(subject: Subject, out_dir: str, n: int = 5, seed: int = 0) ->
         path = os.path.join(out_dir, f"{i:02d}.png")
         world.render(scene).save(path)
         paths.append(path)
+        if captions:
+            with open(os.path.join(out_dir, f"{i:02d}.txt"), "w") as f:
+                f.write(subject.prompt_on(scene.background_color) + "\n")
     with open(os.path.join(out_dir, "subject.json"), "w") as f:
         json.dump(asdict(subject), f)
     with open(os.path.join(out_dir, "README.md"), "w") as f:
