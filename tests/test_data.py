@@ -56,6 +56,22 @@ def test_caption_files(tmp_path):
     assert caption_for(str(img), "default") == "a photo of sks dog on the beach"
 
 
+def test_captioned_toy_subject_names_each_images_background(tmp_path):
+    # the bench's captioned rows: each instance image's caption is the instance prompt on its own background,
+    # which the trainer reads as that image's caption; the judge's subject.json is the same as without captions
+    from loldu_diffusion.toy.concepts import DEFAULT_SUBJECT, TRAIN_BACKGROUNDS, read_subject, render_subject
+    from loldu_diffusion.toy.judge import load_judge
+
+    paths = render_subject(DEFAULT_SUBJECT, str(tmp_path), n=3, captions=True)
+    seen = load_judge().read([Image.open(p) for p in paths])
+    for p, a in zip(paths, seen):
+        assert caption_for(p, "unused") == f"a photo of sks heart on a {a['background_color']} background"
+    assert {a["background_color"] for a in seen} == set(TRAIN_BACKGROUNDS)
+    assert read_subject(str(tmp_path)) == DEFAULT_SUBJECT
+    render_subject(DEFAULT_SUBJECT, str(tmp_path / "plain"), n=3)
+    assert not list((tmp_path / "plain").glob("*.txt"))
+
+
 def test_identifier_warning():
     assert check_identifier("a photo of sks dog") is None
     assert check_identifier("a photo of ohwx man") is None

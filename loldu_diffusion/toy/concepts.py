@@ -137,8 +137,9 @@ def main(argv=None):
     p.add_argument("--identifier", default="sks")
     p.add_argument("-n", type=int, default=5)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--captions", action="store_true", help="write NAME.txt beside each image, naming its background")
     a = p.parse_args(argv)
-    paths = render_subject(Subject(a.shape, a.color, a.marking, a.identifier), a.out_dir, a.n, a.seed)
+    paths = render_subject(Subject(a.shape, a.color, a.marking, a.identifier), a.out_dir, a.n, a.seed, a.captions)
     print(f"wrote {len(paths)} images to {a.out_dir}")
 
 
