@@ -73,10 +73,15 @@ class AdapterFile:
     def num_layers(self) -> int:
         return sum(len(v) for v in self.layers.values())
 
+    def row_ranks(self, comp: str) -> torch.Tensor:
+        """(n,) the rank of each row: the file's rank, or less for a layer whose full rank
+        min(out, in) is below it (its trailing entries are padding: pivot −1, δ = d = 0)."""
+        return (self.pivots[comp] >= 0).sum(dim=1)
+
     @property
     def num_parameters(self) -> int:
         """Numbers that define the adapter: one δ entry per rank per layer."""
-        return sum(t.numel() for t in self.delta.values())
+        return sum(int(self.row_ranks(c).sum()) for c in self.delta)
 
     # ---- writing -------------------------------------------------------------------------
     def save(self, path: str, overwrite: bool = False) -> None:
@@ -171,9 +176,13 @@ class AdapterFile:
                     f"{DELTA_BOUND:g} × max|d| = {DELTA_BOUND * float(scale[i]):.3g} (d: the base weight's LDU diagonal); "
                     "this is not a trained adapter")
             pv = self.pivots[c]
-            if (pv < 0).any():
-                raise AdapterFileError(f"{name}: tensor {c}.pivots holds negative row indices")
-            srt = pv.sort(dim=1).values
+            pad = pv == -1  # a layer whose full rank is below the file's: trailing entries pad
+            if (pv < -1).any() or pad[:, 0].any() or (pad[:, :-1] & ~pad[:, 1:]).any():
+                raise AdapterFileError(f"{name}: tensor {c}.pivots holds negative row indices (only trailing −1s may pad a layer of lower rank)")
+            if (self.delta[c][pad] != 0).any() or (self.d[c][pad] != 0).any():
+                raise AdapterFileError(f"{name}: tensor {c}.delta or {c}.d is not 0 where {c}.pivots pads a layer of lower rank")
+            distinct = torch.where(pad, -1 - torch.arange(pv.shape[1]).expand_as(pv), pv)  # padding never repeats
+            srt = distinct.sort(dim=1).values
             if (srt[:, 1:] == srt[:, :-1]).any():
                 raise AdapterFileError(f"{name}: tensor {c}.pivots repeats a row index within a layer")
         return self
@@ -205,9 +214,9 @@ class AdapterFile:
                 linear = sites_for(c).linear(comps[c], mod_path, target) if (mod_path, target) in valid else None
                 if linear is None:
                     raise AdapterFileError(f"{name}: layer {layer_name} does not exist in this base model; the adapter is for a different architecture ({arch})")
-                r = self.delta[c].shape[1]
-                if r > min(linear.weight.shape):
-                    raise AdapterFileError(f"{name}: layer {layer_name}: rank {r} exceeds the layer's {tuple(linear.weight.shape)} shape; different architecture ({arch})")
+                r, full = int(self.row_ranks(c)[i]), min(linear.weight.shape)
+                if r > full or (r < self.delta[c].shape[1] and r != full):  # padded rows are layers at their full rank
+                    raise AdapterFileError(f"{name}: layer {layer_name}: rank {r} does not fit the layer's {tuple(linear.weight.shape)} shape; different architecture ({arch})")
                 if int(self.pivots[c][i].max()) >= linear.weight.shape[0]:
                     raise AdapterFileError(f"{name}: layer {layer_name}: pivot index beyond the layer's {linear.weight.shape[0]} rows; different architecture ({arch})")
                 layer = attached.get((c, mod_path, target))
@@ -217,14 +226,15 @@ class AdapterFile:
                     factors = decompose_ldu(linear.weight, r)
                     piv, dg = factors.pivots, factors.d.float()
                 low_precision = linear.weight.dtype in (torch.float16, torch.bfloat16)
-                if layer is None and not torch.equal(piv, self.pivots[c][i]) and low_precision:
+                want_piv, want_d = self.pivots[c][i, :r], self.d[c][i, :r]
+                if layer is None and not torch.equal(piv, want_piv) and low_precision:
                     # a near-tie broken the other way by fp16 rounding: use the file's pivots
                     # if they are partial pivots of this weight (|L̃| ≤ 1 up to rounding)
-                    prescribed = decompose_ldu(linear.weight, r, pivots=self.pivots[c][i])
+                    prescribed = decompose_ldu(linear.weight, r, pivots=want_piv)
                     if prescribed.L.abs().max() <= 1.02:
                         factors, piv, dg = prescribed, prescribed.pivots, prescribed.d.float()
                 rtol = 2e-2 if low_precision else 2e-3
-                if not torch.equal(piv, self.pivots[c][i]) or not torch.allclose(dg, self.d[c][i], rtol=rtol, atol=1e-6):
+                if not torch.equal(piv, want_piv) or not torch.allclose(dg, want_d, rtol=rtol, atol=1e-6):
                     base = self.metadata.get("base_model") or "another base model"
                     raise AdapterFileError(f"{name}: layer {layer_name} does not match this base model's weights; the adapter was trained on {base}")
                 found[(c, mod_path, target)] = factors
@@ -348,12 +358,15 @@ def save_adapter(model, path: str, adapter_name: str | None = None, metadata: di
         what = f"adapter {adapter_name!r}" if adapter_name else "active LoLDU adapter"
         raise ValueError(f"nothing to save: the model has no {what}")
     r = max(dl.shape[0] for rs in rows.values() for dl, _ in rs)
+    pad = torch.nn.functional.pad
     delta, pivots, d = {}, {}, {}
     for c, rs in rows.items():
-        factors = [layer.factors_at(r) for _, layer in rs]  # blends of adapters of several ranks are saved at the largest
-        delta[c] = torch.stack([torch.nn.functional.pad(dl, (0, r - dl.shape[0])) for dl, _ in rs])
-        pivots[c] = torch.stack([p.cpu() for p, _ in factors])
-        d[c] = torch.stack([dd.float().cpu() for _, dd in factors])
+        # blends of adapters of several ranks are saved at the largest; a layer whose full rank is below it, at its full
+        # rank (its δ is no longer), the rest of its row padded
+        factors = [layer.factors_at(min(r, *layer.base.weight.shape)) for _, layer in rs]
+        delta[c] = torch.stack([pad(dl, (0, r - dl.shape[0])) for dl, _ in rs])
+        pivots[c] = torch.stack([pad(p.cpu(), (0, r - p.shape[0]), value=-1) for p, _ in factors])
+        d[c] = torch.stack([pad(dd.float().cpu(), (0, r - dd.shape[0])) for _, dd in factors])
     meta = {"method": "loldu", "rank": r}
     configs = {}
     for comp in components(model).values():
@@ -386,11 +399,11 @@ def load_adapter(model, path_or_file, adapter_name: str | None = None, weight: f
     vectors = {}
     for c, rows in f.layers.items():
         device = next(comps[c].parameters()).device  # built where the layers are: add_adapter's .to() keeps the views
-        vectors.update(zip([(c, m, t) for m, t in rows], LoLDUVector.fixed_rows(f.delta[c].to(device))))
+        vectors.update(zip([(c, m, t) for m, t in rows], LoLDUVector.fixed_rows(f.delta[c].to(device), f.row_ranks(c).tolist())))
     with all_or_nothing(model, adapter_name):
         for c, rows in f.layers.items():
             install_processors(comps[c], c, [m for m, _ in rows])
             for m, t in rows:
-                layer = attach_layer(comps[c], c, m, t, f.delta[c].shape[1], factors[(c, m, t)])
+                layer = attach_layer(comps[c], c, m, t, vectors[(c, m, t)].rank, factors[(c, m, t)])
                 layer.add_adapter(adapter_name, vectors[(c, m, t)], weight)
     return f

@@ -11,7 +11,7 @@ DEFAULT_TEXT_ENCODER_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
 
 @dataclass
 class LoLDUConfig:
-    rank: int = 32
+    rank: int = 32  # per layer, at most the layer's full rank min(out, in)
     alpha: float | None = None  # None → rank, so σ₀ = alpha / rank = 1 as in the paper
     init: str = "lu"
     unet_targets: tuple[str, ...] | None = DEFAULT_UNET_TARGETS

@@ -75,16 +75,18 @@ class LoLDUVector(nn.Module):
         return cls(delta, 1.0, trainable=False)._zero_reference()
 
     @classmethod
-    def fixed_rows(cls, deltas: torch.Tensor) -> list["LoLDUVector"]:
-        """One fixed vector per row of `deltas` (layers, r), for a loaded adapter. Their values are
-        views of two tensors (every z, every σ), so one version counter says whether any of them
-        was edited in place: guard.py checks a loaded adapter once per call, not once per layer."""
+    def fixed_rows(cls, deltas: torch.Tensor, ranks: list[int] | None = None) -> list["LoLDUVector"]:
+        """One fixed vector per row of `deltas` (layers, r), the first ranks[i] entries of row i, for a
+        loaded adapter. Their values are views of two tensors (every z, every σ), so one version
+        counter says whether any of them was edited in place: guard.py checks a loaded adapter once
+        per call, not once per layer."""
         z = deltas.detach().to(torch.float32).clone()  # (layers, r)
         sigma = torch.ones(z.shape[0], device=z.device)  # (layers,)
+        ranks = ranks or [z.shape[1]] * z.shape[0]
         vectors = []
         for i in range(z.shape[0]):
-            v = cls.fixed(z[i])
-            v.z = nn.Parameter(z[i], requires_grad=False)  # (r,) a view of z
+            v = cls.fixed(z[i, : ranks[i]])
+            v.z = nn.Parameter(z[i, : ranks[i]], requires_grad=False)  # (ranks[i],) a view of z
             v.sigma = nn.Parameter(sigma[i], requires_grad=False)  # () a view of sigma
             v.shared = (z, sigma)
             vectors.append(v)

@@ -132,8 +132,9 @@ def inject_loldu(model, config: LoLDUConfig | None = None, adapter_name: str = "
         install_processors(comp, comp_name, [path for c, _, path, _ in plan if c == comp_name])
     layers = []
     for comp_name, comp, path, t in plan:
-        layer = attach_layer(comp, comp_name, path, t, config.rank)
-        z0 = initial_z(layer.d[: config.rank].cpu().double(), config.init).float()
+        rank = min(config.rank, *sites_for(comp_name).linear(comp, path, t).weight.shape)  # at most the layer's full rank
+        layer = attach_layer(comp, comp_name, path, t, rank)
+        z0 = initial_z(layer.d[:rank].cpu().double(), config.init).float()
         layer.add_adapter(adapter_name, LoLDUVector(z0, config.sigma0, trainable=True))
         layers.append(layer)
     for comp_name, comp in comps.items():

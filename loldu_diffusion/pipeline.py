@@ -89,21 +89,29 @@ def blend_files(specs: list[str]) -> AdapterFile:
         delta[c] = torch.zeros(n, rank)
         pivots[c] = torch.full((n, rank), -1, dtype=torch.long)
         d[c] = torch.zeros(n, rank)
+        full = torch.full((n,), rank)  # a row a file pads is a layer at its full rank: it needs no more pivots
         for f, w in files:
             if c not in f.layers:
                 continue
-            r = f.delta[c].shape[1]
+            r, rows_r = f.delta[c].shape[1], f.row_ranks(c)
             j = torch.tensor([idx[row] for row in f.layers[c]])
-            delta[c][j, :r] += w * f.delta[c]
-            known = pivots[c][j, :r]
-            clash = ((known >= 0) & (known != f.pivots[c])).any(dim=1)
+            delta[c][j, :r] += w * f.delta[c]  # padding adds 0
+            known, theirs = pivots[c][j, :r], f.pivots[c]
+            clash = ((known >= 0) & (theirs >= 0) & (known != theirs)).any(dim=1)
             if clash.any():
                 row = f.layers[c][int(clash.nonzero()[0, 0])]
                 raise AdapterFileError(f"{os.path.basename(f.path)}: layer {c}.{'.'.join(row)} has other pivots than the other adapters: they were trained on different base models")
-            grow = r >= (pivots[c][j] >= 0).sum(dim=1)  # this file knows at least as many pivots
-            pivots[c][j[grow], :r], d[c][j[grow], :r] = f.pivots[c][grow], f.d[c][grow]
-        if (pivots[c] < 0).any():
-            row = next(r for r, i in idx.items() if (pivots[c][i] < 0).any())
+            grow = rows_r >= (pivots[c][j] >= 0).sum(dim=1)  # this file knows at least as many pivots
+            pivots[c][j[grow], :r], d[c][j[grow], :r] = theirs[grow], f.d[c][grow]
+            padded = rows_r < r
+            full[j[padded]] = torch.minimum(full[j[padded]], rows_r[padded])
+        count = (pivots[c] >= 0).sum(dim=1)
+        if (count > full).any():
+            row = next(r for r, i in idx.items() if count[i] > full[i])
+            raise AdapterFileError(f"layer {c}.{'.'.join(row)} has rank {int(full[idx[row]])} in one adapter and more in another: they were trained on different base models")
+        short = count < full
+        if short.any():
+            row = next(r for r, i in idx.items() if short[i])
             raise AdapterFileError(f"layer {c}.{'.'.join(row)} is only in adapters of a rank below {rank}: blending adapters of "
                                    "different ranks that do not share every layer needs a base model (use export-lora or the library)")
     meta = {k: v for k, v in top.metadata.items() if k not in ("layers", "format", "version")}

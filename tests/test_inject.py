@@ -241,3 +241,55 @@ def test_scoped_targets_select_cross_attention_only_as_peft_does(tmp_path):
     assert not torch.allclose(unet_out(fresh, inputs), ref, atol=1e-4)
     with pytest.raises(ValueError, match="attn3.to_k"):
         inject_loldu(tiny_unet(), LoLDUConfig(rank=4, unet_targets=("attn3.to_k",)))
+
+
+def test_a_rank_above_a_layers_full_rank_stops_at_it_and_round_trips(tmp_path):
+    """rank 48 on a UNet of 32- and 64-wide projections: the 32-wide layers train at their full
+    rank 32, the file pads their rows (pivot −1, δ = d = 0), and loading, blending and reading
+    the file give back the trained model."""
+    from loldu_diffusion import AdapterFile
+    from loldu_diffusion.adapter_file import AdapterFileError
+    from loldu_diffusion.pipeline import blend_files
+    from loldu_diffusion.sites import sites_for
+    from tiny import craft
+
+    unet, inputs = trained_unet(3, rank=48)
+    ranks = {(m, t): layer.rank for _, m, t, layer in iter_layers(unet)}
+    assert ranks == {(m, t): min(48, *sites_for("unet").linear(unet, m, t).weight.shape) for m, t in ranks}
+    assert set(ranks.values()) == {32, 48}
+    trained = unet_out(unet, inputs)
+    path = str(tmp_path / "full.safetensors")
+    save_adapter(unet, path)
+    f = AdapterFile.read(path)
+    assert f.rank == 48 and f.num_parameters == sum(ranks.values())
+    assert f.row_ranks("unet").tolist() == [ranks[row] for row in f.layers["unet"]]
+    short = f.row_ranks("unet") < 48
+    assert (f.pivots["unet"][short, 32:] == -1).all() and (f.delta["unet"][short, 32:] == 0).all()
+    m = tiny_unet()
+    load_adapter(m, path)
+    assert {(mm, t): layer.rank for _, mm, t, layer in iter_layers(m)} == ranks
+    assert torch.allclose(unet_out(m, inputs), trained, atol=1e-5)
+    # a blend of files with padded rows and a rank-4 file equals the runtime blend
+    small, _ = trained_unet(4, rank=4)
+    save_adapter(small, str(tmp_path / "small.safetensors"))
+    blend = blend_files([f"{path}:0.5", f"{tmp_path / 'small.safetensors'}:0.5"])
+    blend.save(str(tmp_path / "blend.safetensors"))
+    one, two = tiny_unet(), tiny_unet()
+    load_adapter(one, str(tmp_path / "blend.safetensors"))
+    load_adapter(two, path, adapter_name="a", weight=0.5)
+    load_adapter(two, str(tmp_path / "small.safetensors"), adapter_name="b", weight=0.5)
+    assert torch.allclose(unet_out(one, inputs), unet_out(two, inputs), atol=1e-5)
+    # padding only at the end of a row, only with δ = d = 0, and only where the layer is at its full rank
+    i, j = int(short.nonzero()[0, 0]), int((~short).nonzero()[0, 0])
+    for edit, match in ((lambda t: t["unet.pivots"][i].__setitem__(0, -1), "only trailing −1s"),
+                        (lambda t: t["unet.delta"][i].__setitem__(40, 1e-3), "not 0 where"),
+                        (lambda t: t["unet.pivots"][j].__setitem__(slice(40, None), -1), "not 0 where")):  # a trained δ there
+        bad = craft(path, str(tmp_path / "bad.safetensors"), tensors=edit)
+        with pytest.raises(AdapterFileError, match=match):
+            AdapterFile.read(bad)
+
+    def pad_a_wide_row(t):
+        t["unet.pivots"][j, 40:], t["unet.delta"][j, 40:], t["unet.d"][j, 40:] = -1, 0, 0
+    bad = craft(path, str(tmp_path / "bad.safetensors"), tensors=pad_a_wide_row)
+    with pytest.raises(AdapterFileError, match="rank 40 does not fit the layer's"):
+        load_adapter(tiny_unet(), bad)
