@@ -13,11 +13,11 @@ import os
 import pytest
 
 N = 48
-# Bounds from the runs in BENCHMARKS.md (the recipe, 16 runs at step 200: subject/ceiling 0.89 ± 0.05
-# (bench) and 0.98 ± 0.02 (held-out), 1.02 for this subject and seed; drift +1 ± 1 and −0 ± 1 points,
-# −2 here; recontext 0.27 ± 0.08 and 0.29 ± 0.10, 0.50 here), with margin.
+# Bounds from the runs in BENCHMARKS.md (the recipe on captioned images, 16 runs at step 200: subject/ceiling
+# 0.89 on average, 0.96 and 1.02 for this subject; drift at most +17, −2 here; recontext 0.56 on average, at
+# least 0.33, 0.73 here — uncaptioned, 0.50), with margin.
 MIN_SUBJECT_OF_CEILING = 0.6
-MIN_RECONTEXT_OF_CEILING = 0.25
+MIN_RECONTEXT_OF_CEILING = 0.5
 ISSUE_DRIFT_BAR = 15  # points above the base (issue 11)
 
 
@@ -58,7 +58,8 @@ def test_default_run_keeps_the_class_prompt(default_run):
 
 @pytest.mark.slow
 def test_default_run_draws_the_subject_on_some_new_backgrounds(default_run):
-    # on every attention projection the recipe kept 0.02 here (the subject's purple turned blue on dark backgrounds)
+    # on every attention projection the recipe kept 0.02 here (the subject's purple turned blue on dark backgrounds);
+    # with uncaptioned images 0.50 (the identifier also learnt the light backgrounds the images share)
     assert default_run[1]["judged"]["recontext_of_ceiling"] >= MIN_RECONTEXT_OF_CEILING
 
 

@@ -124,6 +124,8 @@ def render_subject(subject: Subject, out_dir: str, n: int = 5, seed: int = 0, ca
             f"A {subject.object_color} {subject.shape} with a {subject.marking}, {n} images on "
             f"{', '.join(TRAIN_BACKGROUNDS[:n])} backgrounds.\n\n"
             f"instance prompt: `{subject.instance_prompt}`\n\nclass prompt: `{subject.class_prompt}`\n"
+            + (f"\nEach image's caption (`NAME.txt`, e.g. `{subject.prompt_on(TRAIN_BACKGROUNDS[0])}`) names its background, so the "
+               "identifier does not learn the backgrounds the photos share.\n" if captions else "")
         )
     return paths
 
