@@ -142,8 +142,6 @@ def configs(quick: bool, which: str = "all"):
         # the default at each layer's full rank (rank 128 stops at min(out, in): 1,600 δ instead of 640): VeRA's update on the
         # keys and values is effectively full rank (r 256 > the 128-wide text input) and keeps new backgrounds twice as well
         dict(name="loldu-custom-diffusion-cosine-fullrank", method="loldu", lr=lr, args=[*default_args, "--rank", "128"]),
-        dict(name="loldu-custom-diffusion-cosine-fullrank-captioned", method="loldu", lr=lr, args=[*default_args, "--rank", "128"],
-             captions=True),
         # the embedding's norm fixed at the class word's (it inflated 0.73 -> 2.2 by step 200 as zwx's colour went)
         dict(name="loldu-ti-prior-fixednorm", method="loldu", lr=lr,
              args=["--train_text_encoder_ti", "--ti_norm", "fixed", "--with_prior_preservation", "--num_class_images", "48"]),
