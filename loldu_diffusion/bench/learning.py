@@ -24,7 +24,8 @@ import types
 import torch
 from tqdm.auto import tqdm
 
-from ..toy.concepts import BENCH_SUBJECTS, HELD_OUT_SUBJECTS, UNSEEN_BACKGROUNDS, explicit_rate, is_admitted, render_subject
+from ..toy.concepts import (BENCH_SUBJECTS, HELD_OUT_SUBJECTS, TRAIN_BACKGROUNDS, UNSEEN_BACKGROUNDS, explicit_rate, is_admitted,
+                             render_subject)
 from ..training.args import EMBEDDED
 from ..training.report import write_json
 
@@ -142,6 +143,11 @@ def configs(quick: bool, which: str = "all"):
         # the default at each layer's full rank (rank 128 stops at min(out, in): 1,600 δ instead of 640): VeRA's update on the
         # keys and values is effectively full rank (r 256 > the 128-wide text input) and keeps new backgrounds twice as well
         dict(name="loldu-custom-diffusion-cosine-fullrank", method="loldu", lr=lr, args=[*default_args, "--rank", "128"]),
+        # captioned images and a prior over contexts: the 48 class images drawn from "a photo of a heart on a {white, gray,
+        # beige} background" (the photos' own backgrounds, never the judged new ones) and captioned so; the adapter changes
+        # every token's keys and values, so the prior now also holds what background words do
+        dict(name="loldu-custom-diffusion-cosine-captioned-context-prior", method="loldu", lr=lr, args=default_args, captions=True,
+             class_captions=True),
         # the embedding's norm fixed at the class word's (it inflated 0.73 -> 2.2 by step 200 as zwx's colour went)
         dict(name="loldu-ti-prior-fixednorm", method="loldu", lr=lr,
              args=["--train_text_encoder_ti", "--ti_norm", "fixed", "--with_prior_preservation", "--num_class_images", "48"]),
@@ -226,6 +232,19 @@ def trainer_argv(cfg: dict, subject, seed: int, steps: int, every: int, instance
     return argv
 
 
+def captioned_class_images(pipe, subject, out_dir: str, n: int = 48, seed: int = 100_000) -> str:
+    """n class images on the training backgrounds in turn, each with a NAME.txt caption that says which."""
+    from ..toy.evaluate_base import generate
+
+    prompts = [f"{subject.class_prompt} on a {TRAIN_BACKGROUNDS[k % len(TRAIN_BACKGROUNDS)]} background" for k in range(n)]
+    os.makedirs(out_dir, exist_ok=True)
+    for k, (prompt, img) in enumerate(zip(prompts, generate(pipe, prompts, seed))):
+        img.save(os.path.join(out_dir, f"class_{k:05d}.png"))
+        with open(os.path.join(out_dir, f"class_{k:05d}.txt"), "w") as f:
+            f.write(prompt + "\n")
+    return out_dir
+
+
 def run_one(cfg, subject, seed, instance_dir, work, steps, checkpoints, n, judge, base_path=None):
     from safetensors.torch import load_file
 
@@ -237,6 +256,8 @@ def run_one(cfg, subject, seed, instance_dir, work, steps, checkpoints, n, judge
 
     out = os.path.join(work, f"{cfg['name']}-{subject.identifier}-{seed}")
     argv = trainer_argv(cfg, subject, seed, steps, math.gcd(*checkpoints), instance_dir, out, base_path)
+    if cfg.get("class_captions"):
+        argv += ["--class_data_dir", os.path.join(work, f"class-{subject.identifier}-captioned")]
     args = resolve_defaults(parse_args(argv))  # settled once: the method below sees what train() saw
     summary = train(args)
     method = make_method(args)
@@ -305,6 +326,9 @@ def run_plan(plan: list[tuple[str, str, int]], steps: int = CHECKPOINTS[-1], n: 
             inst = os.path.join(work, f"subject-{ident}" + ("-captioned" if captions else ""))
             if not os.path.isdir(inst):
                 render_subject(subject, inst, captions=captions)
+            classes = os.path.join(work, f"class-{ident}-captioned")
+            if by_name[cfg_name].get("class_captions") and not os.path.isdir(classes):
+                captioned_class_images(base, subject, classes)
             result["runs"].append(run_one(by_name[cfg_name], subject, seed, inst, work, steps, checkpoints, n, judge, base_path))
             if not quick:
                 write_json(partial, result)
