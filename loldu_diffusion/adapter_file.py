@@ -207,6 +207,7 @@ class AdapterFile:
             if c not in comps:
                 raise AdapterFileError(f"{name}: adapter has {c} layers but the model has no {c} (adapter base: {arch})")
             valid = adaptable_layers(comps[c], c)
+            ranks = self.row_ranks(c).tolist()
             if len(rows) > len(valid):  # before any decomposition: rows are unique, so this is a bound
                 raise AdapterFileError(f"{name}: {len(rows)} {c} layers, but this base model has only {len(valid)}; the adapter is for a different architecture ({arch})")
             for i, (mod_path, target) in enumerate(rows):
@@ -214,7 +215,7 @@ class AdapterFile:
                 linear = sites_for(c).linear(comps[c], mod_path, target) if (mod_path, target) in valid else None
                 if linear is None:
                     raise AdapterFileError(f"{name}: layer {layer_name} does not exist in this base model; the adapter is for a different architecture ({arch})")
-                r, full = int(self.row_ranks(c)[i]), min(linear.weight.shape)
+                r, full = ranks[i], min(linear.weight.shape)
                 if r > full or (r < self.delta[c].shape[1] and r != full):  # padded rows are layers at their full rank
                     raise AdapterFileError(f"{name}: layer {layer_name}: rank {r} does not fit the layer's {tuple(linear.weight.shape)} shape; different architecture ({arch})")
                 if int(self.pivots[c][i].max()) >= linear.weight.shape[0]:

@@ -245,7 +245,7 @@ def captioned_class_images(pipe, subject, out_dir: str, n: int = 48, seed: int =
     return out_dir
 
 
-def run_one(cfg, subject, seed, instance_dir, work, steps, checkpoints, n, judge, base_path=None):
+def run_one(cfg, subject, seed, instance_dir, work, steps, checkpoints, n, judge, base_path=None, class_dir=None):
     from safetensors.torch import load_file
 
     from ..training import parse_args, train
@@ -256,8 +256,8 @@ def run_one(cfg, subject, seed, instance_dir, work, steps, checkpoints, n, judge
 
     out = os.path.join(work, f"{cfg['name']}-{subject.identifier}-{seed}")
     argv = trainer_argv(cfg, subject, seed, steps, math.gcd(*checkpoints), instance_dir, out, base_path)
-    if cfg.get("class_captions"):
-        argv += ["--class_data_dir", os.path.join(work, f"class-{subject.identifier}-captioned")]
+    if class_dir:  # prepared by run_plan, shared by the subject's runs
+        argv += ["--class_data_dir", class_dir]
     args = resolve_defaults(parse_args(argv))  # settled once: the method below sees what train() saw
     summary = train(args)
     method = make_method(args)
@@ -326,10 +326,10 @@ def run_plan(plan: list[tuple[str, str, int]], steps: int = CHECKPOINTS[-1], n: 
             inst = os.path.join(work, f"subject-{ident}" + ("-captioned" if captions else ""))
             if not os.path.isdir(inst):
                 render_subject(subject, inst, captions=captions)
-            classes = os.path.join(work, f"class-{ident}-captioned")
-            if by_name[cfg_name].get("class_captions") and not os.path.isdir(classes):
+            classes = os.path.join(work, f"class-{ident}-captioned") if by_name[cfg_name].get("class_captions") else None
+            if classes and not os.path.isdir(classes):
                 captioned_class_images(base, subject, classes)
-            result["runs"].append(run_one(by_name[cfg_name], subject, seed, inst, work, steps, checkpoints, n, judge, base_path))
+            result["runs"].append(run_one(by_name[cfg_name], subject, seed, inst, work, steps, checkpoints, n, judge, base_path, classes))
             if not quick:
                 write_json(partial, result)
     result["summary"] = summarize(result)
