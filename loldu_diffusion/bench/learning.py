@@ -148,6 +148,9 @@ def configs(quick: bool, which: str = "all"):
         # every token's keys and values, so the prior now also holds what background words do
         dict(name="loldu-custom-diffusion-cosine-captioned-context-prior", method="loldu", lr=lr, args=default_args, captions=True,
              class_captions=True),
+        # the peer under the same captions and context prior (equal recipe, equal class images)
+        dict(name="lora-r4-custom-diffusion-cosine-captioned-context-prior", method="lora", lr=1e-3, args=["--rank", "4", *recipe],
+             captions=True, class_captions=True),
         # the embedding's norm fixed at the class word's (it inflated 0.73 -> 2.2 by step 200 as zwx's colour went)
         dict(name="loldu-ti-prior-fixednorm", method="loldu", lr=lr,
              args=["--train_text_encoder_ti", "--ti_norm", "fixed", "--with_prior_preservation", "--num_class_images", "48"]),
