@@ -89,6 +89,9 @@ def test_bad_inputs_are_one_line_errors(tiny_sd_path, concept_dir, tmp_path, cap
     fails(common(tiny_sd_path, str(empty), tmp_path / "o2"), "--instance_data_dir .*: no image")
     fails(common(str(tmp_path), concept_dir, tmp_path / "o3"), "not a diffusers model folder")
     fails(common(tiny_sd_path, concept_dir, tmp_path / "o4") + ["--with_prior_preservation"], "needs --class_prompt")
+    fails(common(tiny_sd_path, concept_dir, tmp_path / "o4") + ["--class_prompts_from_captions"], "add --with_prior_preservation")
+    fails(common(tiny_sd_path, concept_dir, tmp_path / "o4") + ["--class_prompts_from_captions", "--no_prior_preservation"],
+          "it needs prior preservation")
     fails(common(tiny_sd_path, concept_dir, tmp_path / "o5") + ["--resume_from_checkpoint", "checkpoint-9"], "no checkpoint there")
     # some bad files among good ones: skipped by name, training goes on; a prompt without identifier warns
     mixed = tmp_path / "mixed"
@@ -111,6 +114,19 @@ def test_prior_preservation_generates_missing_class_images_once(tiny_sd_path, co
     run(argv + ["--overwrite"])
     assert sorted(os.listdir(class_dir)) == ["class_00000.png", "class_00001.png"]
     assert os.path.getmtime(class_dir / "class_00000.png") == stamp
+
+
+def test_class_images_are_drawn_and_captioned_in_the_instance_captions_contexts(tiny_sd_path, concept_dir, tmp_path):
+    """The bundled subject's captions name white, gray, beige, white, gray backgrounds: the class
+    images cycle through the three contexts, each once, with the class prompt in place of sks's."""
+    prior = ["--with_prior_preservation", "--class_prompt", "a photo of a heart", "--num_class_images", "4", "--max_train_steps", "1",
+             "--class_num_inference_steps", "1"]
+    run(common(tiny_sd_path, concept_dir, tmp_path / "ctx") + prior + ["--class_prompts_from_captions"])
+    class_dir = tmp_path / "ctx" / "class_images"
+    captions = [(class_dir / f"class_{k:05d}.txt").read_text() for k in range(4)]
+    assert captions == [f"a photo of a heart on a {c} background\n" for c in ("white", "gray", "beige", "white")]
+    run(common(tiny_sd_path, concept_dir, tmp_path / "plain") + prior)
+    assert sorted(os.listdir(tmp_path / "plain" / "class_images")) == [f"class_{k:05d}.png" for k in range(4)]  # no captions
 
 
 @pytest.mark.parametrize("method", ["lora", "olora"])

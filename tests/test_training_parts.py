@@ -194,6 +194,40 @@ def test_class_images_come_in_sample_batch_size_batches_and_do_not_depend_on_the
         assert np.abs(one - three).max() <= 2  # the same image, up to batched arithmetic
 
 
+def test_class_captions_put_the_class_prompt_in_each_context_once():
+    from loldu_diffusion.training.data import class_captions
+
+    caps = ["a photo of sks dog on a beach", "a photo of sks dog", "sks dog in snow", "a photo of sks dog on a beach"]
+    assert class_captions(caps, "a photo of sks dog", "a photo of a dog") == ["a photo of a dog on a beach", "a photo of a dog"]
+    assert class_captions([], "a photo of sks dog", "a photo of a dog") == ["a photo of a dog"]
+
+
+def test_captioned_class_images_equal_drawing_each_prompt_alone(tiny_sd_path, tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from loldu_diffusion.pipeline import draw
+    from loldu_diffusion.training.models import ensure_class_images, load_models, make_pipeline
+
+    class Acc(FakeAccelerator):
+        device = torch.device("cpu")
+
+    args = resolve_defaults(parse_args(["--pretrained_model_name_or_path", tiny_sd_path, "--instance_data_dir", str(tmp_path),
+                                        "--instance_prompt", "a photo of sks dog", "--class_prompt", "a photo of a dog",
+                                        "--with_prior_preservation", "--num_class_images", "3", "--sample_batch_size", "2",
+                                        "--class_num_inference_steps", "2", "--output_dir", str(tmp_path / "out")]))
+    m = load_models(args)
+    prompts = ["a photo of a dog on a beach", "a photo of a dog in snow"]
+    ensure_class_images(args, Acc(), m, 32, prompts)
+    pipe = make_pipeline(m, m.unet, args)
+    for k in range(3):
+        assert (tmp_path / "out" / "class_images" / f"class_{k:05d}.txt").read_text() == prompts[k % 2] + "\n"
+        alone = draw(pipe, [prompts[k % 2]], [args.seed + 100_000 + k], batch=1, num_inference_steps=2,
+                     guidance_scale=args.guidance_scale, height=32, width=32)[0]
+        made = Image.open(tmp_path / "out" / "class_images" / f"class_{k:05d}.png")
+        assert np.abs(np.asarray(made, dtype=np.int16) - np.asarray(alone, dtype=np.int16)).max() <= 2
+
+
 def test_class_images_do_not_take_the_validation_step_count(tmp_path):
     """The learning bench passed --num_inference_steps 2 for cheap validation images, and its
     class images were drawn with 2 steps too (blurred, mixed-colour blobs): a poor prior."""

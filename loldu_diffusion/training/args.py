@@ -27,9 +27,9 @@ EMBEDDED = dict(learning_rate=1e-2, max_train_steps=200, train_batch_size=4, val
 # LoLDU alone drifted +80 points or more in every run. Each part has its own flag. Elsewhere (real
 # bases, other methods): diffusers' defaults.
 EMBEDDED_RECIPE = dict(train_text_encoder_ti=True, with_prior_preservation=True, num_class_images=48, lr_scheduler="cosine",
-                       unet_targets=("attn2.to_k", "attn2.to_v"))
+                       unet_targets=("attn2.to_k", "attn2.to_v"), class_prompts_from_captions=False)
 PLAIN = dict(train_text_encoder_ti=False, with_prior_preservation=False, num_class_images=100, lr_scheduler="constant",
-             unet_targets=DEFAULT_UNET_TARGETS)
+             unet_targets=DEFAULT_UNET_TARGETS, class_prompts_from_captions=False)
 # diffusers.optimization.SchedulerType, without importing diffusers to build the parser (a test checks they agree)
 LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup", "piecewise_constant")
 LR_DEFAULTS = {"loldu": 5e-4, "lora": 1e-4, "olora": 1e-4, "full": 5e-6, "vera": 1e-2, "ia3": 1e-2, "ti": 5e-3}
@@ -59,6 +59,10 @@ def build_parser() -> argparse.ArgumentParser:
       help="default: off, but on for LoLDU on the embedded base when a --class_prompt is known (its recipe, README)")
     a("--no_prior_preservation", dest="with_prior_preservation", action="store_false", default=None,
       help="turn the embedded base's default prior preservation off")
+    a("--class_prompts_from_captions", action="store_true", default=None,
+      help="with prior preservation and captioned instance images: draw and caption the class images in the captions' "
+      "contexts, each caption with the instance prompt replaced by the class prompt ('… sks dog on a beach' → '… a dog on a beach')")
+    a("--no_class_prompts_from_captions", dest="class_prompts_from_captions", action="store_false", default=None)
     a("--prior_loss_weight", type=float, default=1.0)
     a("--num_class_images", type=int, default=None, help="default 100 (diffusers'); 48 in the embedded base's recipe")
     a("--sample_batch_size", type=int, default=4, help="batch size when generating class images")
@@ -161,6 +165,10 @@ def resolve_defaults(args: argparse.Namespace) -> argparse.Namespace:
             args.class_prompt = args.class_prompt or DEFAULT_CLASS_PROMPT
     args.recipe = "embedded" if (args.embedded and args.method == "loldu" and args.class_prompt and not args.concepts_list
                                  and not args.train_text_encoder) else "plain"
+    if args.class_prompts_from_captions and args.with_prior_preservation is False:
+        raise ValueError("--class_prompts_from_captions draws class images: it needs prior preservation (drop --no_prior_preservation)")
+    if args.class_prompts_from_captions and args.with_prior_preservation is None and args.recipe == "plain":
+        raise ValueError("--class_prompts_from_captions draws class images: add --with_prior_preservation and --class_prompt")
     for name, value in (EMBEDDED_RECIPE if args.recipe == "embedded" else PLAIN).items():
         if getattr(args, name) is None:
             setattr(args, name, value)

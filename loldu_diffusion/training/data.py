@@ -36,6 +36,14 @@ def caption_for(path: str, default: str) -> str:
     return default
 
 
+def class_captions(instance_captions, instance_prompt: str, class_prompt: str) -> list[str]:
+    """The class prompt in each context the instance captions name, each once, in order:
+    'a photo of sks heart on a white background' → 'a photo of a heart on a white background'. A
+    caption without the instance prompt gives the class prompt alone (nothing says what to keep)."""
+    out = [c.replace(instance_prompt, class_prompt) if instance_prompt in c else class_prompt for c in instance_captions]
+    return list(dict.fromkeys(out)) or [class_prompt]
+
+
 RESAMPLE = {name: Image.Resampling[name.upper()] for name in INTERPOLATION}  # --image_interpolation_mode's choices
 
 

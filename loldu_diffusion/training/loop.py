@@ -24,7 +24,7 @@ from .args import check_inputs, resolve_defaults, settle_schedule
 from .concepts import subject_args
 from .checkpoints import (TRAINABLE_FILE, checkpoint_step, existing_outputs, load_history, load_run_state, resolve_resume,
                           write_checkpoint)
-from .data import DataError, ImageSet, check_identifier, step_generator
+from .data import DataError, ImageSet, check_identifier, class_captions, step_generator
 from .errors import TrainingError
 from .methods import make_method, make_optimizer, param_groups
 from .models import (PromptEncoder, cast_frozen, ensure_class_images, frozen_modules, generate, load_models, native_resolution,
@@ -210,8 +210,9 @@ def train(args) -> dict:
         mod.to(device)
     classes = [None] * len(subjects)
     if args.with_prior_preservation:
-        for i, s in enumerate(subjects):
-            ensure_class_images(s, accelerator, m, resolution)
+        for i, (s, instance) in enumerate(zip(subjects, instances)):
+            contexts = class_captions(instance.captions, s.instance_prompt, s.class_prompt) if args.class_prompts_from_captions else None
+            ensure_class_images(s, accelerator, m, resolution, contexts)
             classes[i] = ImageSet.from_folder(s.class_data_dir, s.class_prompt, resolution, flag="--class_data_dir", warn=say,
                                               resample=args.image_interpolation_mode)
     if is_main:

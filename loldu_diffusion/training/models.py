@@ -4,6 +4,7 @@ SD 1.x/2.x and SDXL differ only in their text encoders and the UNet's extra cond
 adding a family means one subclass of `StableDiffusion` and one line in `family_of`."""
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import re
@@ -15,7 +16,7 @@ from tqdm.auto import tqdm
 from ..model import iter_layers
 from ..quiet import no_loading_bars
 from ..images import read_images
-from ..io import atomic_write
+from ..io import atomic_write, atomic_write_text
 from ..single_file import SingleFileError, checkpoint_family, is_single_file, load_single_file
 from .errors import TrainingError
 
@@ -271,22 +272,27 @@ def generate(pipe, prompt: str, n: int, seed: int, args, resolution: int, desc=N
                 guidance_scale=args.guidance_scale, height=resolution, width=resolution)
 
 
-def ensure_class_images(args, accelerator, m, resolution):
+def ensure_class_images(args, accelerator, m, resolution, prompts=None):
     """Generate the missing class images with the base model, --sample_batch_size at a time
     (main process; others wait). Image k uses seed + 100000 + k, so a folder filled in two
-    runs holds the images one run would have made."""
+    runs holds the images one run would have made. With `prompts` (the class prompt in the
+    instance captions' contexts), image k is drawn from prompts[k % len] and captioned so."""
     from ..pipeline import draw
 
+    prompts = prompts or [args.class_prompt]
     os.makedirs(args.class_data_dir, exist_ok=True)
     have, _ = read_images(args.class_data_dir, "--class_data_dir")
     missing = args.num_class_images - len(have)
     if missing > 0 and accelerator.is_main_process:
         pipe = make_pipeline(m, m.unet, args).to(accelerator.device)
-        start = len(os.listdir(args.class_data_dir))
+        png = lambda k: os.path.join(args.class_data_dir, f"class_{k:05d}.png")  # noqa: E731
+        todo = list(itertools.islice((k for k in itertools.count(len(have)) if not os.path.exists(png(k))), missing))
         for b in tqdm(range(0, missing, args.sample_batch_size), desc="generating class images"):
-            ks = range(start + b, start + min(missing, b + args.sample_batch_size))
-            images = draw(pipe, [args.class_prompt] * len(ks), [args.seed + 100_000 + k for k in ks], batch=len(ks),
+            ks = todo[b:b + args.sample_batch_size]
+            images = draw(pipe, [prompts[k % len(prompts)] for k in ks], [args.seed + 100_000 + k for k in ks], batch=len(ks),
                           num_inference_steps=args.class_num_inference_steps, guidance_scale=args.guidance_scale, height=resolution, width=resolution)
             for k, img in zip(ks, images):
-                atomic_write(os.path.join(args.class_data_dir, f"class_{k:05d}.png"), img.save, ".png")
+                if prompts != [args.class_prompt]:  # the caption first: an image without one would read as the bare class prompt
+                    atomic_write_text(os.path.join(args.class_data_dir, f"class_{k:05d}.txt"), prompts[k % len(prompts)] + "\n")
+                atomic_write(png(k), img.save, ".png")
     accelerator.wait_for_everyone()
