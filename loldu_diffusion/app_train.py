@@ -18,11 +18,19 @@ import threading
 import time
 from dataclasses import dataclass, field
 
+from .io import atomic_write_text
+
 MIN_PHOTOS, MAX_PHOTOS = 3, 10
+MAX_CONTEXT = 200
 ADAPTER_FILE = "loldu_adapter.safetensors"  # as the trainer's LoLDU method names it
 # the trainer's progress bar, e.g. "loldu training:  45%|####5     | 270/600 [...]"
 BAR = re.compile(r"training:\s+\d+%\|[^|]*\|\s*(\d+)/(\d+)")
 LOG_LINES = 200
+
+
+def caption(trigger: str, noun: str, context: str = "") -> str:
+    """The photos' caption: 'sks', 'dog', 'on a grey sofa' → 'a photo of sks dog on a grey sofa'."""
+    return " ".join(f"a photo of {trigger} {noun} {context}".split())
 
 
 def run_name(trigger: str, noun: str) -> str:
@@ -116,24 +124,28 @@ class Trainer:
         return resolve_defaults(args)
 
     def argv(self, photos_dir: str, trigger: str, noun: str, output_dir: str) -> list[str]:
-        prompt = f"a photo of {trigger} {noun}"
+        prompt = caption(trigger, noun)
         # the page shows before/after images: ask for them (a real base validates only when asked); the class
         # prompt lets the embedded base's recipe (pivotal tuning + prior preservation) apply, as in the trainer
         return ["--pretrained_model_name_or_path", self.base_path, "--instance_data_dir", photos_dir, "--instance_prompt", prompt,
                 "--class_prompt", f"a photo of a {noun}", "--validation_prompt", prompt,
                 "--output_dir", output_dir, "--report_to", "none", *self.extra_args]
 
-    def start(self, owner, photos: list[str], trigger: str, noun: str, steps: int | None = None) -> Run:
+    def start(self, owner, photos: list[str], trigger: str, noun: str, steps: int | None = None, context: str = "") -> Run:
         """Check everything the trainer would, copy the photos, and start the trainer; a one-line
-        ValueError for what the user must fix, or when another training runs."""
+        ValueError for what the user must fix, or when another training runs. `context` is what
+        the photos share that is not the subject ("on a grey sofa"): it captions every photo, so
+        the trigger word does not learn it (README, *Caption what is not the subject*)."""
         from .training import parse_args
         from .training.args import resolve_defaults
         from .training.args import check_inputs
         from .training.errors import TrainingError
 
-        trigger, noun = (trigger or "").strip(), (noun or "").strip()
+        trigger, noun, context = (trigger or "").strip(), (noun or "").strip(), " ".join((context or "").split())
         if not trigger or not noun:
             raise ValueError("type a trigger word (a rare word such as sks) and what the subject is (dog, mug, heart)")
+        if len(context) > MAX_CONTEXT:
+            raise ValueError(f"the context is {len(context)} characters; say what the photos share in a few words (at most {MAX_CONTEXT})")
         if not MIN_PHOTOS <= len(photos) <= MAX_PHOTOS:
             raise ValueError(f"drop {MIN_PHOTOS} to {MAX_PHOTOS} photos of your subject ({len(photos)} given)")
         with self.lock:
@@ -146,7 +158,9 @@ class Trainer:
             photos_dir = os.path.join(output_dir, "photos")
             os.makedirs(photos_dir)
             for i, p in enumerate(photos):  # numbered: two photos may share a name
-                shutil.copy(p, os.path.join(photos_dir, f"{i:02d}_{os.path.basename(p)}"))
+                copy = shutil.copy(p, os.path.join(photos_dir, f"{i:02d}_{os.path.basename(p)}"))
+                if context:  # the trainer's per-image caption, NAME.txt
+                    atomic_write_text(os.path.splitext(copy)[0] + ".txt", caption(trigger, noun, context) + "\n")
             argv = self.argv(photos_dir, trigger, noun, output_dir)
             if steps:
                 argv += ["--max_train_steps", str(int(steps))]
@@ -237,10 +251,10 @@ def build_train_tab(studio, session, folder, adapter_outputs, slot_updates) -> N
     d = trainer.defaults()
     keep = [gr.update()] * len(adapter_outputs)  # adapters unchanged while a run goes on
 
-    def train(session, files, trigger, noun, steps):
+    def train(session, files, trigger, noun, context, steps):
         paths = [getattr(f, "name", f) for f in (files or [])]
         try:
-            run = trainer.start(session, paths, trigger, noun, int(steps or 0) or None)
+            run = trainer.start(session, paths, trigger, noun, int(steps or 0) or None, context)
         except (ValueError, OSError) as e:
             yield f"**error:** {(str(e).splitlines() or [type(e).__name__])[0]}", [], "", gr.update(), gr.update(), *keep
             return
@@ -274,6 +288,8 @@ def build_train_tab(studio, session, folder, adapter_outputs, slot_updates) -> N
                 noun = gr.Textbox(value="", label="What it is (dog, mug, heart)", elem_id="train-noun")
                 steps = gr.Number(value=0, precision=0, label=f"Steps (0: the trainer's {d.max_train_steps})",
                                   elem_id="train-steps")
+            context = gr.Textbox(value="", label="What the photos share that is not the subject (optional: 'on a grey sofa')",
+                                 elem_id="train-context")
             prompt_note = gr.Markdown("Instance prompt: `a photo of sks …`")
             with gr.Row():
                 go = gr.Button("Train", variant="primary", elem_id="train")
@@ -283,11 +299,12 @@ def build_train_tab(studio, session, folder, adapter_outputs, slot_updates) -> N
         with gr.Column(scale=1):
             images = gr.Gallery(label="Validation images (latest first), labelled grid, loss", columns=2, object_fit="contain",
                                 elem_id="train-gallery")
-    for box in (trigger, noun):
-        box.change(lambda t, n: f"Instance prompt: `a photo of {t.strip() or '…'} {n.strip() or '…'}`", [trigger, noun], prompt_note)
+    for box in (trigger, noun, context):
+        box.change(lambda t, n, c: f"Instance prompt: `{caption(t.strip() or '…', n.strip() or '…', c)}`", [trigger, noun, context],
+                   prompt_note)
     # no queueing behind a running training: a Train in another page answers at once that the trainer
     # is busy; this page's button is disabled while its run goes on, and no click after it is dropped
-    go.click(train, [session, photos, trigger, noun, steps], [status, images, warnings, folder, go] + adapter_outputs,
+    go.click(train, [session, photos, trigger, noun, context, steps], [status, images, warnings, folder, go] + adapter_outputs,
              concurrency_limit=None, trigger_mode="multiple")
     stop.click(cancel, session, status, concurrency_limit=None)
 

@@ -86,6 +86,18 @@ def test_files_that_are_not_images_are_refused_by_the_trainers_own_checks(studio
     assert studio.trainer.run is None and not os.listdir(tmp_path / "trained")
 
 
+def test_a_context_captions_every_photo_for_the_trainer(studio, concept_dir):
+    from loldu_diffusion.training.data import ImageSet
+
+    session = studio.new_session()
+    run = studio.trainer.start(session, photos(concept_dir, 3), "sks", "heart", steps=100_000, context="  on a  white background ")
+    studio.trainer.cancel(session)
+    folder = os.path.join(run.output_dir, "photos")
+    assert ImageSet.from_folder(folder, "a photo of sks heart", 32).captions == ["a photo of sks heart on a white background"] * 3
+    with pytest.raises(ValueError, match="say what the photos share in a few words"):
+        studio.trainer.start(session, photos(concept_dir, 3), "sks", "heart", context="x" * 201)
+
+
 def test_run_names_are_safe_folder_names():
     assert run_name("sks", "dog") == "sks-dog"
     assert run_name(" ohwx", "red mug/../x") == "ohwx-red-mug-x"
