@@ -50,6 +50,20 @@ def test_the_bench_default_config_is_the_trainers_default_and_loldu_is_loldu_alo
                                   "lr_scheduler": "constant"}
 
 
+def test_the_context_prior_configs_draw_the_class_prompts_the_trainer_flag_draws(tmp_path):
+    """The bench's captioned class images (its prompts in turn, seed 100000 + k) are what
+    --class_prompts_from_captions draws at seed 0 from the captioned photos: the same prompts in
+    the same order (the images, drawn by the same `draw`, agree to ±1 of 255)."""
+    from loldu_diffusion.toy.concepts import BENCH_SUBJECTS, render_subject
+    from loldu_diffusion.training.data import ImageSet, class_captions
+
+    subject = BENCH_SUBJECTS[1]
+    render_subject(subject, str(tmp_path), captions=True)
+    captions = ImageSet.from_folder(str(tmp_path), subject.instance_prompt, 8).captions
+    assert class_captions(captions, subject.instance_prompt, subject.class_prompt) == learning.context_class_prompts(subject) == [
+        f"a photo of a star on a {b} background" for b in ("white", "gray", "beige")]
+
+
 def test_learning_bench_refuses_a_base_the_judge_cannot_read(tiny_sd_path, tmp_path):
     with pytest.raises(ValueError, match=r"--base .*: not a toy-world base \(no loldu_toy_world.json\)"):
         learning.run_plan([("loldu", "sks", 0)], base_path=tiny_sd_path, out_dir=str(tmp_path))

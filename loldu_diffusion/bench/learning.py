@@ -235,11 +235,20 @@ def trainer_argv(cfg: dict, subject, seed: int, steps: int, every: int, instance
     return argv
 
 
+def context_class_prompts(subject) -> list[str]:
+    """The class prompt on each training background, as --class_prompts_from_captions derives it from the captioned photos."""
+    from ..training.data import class_captions
+
+    return class_captions([subject.prompt_on(b) for b in TRAIN_BACKGROUNDS], subject.instance_prompt, subject.class_prompt)
+
+
 def captioned_class_images(pipe, subject, out_dir: str, n: int = 48, seed: int = 100_000) -> str:
-    """n class images on the training backgrounds in turn, each with a NAME.txt caption that says which."""
+    """n class images on the training backgrounds in turn, each with a NAME.txt caption that says which: at seed 0,
+    the images --class_prompts_from_captions draws (the same prompts and seeds; the images agree to ±1 of 255)."""
     from ..toy.evaluate_base import generate
 
-    prompts = [f"{subject.class_prompt} on a {TRAIN_BACKGROUNDS[k % len(TRAIN_BACKGROUNDS)]} background" for k in range(n)]
+    contexts = context_class_prompts(subject)
+    prompts = [contexts[k % len(contexts)] for k in range(n)]
     os.makedirs(out_dir, exist_ok=True)
     for k, (prompt, img) in enumerate(zip(prompts, generate(pipe, prompts, seed))):
         img.save(os.path.join(out_dir, f"class_{k:05d}.png"))
