@@ -151,6 +151,11 @@ def configs(quick: bool, which: str = "all"):
         # the peer under the same captions and context prior (equal recipe, equal class images)
         dict(name="lora-r4-custom-diffusion-cosine-captioned-context-prior", method="lora", lr=1e-3, args=["--rank", "4", *recipe],
              captions=True, class_captions=True),
+        # the "only vectors train" peer and the kilobyte anchor with the same captions (VeRA also with the context prior;
+        # textual inversion trains no shared weight, so it has no prior to keep)
+        dict(name="vera-custom-diffusion-cosine-captioned-context-prior", method="vera", lr=1e-2, args=recipe, captions=True,
+             class_captions=True),
+        dict(name="textual-inversion-cosine-captioned", method="ti", lr=lr, args=["--lr_scheduler", "cosine"], captions=True),
         # the embedding's norm fixed at the class word's (it inflated 0.73 -> 2.2 by step 200 as zwx's colour went)
         dict(name="loldu-ti-prior-fixednorm", method="loldu", lr=lr,
              args=["--train_text_encoder_ti", "--ti_norm", "fixed", "--with_prior_preservation", "--num_class_images", "48"]),
