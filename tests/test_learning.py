@@ -1,10 +1,11 @@
 """The default DreamBooth run on the embedded base (LoLDU on the cross-attentions' keys and values
-+ pivotal tuning + prior preservation + cosine, training.args.EMBEDDED_RECIPE), as the trainer
-itself reports it (the same measures as `loldu bench learning`, n = 48 images per prompt kind).
-It learns the bundled subject (a purple heart with a stripe) close to what the base draws when
-told exactly, keeps the class prompt and keeps some of new backgrounds; it does NOT yet keep
-them as well as LoRA r=4 with the same recipe — the expected failure below says so and turns
-into an error (strict) the day a change fixes it, so the README's claims get updated.
++ pivotal tuning + prior preservation with class images in the captions' contexts + cosine,
+training.args.EMBEDDED_RECIPE), as the trainer itself reports it (the same measures as `loldu bench
+learning`, n = 48 images per prompt kind). It learns the bundled subject (a purple heart with a
+stripe, its photos captioned with their backgrounds) close to what the base draws when told
+exactly, keeps the class prompt and keeps the subject on backgrounds none of its photos show.
+Whether LoLDU keeps new backgrounds as well as LoRA r=4 is a claim about many subjects and seeds:
+the learning benchmark measures it (BENCHMARKS.md), not this one run.
 
 Marked slow (a full default run, ≈ 2 min on 2 cores); CI runs it all the same."""
 import json
@@ -13,11 +14,11 @@ import os
 import pytest
 
 N = 48
-# Bounds from the runs in BENCHMARKS.md (the recipe on captioned images, 16 runs at step 200: subject/ceiling
-# 0.89 on average, 0.96 and 1.02 for this subject; drift at most +17, −2 here; recontext 0.56 on average, at
-# least 0.33, 0.73 here — uncaptioned, 0.50), with margin.
+# Bounds from this run as the main command makes it (session 12: subject/ceiling 0.96, drift +2, new backgrounds
+# 0.96) and the bench's 16 runs of the recipe on captioned images (subject/ceiling at least 0.88, new backgrounds
+# at least 0.49 at step 200), with margin.
 MIN_SUBJECT_OF_CEILING = 0.6
-MIN_RECONTEXT_OF_CEILING = 0.5
+MIN_RECONTEXT_OF_CEILING = 0.7
 ISSUE_DRIFT_BAR = 15  # points above the base (issue 11)
 
 
@@ -57,14 +58,15 @@ def test_default_run_keeps_the_class_prompt(default_run):
 
 
 @pytest.mark.slow
-def test_default_run_draws_the_subject_on_some_new_backgrounds(default_run):
+def test_default_run_draws_the_subject_on_new_backgrounds(default_run):
     # on every attention projection the recipe kept 0.02 here (the subject's purple turned blue on dark backgrounds);
-    # with uncaptioned images 0.50 (the identifier also learnt the light backgrounds the images share)
+    # with uncaptioned images 0.50 (the identifier also learnt the light backgrounds the images share); captioned,
+    # with a prior over the class alone 0.73 (on navy the purple turned red)
     assert default_run[1]["judged"]["recontext_of_ceiling"] >= MIN_RECONTEXT_OF_CEILING
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="known gap (issue 11): LoRA r=4 with the same recipe, targets and captions keeps new "
-                   "backgrounds better (0.90 ± 0.09 bench, 0.99 ± 0.01 held-out of the ceiling; LoLDU's recipe 0.54 and 0.59)")
-def test_default_run_draws_the_subject_on_new_backgrounds_as_lora_does(default_run):
-    assert default_run[1]["judged"]["recontext_of_ceiling"] >= 0.8
+def test_default_run_draws_its_class_images_in_the_photos_contexts(default_run):
+    out = default_run[0] / "class_images"
+    assert [(out / f"class_{k:05d}.txt").read_text() for k in range(4)] == [
+        f"a photo of a heart on a {b} background\n" for b in ("white", "gray", "beige", "white")]

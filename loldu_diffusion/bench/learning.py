@@ -45,7 +45,7 @@ def configs(quick: bool, which: str = "all"):
         return [loldu, lora]
     # the trainer's default on the embedded base (training.args.EMBEDDED_RECIPE), then LoLDU alone (the paper's recipe)
     default_args = ["--unet_targets", "attn2.to_k,attn2.to_v", "--train_text_encoder_ti", "--with_prior_preservation",
-                    "--num_class_images", "48", "--lr_scheduler", "cosine"]
+                    "--num_class_images", "48", "--lr_scheduler", "cosine", "--class_prompts_from_captions"]
     default = dict(name=DEFAULT_CONFIG, method="loldu", lr=lr, args=default_args)
     # the default's recipe for the peers that take it at their own lr (the bar compares them at equal recipe and
     # targets): the identifier's embedding stays at the default's lr
@@ -138,8 +138,10 @@ def configs(quick: bool, which: str = "all"):
         # the default with each instance image captioned with its background ("a photo of sks heart on a white background"):
         # on new backgrounds the default's subject turns red (its embedding alone: red too), as if the identifier had learnt
         # "on a light background" along with the subject
-        dict(name="loldu-custom-diffusion-cosine-captioned", method="loldu", lr=lr, args=default_args, captions=True),
-        dict(name="lora-r4-custom-diffusion-cosine-captioned", method="lora", lr=1e-3, args=["--rank", "4", *recipe], captions=True),
+        dict(name="loldu-custom-diffusion-cosine-captioned", method="loldu", lr=lr, args=[*default_args, "--no_class_prompts_from_captions"],
+             captions=True),
+        dict(name="lora-r4-custom-diffusion-cosine-captioned", method="lora", lr=1e-3,
+             args=["--rank", "4", *recipe, "--no_class_prompts_from_captions"], captions=True),
         # the default at each layer's full rank (rank 128 stops at min(out, in): 1,600 δ instead of 640): VeRA's update on the
         # keys and values is effectively full rank (r 256 > the 128-wide text input) and keeps new backgrounds twice as well
         dict(name="loldu-custom-diffusion-cosine-fullrank", method="loldu", lr=lr, args=[*default_args, "--rank", "128"]),
@@ -234,7 +236,7 @@ def trainer_argv(cfg: dict, subject, seed: int, steps: int, every: int, instance
             "--checkpointing_steps", str(every), "--output_dir", out, "--report_to", "none", "--num_validation_images", "1",
             "--validation_steps", str(10**9), "--num_inference_steps", "2", "--judge_images", "0", "--overwrite",
             # each config names its whole recipe: the embedded base's LoLDU recipe (pivotal + prior + cosine) is off unless asked
-            "--no_train_text_encoder_ti", "--no_prior_preservation", "--lr_scheduler", "constant"] + cfg.get("args", [])
+            "--no_train_text_encoder_ti", "--no_prior_preservation", "--lr_scheduler", "constant", "--no_class_prompts_from_captions"] + cfg.get("args", [])
     if base_path:  # another toy-world base (its marker file gives it the embedded base's defaults)
         argv += ["--pretrained_model_name_or_path", base_path]
     return argv

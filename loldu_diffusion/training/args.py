@@ -27,7 +27,7 @@ EMBEDDED = dict(learning_rate=1e-2, max_train_steps=200, train_batch_size=4, val
 # LoLDU alone drifted +80 points or more in every run. Each part has its own flag. Elsewhere (real
 # bases, other methods): diffusers' defaults.
 EMBEDDED_RECIPE = dict(train_text_encoder_ti=True, with_prior_preservation=True, num_class_images=48, lr_scheduler="cosine",
-                       unet_targets=("attn2.to_k", "attn2.to_v"), class_prompts_from_captions=False)
+                       unet_targets=("attn2.to_k", "attn2.to_v"), class_prompts_from_captions=True)
 PLAIN = dict(train_text_encoder_ti=False, with_prior_preservation=False, num_class_images=100, lr_scheduler="constant",
              unet_targets=DEFAULT_UNET_TARGETS, class_prompts_from_captions=False)
 # diffusers.optimization.SchedulerType, without importing diffusers to build the parser (a test checks they agree)
