@@ -139,3 +139,7 @@ def test_merge_joins_processes_and_summarizes_relative_to_the_ceiling(tmp_path):
     json.dump(bad, open(tmp_path / "bad.json", "w"))
     with pytest.raises(ValueError, match="cannot be merged"):
         learning.merge(paths + [str(tmp_path / "bad.json")])
+    # a merged file with one of its parts again: each run counts once, or the merge refuses
+    json.dump(r, open(tmp_path / "merged.json", "w"))
+    with pytest.raises(ValueError, match=r"1 run\(s\) appear in more than one file, e.g. \('loldu', 'sks', 0\)"):
+        learning.merge([str(tmp_path / "merged.json"), paths[0]])
