@@ -116,7 +116,7 @@ def test_prior_preservation_generates_missing_class_images_once(tiny_sd_path, co
     assert os.path.getmtime(class_dir / "class_00000.png") == stamp
 
 
-def test_class_images_are_drawn_and_captioned_in_the_instance_captions_contexts(tiny_sd_path, concept_dir, tmp_path):
+def test_class_images_are_drawn_and_captioned_in_the_instance_captions_contexts(tiny_sd_path, concept_dir, tmp_path, capsys):
     """The bundled subject's captions name white, gray, beige, white, gray backgrounds: the class
     images cycle through the three contexts, each once, with the class prompt in place of sks's."""
     prior = ["--with_prior_preservation", "--class_prompt", "a photo of a heart", "--num_class_images", "4", "--max_train_steps", "1",
@@ -127,6 +127,10 @@ def test_class_images_are_drawn_and_captioned_in_the_instance_captions_contexts(
     assert captions == [f"a photo of a heart on a {c} background\n" for c in ("white", "gray", "beige", "white")]
     run(common(tiny_sd_path, concept_dir, tmp_path / "plain") + prior)
     assert sorted(os.listdir(tmp_path / "plain" / "class_images")) == [f"class_{k:05d}.png" for k in range(4)]  # no captions
+    # those class images, reused with the flag: kept (never redrawn silently), and the run says so
+    capsys.readouterr()
+    run(common(tiny_sd_path, concept_dir, tmp_path / "plain") + prior + ["--class_prompts_from_captions", "--overwrite"])
+    assert "4 class images have no caption" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("method", ["lora", "olora"])

@@ -455,11 +455,13 @@ def plot(r: dict, path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    # the comparisons a reader needs (the default, LoLDU alone, the small-file peers plain and with the default's
-    # recipe, LoRA's recipe rows); every other variant stays in the table
-    plotted = {c["name"] for c in configs(False, "core")} | {"lora-r4-ti-prior", "lora-r4-custom-diffusion-cosine",
-                                                              "loldu-custom-diffusion-cosine-captioned",
-                                                              "lora-r4-custom-diffusion-cosine-captioned"}
+    # the comparisons a reader needs (the default on uncaptioned and on captioned photos, LoLDU alone, the small-file
+    # peers plain and with the default's recipe, LoRA at equal recipe); every other variant stays in the table
+    plotted = {c["name"] for c in configs(False, "core")} | {"lora-r4-custom-diffusion-cosine",
+                                                              "loldu-custom-diffusion-cosine-captioned-context-prior",
+                                                              "lora-r4-custom-diffusion-cosine-captioned-context-prior",
+                                                              "vera-custom-diffusion-cosine-captioned-context-prior",
+                                                              "textual-inversion-cosine-captioned"}
     rows = [x for x in r["summary"].values() if x["group"] == "bench"]
     rows = [x for x in rows if x["config"] in plotted] or rows
     fig, axes = plt.subplots(1, 3, figsize=(16, 4), sharex=True)

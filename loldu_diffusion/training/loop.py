@@ -217,6 +217,10 @@ def train(args) -> dict:
             ensure_class_images(s, accelerator, m, resolution, contexts)
             classes[i] = ImageSet.from_folder(s.class_data_dir, s.class_prompt, resolution, flag="--class_data_dir", warn=say,
                                               resample=args.image_interpolation_mode)
+            if contexts and s.class_prompt not in contexts and s.class_prompt in classes[i].captions and is_main:
+                say(f"warning: --class_data_dir {s.class_data_dir}: {classes[i].captions.count(s.class_prompt)} class images have no "
+                    "caption (drawn from the class prompt alone, before --class_prompts_from_captions); delete them to have them "
+                    "drawn in the photos' contexts")
     if is_main:
         os.makedirs(args.output_dir, exist_ok=True)
 
