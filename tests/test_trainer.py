@@ -128,9 +128,11 @@ def test_class_images_are_drawn_and_captioned_in_the_instance_captions_contexts(
     run(common(tiny_sd_path, concept_dir, tmp_path / "plain") + prior)
     assert sorted(os.listdir(tmp_path / "plain" / "class_images")) == [f"class_{k:05d}.png" for k in range(4)]  # no captions
     # those class images, reused with the flag: kept (never redrawn silently), and the run says so
+    stamps = {n: os.path.getmtime(tmp_path / "plain" / "class_images" / n) for n in os.listdir(tmp_path / "plain" / "class_images")}
     capsys.readouterr()
     run(common(tiny_sd_path, concept_dir, tmp_path / "plain") + prior + ["--class_prompts_from_captions", "--overwrite"])
     assert "4 class images have no caption" in capsys.readouterr().out
+    assert {n: os.path.getmtime(tmp_path / "plain" / "class_images" / n) for n in os.listdir(tmp_path / "plain" / "class_images")} == stamps
 
 
 @pytest.mark.parametrize("method", ["lora", "olora"])

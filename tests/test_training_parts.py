@@ -23,6 +23,10 @@ def test_arguments_are_settled_into_copies_and_resolving_twice_changes_nothing()
     assert vars(given) == before  # the caller's namespace is untouched
     assert vars(resolve_defaults(once)) == vars(once)
     assert once.embedded and once.instance_prompt == "a photo of sks heart" and once.max_train_steps is None
+    # the recipe's context prior lapses with prior preservation off, and resolving again accepts it
+    off = resolve_defaults(parse_args(["--no_prior_preservation"]))
+    assert not off.class_prompts_from_captions and vars(resolve_defaults(off)) == vars(off)
+    assert once.class_prompts_from_captions
     settled = settle_schedule(once, n_images=5, num_processes=2)
     assert once.max_train_steps is None and not hasattr(once, "optimizer_lr")
     assert settled.max_train_steps == 3 * 2  # ceil(5 images / batch 2 / 2 processes) = 2 steps an epoch
@@ -200,6 +204,9 @@ def test_class_captions_put_the_class_prompt_in_each_context_once():
     caps = ["a photo of sks dog on a beach", "a photo of sks dog", "sks dog in snow", "a photo of sks dog on a beach"]
     assert class_captions(caps, "a photo of sks dog", "a photo of a dog") == ["a photo of a dog on a beach", "a photo of a dog"]
     assert class_captions([], "a photo of sks dog", "a photo of a dog") == ["a photo of a dog"]
+    # whole words, any case: a capital first letter keeps its context, a plural is not the identifier's noun
+    assert class_captions(["A photo of sks dog, on a sofa", "a photo of sks dogs"], "a photo of sks dog", "a photo of a dog") == [
+        "a photo of a dog, on a sofa", "a photo of a dog"]
 
 
 def test_captioned_class_images_equal_drawing_each_prompt_alone(tiny_sd_path, tmp_path):
@@ -226,6 +233,11 @@ def test_captioned_class_images_equal_drawing_each_prompt_alone(tiny_sd_path, tm
                      guidance_scale=args.guidance_scale, height=32, width=32)[0]
         made = Image.open(tmp_path / "out" / "class_images" / f"class_{k:05d}.png")
         assert np.abs(np.asarray(made, dtype=np.int16) - np.asarray(alone, dtype=np.int16)).max() <= 2
+    # the images deleted, the folder refilled without contexts: no caption of the old images is left on the new ones
+    for k in range(3):
+        os.remove(tmp_path / "out" / "class_images" / f"class_{k:05d}.png")
+    ensure_class_images(args, Acc(), m, 32)
+    assert sorted(os.listdir(tmp_path / "out" / "class_images")) == [f"class_{k:05d}.png" for k in range(3)]
 
 
 def test_class_images_do_not_take_the_validation_step_count(tmp_path):

@@ -368,12 +368,12 @@ def merge(paths: list[str]) -> dict:
     out["held_out"] = list(dict.fromkeys(h for p in parts for h in p["held_out"]))
     out["base"] = {k: v for p in parts for k, v in p["base"].items()}
     out["runs"] = [r for p in parts for r in p["runs"]]
+    if any((p["steps"], p["checkpoints"], p["n"]) != (out["steps"], out["checkpoints"], out["n"]) for p in parts):
+        raise ValueError("these results were measured with different steps, checkpoints or n; they cannot be merged")
     seen = collections.Counter((r["config"], r["subject"], r["seed"]) for r in out["runs"])
     twice = [k for k, c in seen.items() if c > 1]
     if twice:  # a file given twice, or a merged file with one of its parts: every mean would count the run twice
         raise ValueError(f"{len(twice)} run(s) appear in more than one file, e.g. {twice[0]}: merge each run once")
-    if any((p["steps"], p["checkpoints"], p["n"]) != (out["steps"], out["checkpoints"], out["n"]) for p in parts):
-        raise ValueError("these results were measured with different steps, checkpoints or n; they cannot be merged")
     out["summary"] = summarize(out)
     return out
 

@@ -170,10 +170,13 @@ def resolve_defaults(args: argparse.Namespace) -> argparse.Namespace:
     if args.class_prompts_from_captions and args.with_prior_preservation is False:
         raise ValueError("--class_prompts_from_captions draws class images: it needs prior preservation (drop --no_prior_preservation)")
     if args.class_prompts_from_captions and args.with_prior_preservation is None and args.recipe == "plain":
-        raise ValueError("--class_prompts_from_captions draws class images: add --with_prior_preservation and --class_prompt")
+        raise ValueError("--class_prompts_from_captions draws class images: add --with_prior_preservation"
+                         + ("" if args.concepts_list else " and --class_prompt"))
     for name, value in (EMBEDDED_RECIPE if args.recipe == "embedded" else PLAIN).items():
         if getattr(args, name) is None:
             setattr(args, name, value)
+    # the recipe's context prior lapses with prior preservation turned off (so resolving again accepts what it made)
+    args.class_prompts_from_captions = bool(args.class_prompts_from_captions and args.with_prior_preservation)
     args.concepts = concepts_of(args)
     if args.instance_data_dir is None and args.dataset_name is None and not args.concepts:
         raise ValueError("--instance_data_dir is required with --pretrained_model_name_or_path (a folder of 3–10 subject images)")

@@ -7,6 +7,7 @@ uninterrupted one would have seen, and each process of a multi-process run sees 
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -38,9 +39,11 @@ def caption_for(path: str, default: str) -> str:
 
 def class_captions(instance_captions, instance_prompt: str, class_prompt: str) -> list[str]:
     """The class prompt in each context the instance captions name, each once, in order:
-    'a photo of sks heart on a white background' → 'a photo of a heart on a white background'. A
-    caption without the instance prompt gives the class prompt alone (nothing says what to keep)."""
-    out = [c.replace(instance_prompt, class_prompt) if instance_prompt in c else class_prompt for c in instance_captions]
+    'a photo of sks heart on a white background' → 'a photo of a heart on a white background'. The
+    instance prompt matches as whole words, in any case ('A photo of sks heart, …'; not '… sks hearts');
+    a caption without it gives the class prompt alone (nothing says what to keep)."""
+    whole = re.compile(rf"(?<!\w){re.escape(instance_prompt)}(?!\w)", re.IGNORECASE)
+    out = [whole.sub(lambda _: class_prompt, c, count=1) if whole.search(c) else class_prompt for c in instance_captions]
     return list(dict.fromkeys(out)) or [class_prompt]
 
 

@@ -292,7 +292,10 @@ def ensure_class_images(args, accelerator, m, resolution, prompts=None):
             images = draw(pipe, [prompts[k % len(prompts)] for k in ks], [args.seed + 100_000 + k for k in ks], batch=len(ks),
                           num_inference_steps=args.class_num_inference_steps, guidance_scale=args.guidance_scale, height=resolution, width=resolution)
             for k, img in zip(ks, images):
+                txt = os.path.join(args.class_data_dir, f"class_{k:05d}.txt")
                 if prompts != [args.class_prompt]:  # the caption first: an image without one would read as the bare class prompt
-                    atomic_write_text(os.path.join(args.class_data_dir, f"class_{k:05d}.txt"), prompts[k % len(prompts)] + "\n")
+                    atomic_write_text(txt, prompts[k % len(prompts)] + "\n")
+                elif os.path.exists(txt):  # left by a deleted image drawn in context: it would caption this one wrongly
+                    os.remove(txt)
                 atomic_write(png(k), img.save, ".png")
     accelerator.wait_for_everyone()
