@@ -178,7 +178,7 @@ def train(args) -> dict:
     if args.recipe == "embedded":
         say(f"note: LoLDU's recipe on the embedded base: pivotal tuning {'on' if args.train_text_encoder_ti else 'off'}, prior "
             f"preservation {'on' if args.with_prior_preservation else 'off'}"
-            f"{' (class images in the contexts the captions name)' if args.with_prior_preservation and args.class_prompts_from_captions else ''}, "
+            f"{' (class images in the contexts the captions name)' if args.class_prompts_from_captions else ''}, "
             f"lr schedule {args.lr_scheduler}, UNet targets {','.join(args.unet_targets)} (README, 'Choices'); --no_train_text_encoder_ti, "
             "--no_prior_preservation, --no_class_prompts_from_captions, --lr_scheduler constant, --unet_targets to_q,to_k,to_v,to_out.0 "
             "change it")
