@@ -159,6 +159,8 @@ def configs(quick: bool, which: str = "all"):
         dict(name="vera-custom-diffusion-cosine-captioned-context-prior", method="vera", lr=1e-2, args=recipe, captions=True,
              class_captions=True),
         dict(name="textual-inversion-cosine-captioned", method="ti", lr=lr, args=["--lr_scheduler", "cosine"], captions=True),
+        dict(name="ia3-custom-diffusion-cosine-captioned-context-prior", method="ia3", lr=1e-2, args=recipe, captions=True,
+             class_captions=True),
         # the embedding's norm fixed at the class word's (it inflated 0.73 -> 2.2 by step 200 as zwx's colour went)
         dict(name="loldu-ti-prior-fixednorm", method="loldu", lr=lr,
              args=["--train_text_encoder_ti", "--ti_norm", "fixed", "--with_prior_preservation", "--num_class_images", "48"]),
@@ -461,7 +463,8 @@ def plot(r: dict, path: str) -> None:
                                                               "loldu-custom-diffusion-cosine-captioned-context-prior",
                                                               "lora-r4-custom-diffusion-cosine-captioned-context-prior",
                                                               "vera-custom-diffusion-cosine-captioned-context-prior",
-                                                              "textual-inversion-cosine-captioned"}
+                                                              "textual-inversion-cosine-captioned",
+                                                              "ia3-custom-diffusion-cosine-captioned-context-prior"}
     rows = [x for x in r["summary"].values() if x["group"] == "bench"]
     rows = [x for x in rows if x["config"] in plotted] or rows
     fig, axes = plt.subplots(1, 3, figsize=(16, 4), sharex=True)
