@@ -158,3 +158,28 @@ def test_ti_norm_fixed_trains_the_direction_only(tiny_sd_path, concept_dir, tmp_
     assert abs(saved["free"].norm().item() - init.norm().item()) > 1e-3
     with pytest.raises(ValueError, match="--ti_norm is for a trained token embedding"):
         _args(tiny_sd_path, concept_dir, tmp_path / "y", "loldu", "--ti_norm", "fixed")
+
+
+def test_ti_only_steps_hold_the_adapter_still_while_the_embedding_trains(tiny_sd_path, concept_dir, tmp_path):
+    """--ti_only_steps N: pivotal tuning's inversion phase first — for N steps only the identifier's
+    embedding moves (the adapter is exactly its initial value), then both train."""
+    from safetensors.torch import load_file
+
+    from loldu_diffusion.training.checkpoints import TRAINABLE_FILE
+    from loldu_diffusion.training.methods import TextualInversionMethod
+
+    out = tmp_path / "pivot"
+    train(_args(tiny_sd_path, concept_dir, out, "loldu", "--train_text_encoder_ti", "--rank", "2", "--ti_only_steps", "2",
+                "--checkpointing_steps", "1", "--checkpoints_total_limit", "5"))
+    states = [load_file(os.path.join(out, f"checkpoint-{s}", TRAINABLE_FILE)) for s in (1, 2, 3)]
+    embedding = [TextualInversionMethod.STATE_KEY]
+    adapter = [k for k in states[0] if k not in embedding]
+    assert adapter
+    for k in adapter:  # still during the inversion phase, moving after it
+        assert torch.equal(states[0][k], states[1][k])
+    assert any(not torch.equal(states[1][k], states[2][k]) for k in adapter)
+    assert any(not torch.equal(states[0][k], states[1][k]) for k in embedding)
+    with pytest.raises(ValueError, match="--ti_only_steps is the embedding's phase of pivotal tuning: add --train_text_encoder_ti"):
+        _args(tiny_sd_path, concept_dir, tmp_path / "y", "loldu", "--ti_only_steps", "1")
+    with pytest.raises(ValueError, match="--ti_only_steps 3: give 0 ≤ N < --max_train_steps"):
+        _args(tiny_sd_path, concept_dir, tmp_path / "z", "loldu", "--train_text_encoder_ti", "--ti_only_steps", "3")

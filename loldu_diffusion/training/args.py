@@ -116,6 +116,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--ti_norm", default="free", choices=("free", "fixed"), help="the trained token embedding (--train_text_encoder_ti, --method ti): "
       "free, or fixed at its initial norm (the class word's) so that only its direction trains — learned embeddings otherwise "
       "inflate to out-of-distribution norms (Directional Textual Inversion, Kim et al. 2025)")
+    a("--ti_only_steps", type=int, default=0, metavar="N", help="--train_text_encoder_ti: the first N steps train the identifier's "
+      "embedding alone, then the adapter joins it (pivotal tuning's inversion phase first, as cloneofsimo/lora's lora_pti; default 0)")
     a("--snr_gamma", type=float, default=None)
     a("--noise_offset", type=float, default=0.0)
     a("--dataloader_num_workers", type=int, default=0, help="accepted for compatibility; images are preloaded")
@@ -233,6 +235,11 @@ def resolve_defaults(args: argparse.Namespace) -> argparse.Namespace:
                          "that embedding: drop one of them")
     if args.ti_norm != "free" and not (args.train_text_encoder_ti or args.method == "ti"):
         raise ValueError("--ti_norm is for a trained token embedding: add --train_text_encoder_ti (or use --method ti)")
+    if args.ti_only_steps and not args.train_text_encoder_ti:
+        raise ValueError("--ti_only_steps is the embedding's phase of pivotal tuning: add --train_text_encoder_ti")
+    if args.ti_only_steps < 0 or (args.max_train_steps is not None and args.ti_only_steps >= args.max_train_steps):
+        raise ValueError(f"--ti_only_steps {args.ti_only_steps}: give 0 ≤ N < --max_train_steps ({args.max_train_steps}), "
+                         "or the adapter never trains")
     return args
 
 

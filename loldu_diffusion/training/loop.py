@@ -305,6 +305,9 @@ def train(args) -> dict:
             with accelerator.accumulate(unet, *train_encoders):
                 loss = step_loss(args, run, global_step, micro, accelerator.process_index)
                 accelerator.backward(loss)
+                if global_step < args.ti_only_steps:  # the inversion phase: AdamW skips parameters without a gradient
+                    for p in method.adapter_parameters(params):
+                        p.grad = None
                 if accelerator.sync_gradients and args.max_grad_norm:
                     clip_gradients(accelerator, method.parameter_sets(params), args.max_grad_norm)
                 optimizer.step()

@@ -486,6 +486,11 @@ class PivotalTuning(Method):
     def parameter_sets(self, params):
         return self.inner.parameter_sets(params)
 
+    def adapter_parameters(self, params) -> list:
+        """What trains besides the identifier's embedding (held still during --ti_only_steps)."""
+        embedding = {id(p) for p in self.ti.text_side_parameters()}
+        return [p for p in params if id(p) not in embedding]
+
     def text_side_parameters(self) -> list:
         return self.inner.text_side_parameters() + self.ti.text_side_parameters()
 
