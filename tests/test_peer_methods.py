@@ -175,11 +175,30 @@ def test_ti_only_steps_hold_the_adapter_still_while_the_embedding_trains(tiny_sd
     embedding = [TextualInversionMethod.STATE_KEY]
     adapter = [k for k in states[0] if k not in embedding]
     assert adapter
+    args = _args(tiny_sd_path, concept_dir, out, "loldu", "--train_text_encoder_ti", "--rank", "2")
+    m = load_models(args)
+    models = types.SimpleNamespace(unet=m.unet, text_encoder=m.text_encoder, text_encoder_2=None, tokenizer=m.tokenizer)
+    method = make_method(args)
+    method.setup(models)
+    initial = method.trainable_state(models)
+    for k in adapter:  # untouched by step 1 (the init does not depend on the seed: z0 = the LDU diagonal)
+        assert torch.equal(states[0][k], initial[k]), k
     for k in adapter:  # still during the inversion phase, moving after it
         assert torch.equal(states[0][k], states[1][k])
     assert any(not torch.equal(states[1][k], states[2][k]) for k in adapter)
     assert any(not torch.equal(states[0][k], states[1][k]) for k in embedding)
     with pytest.raises(ValueError, match="--ti_only_steps is the embedding's phase of pivotal tuning: add --train_text_encoder_ti"):
         _args(tiny_sd_path, concept_dir, tmp_path / "y", "loldu", "--ti_only_steps", "1")
-    with pytest.raises(ValueError, match="--ti_only_steps 3: give 0 ≤ N < --max_train_steps"):
+    with pytest.raises(ValueError, match="--ti_only_steps 3: give fewer steps than the run's 3, or the adapter never trains"):
         _args(tiny_sd_path, concept_dir, tmp_path / "z", "loldu", "--train_text_encoder_ti", "--ti_only_steps", "3")
+    with pytest.raises(ValueError, match="--ti_only_steps -1: give a number of steps, 0 or more"):
+        _args(tiny_sd_path, concept_dir, tmp_path / "z", "loldu", "--train_text_encoder_ti", "--ti_only_steps", "-1")
+    # with --num_train_epochs the run's length is known once the images are counted
+    from loldu_diffusion.training.args import settle_schedule
+
+    epochs = _args(tiny_sd_path, concept_dir, tmp_path / "e", "loldu", "--train_text_encoder_ti", "--ti_only_steps", "2",
+                   "--num_train_epochs", "1", "--train_batch_size", "1")
+    epochs.max_train_steps = None
+    with pytest.raises(ValueError, match="--ti_only_steps 2: give fewer steps than the run's 2"):
+        settle_schedule(epochs, n_images=2, num_processes=1)  # 2 images at batch 1: 2 steps
+    assert settle_schedule(epochs, n_images=3, num_processes=1).ti_only_steps == 2

@@ -58,6 +58,9 @@ def test_the_embedded_recipe_applies_to_loldu_with_a_class_prompt_and_each_part_
     assert phase("--no_train_text_encoder_ti") == 0 and phase("--method", "lora") == 0
     assert phase("--pretrained_model_name_or_path", tiny_sd_path, *mine, "--class_prompt", "a photo of a heart",
                  "--train_text_encoder_ti") == 0  # a real base keeps diffusers' joint training
+    by_epochs = resolve_defaults(parse_args(["--num_train_epochs", "10"]))  # the quarter of a length known once images are counted
+    assert by_epochs.ti_only_steps is None and settle_schedule(by_epochs, n_images=8, num_processes=1).ti_only_steps == 5
+    assert resolve_defaults(parse_args(["--method", "lora", "--max_train_steps", "0"])).ti_only_steps == 0  # no phase, no check
     # diffusers' flags keep their meaning on any base
     assert resolved("--pretrained_model_name_or_path", tiny_sd_path, *mine, "--class_prompt", "a photo of a heart",
                     "--with_prior_preservation", "--train_text_encoder_ti")[1:3] == (True, True)

@@ -49,9 +49,10 @@ def configs(quick: bool, which: str = "all"):
     # paper's recipe). `default_args` is the recipe without its inversion phase (session 12's default, the base of most rows)
     default_args = ["--unet_targets", "attn2.to_k,attn2.to_v", "--train_text_encoder_ti", "--with_prior_preservation",
                     "--num_class_images", "48", "--lr_scheduler", "cosine", "--class_prompts_from_captions"]
-    # pivotal tuning's inversion phase first (cloneofsimo/lora's lora_pti): the embedding trains alone for a quarter of the
-    # steps, then the adapter joins. Session 12's default missed zwx s0 (0.92 of the ceiling at step 50 with drift +21, then
-    # fading as the prior pulled the adapter back) where textual inversion alone holds 0.98
+    # pivotal tuning's inversion phase first (cloneofsimo/lora's lora_pti): the embedding trains alone for 50 steps (a
+    # quarter of the 200 the bench judges at; the trainer's default is a quarter of any run), then the adapter joins.
+    # Session 12's default missed zwx s0 (0.92 of the ceiling at step 50 with drift +21, then fading as the prior pulled
+    # the adapter back) where textual inversion alone holds 0.98
     default = dict(name=DEFAULT_CONFIG, method="loldu", lr=lr, args=[*default_args, "--ti_only_steps", "50"], captions=True,
                    class_captions=True)
     # the default's recipe for the peers that take it at their own lr (the bar compares them at equal recipe and
@@ -61,8 +62,9 @@ def configs(quick: bool, which: str = "all"):
             dict(name="vera", method="vera", lr=1e-2),
             dict(name="ia3", method="ia3", lr=1e-2),
             dict(name="textual-inversion", method="ti", lr=5e-3),
-            # the default without its adapter: the identifier's embedding alone at the default's lr and schedule (prior
-            # preservation gives it no gradient: the class prompt lacks the identifier). Does the adapter add anything?
+            # the session-10 default (uncaptioned, no inversion phase) without its adapter: the identifier's embedding alone
+            # at the default's lr and schedule (prior preservation gives it no gradient: the class prompt lacks the
+            # identifier). Does the adapter add anything?
             dict(name="textual-inversion-cosine", method="ti", lr=lr, args=["--lr_scheduler", "cosine"]),
             # the other "only vectors train" peers with the default's recipe and targets (their plain rows drift as LoLDU alone)
             dict(name="vera-custom-diffusion-cosine", method="vera", lr=1e-2, args=recipe),

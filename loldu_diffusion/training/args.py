@@ -200,9 +200,8 @@ def resolve_defaults(args: argparse.Namespace) -> argparse.Namespace:
         args.max_train_steps = EMBEDDED["max_train_steps"] if args.embedded else PAPER["max_train_steps"]
     if args.train_batch_size is None:
         args.train_batch_size = EMBEDDED["train_batch_size"] if args.embedded else PAPER["train_batch_size"]
-    if args.ti_only_steps is None:  # the recipe's inversion phase: the first quarter of the steps (50 of the embedded base's 200)
-        recipe_phase = args.recipe == "embedded" and args.train_text_encoder_ti and args.max_train_steps
-        args.ti_only_steps = args.max_train_steps // 4 if recipe_phase else 0
+    if args.ti_only_steps is None and args.max_train_steps is not None:  # with --num_train_epochs: settle_schedule's
+        args.ti_only_steps = inversion_phase(args, args.max_train_steps)
     if args.validation_steps is None and args.embedded:
         args.validation_steps = EMBEDDED["validation_steps"]
     if args.adam_weight_decay is None:
@@ -241,12 +240,27 @@ def resolve_defaults(args: argparse.Namespace) -> argparse.Namespace:
                          "that embedding: drop one of them")
     if args.ti_norm != "free" and not (args.train_text_encoder_ti or args.method == "ti"):
         raise ValueError("--ti_norm is for a trained token embedding: add --train_text_encoder_ti (or use --method ti)")
+    if args.ti_only_steps is not None and args.ti_only_steps < 0:
+        raise ValueError(f"--ti_only_steps {args.ti_only_steps}: give a number of steps, 0 or more")
     if args.ti_only_steps and not args.train_text_encoder_ti:
-        raise ValueError("--ti_only_steps is the embedding's phase of pivotal tuning: add --train_text_encoder_ti")
-    if args.ti_only_steps < 0 or (args.max_train_steps is not None and args.ti_only_steps >= args.max_train_steps):
-        raise ValueError(f"--ti_only_steps {args.ti_only_steps}: give 0 ≤ N < --max_train_steps ({args.max_train_steps}), "
-                         "or the adapter never trains")
+        raise ValueError("--ti_only_steps is the embedding's phase of pivotal tuning: add --train_text_encoder_ti (with an adapter "
+                         "--method, not ti)")
+    if args.ti_only_steps and args.max_train_steps is not None:
+        check_inversion_phase(args.ti_only_steps, args.max_train_steps)
     return args
+
+
+def inversion_phase(args, steps: int) -> int:
+    """The steps the identifier's embedding trains alone: --ti_only_steps, else a quarter of the run in the embedded
+    base's recipe (50 of its 200; the learning bench measured 50 of 200), else none."""
+    if args.ti_only_steps is not None:
+        return args.ti_only_steps
+    return steps // 4 if args.recipe == "embedded" and args.train_text_encoder_ti else 0
+
+
+def check_inversion_phase(phase: int, steps: int) -> None:
+    if phase >= steps:
+        raise ValueError(f"--ti_only_steps {phase}: give fewer steps than the run's {steps}, or the adapter never trains")
 
 
 def concepts_of(args) -> tuple | None:
@@ -307,4 +321,8 @@ def settle_schedule(args: argparse.Namespace, n_images: int, num_processes: int)
     every = args.validation_steps
     if args.validation_epochs and not every:
         every = args.validation_epochs * steps_per_epoch
-    return argparse.Namespace(**vars(args) | {"max_train_steps": steps, "optimizer_lr": lr, "validation_steps": every})
+    phase = inversion_phase(args, steps)
+    if phase:
+        check_inversion_phase(phase, steps)
+    return argparse.Namespace(**vars(args) | {"max_train_steps": steps, "optimizer_lr": lr, "validation_steps": every,
+                                              "ti_only_steps": phase})

@@ -257,7 +257,12 @@ def train(args) -> dict:
     lr_scheduler = get_scheduler(args.lr_scheduler, optimizer=optimizer, num_warmup_steps=args.lr_warmup_steps,
                                  num_training_steps=args.max_train_steps, num_cycles=args.lr_num_cycles, power=args.lr_power)
     text_encoders = text_encoders_of(m) if method.trains_text_encoder else []
-    unet, optimizer, lr_scheduler, *train_encoders = accelerator.prepare(m.unet, optimizer, lr_scheduler, *text_encoders)
+    # DDP wraps only an encoder with trained weights of its own; pivotal tuning's embedding is a tensor outside every module
+    # (its gradient flows through the frozen encoder and is averaged over the processes by hand, below)
+    wrapped = [e for e in text_encoders if any(p.requires_grad for p in e.parameters())]
+    unet, optimizer, lr_scheduler, *prepared = accelerator.prepare(m.unet, optimizer, lr_scheduler, *wrapped)
+    train_encoders = [prepared[[id(w) for w in wrapped].index(id(e))] if any(e is w for w in wrapped) else e for e in text_encoders]
+    outside_modules = method.text_side_parameters() if accelerator.num_processes > 1 else []
     if args.compile:  # the module's own forward: names, state dict and adapters stay as they are (compile.py)
         compile_unet(accelerator.unwrap_model(unet), backend=args.compile_backend)
     # the trained text encoders run through their wrappers so their gradients are synchronised
@@ -306,6 +311,10 @@ def train(args) -> dict:
             with accelerator.accumulate(unet, *train_encoders):
                 loss = step_loss(args, run, global_step, micro, accelerator.process_index)
                 accelerator.backward(loss)
+                if accelerator.sync_gradients:
+                    for p in outside_modules:
+                        if p.grad is not None:
+                            p.grad = accelerator.reduce(p.grad, reduction="mean")
                 if global_step < args.ti_only_steps:  # the inversion phase: AdamW skips parameters without a gradient
                     for p in method.adapter_parameters(params):
                         p.grad = None
