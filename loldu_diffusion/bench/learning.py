@@ -51,8 +51,8 @@ def configs(quick: bool, which: str = "all"):
                     "--num_class_images", "48", "--lr_scheduler", "cosine", "--class_prompts_from_captions"]
     # pivotal tuning's inversion phase first (cloneofsimo/lora's lora_pti): the embedding trains alone for 50 steps (a
     # quarter of the 200 the bench judges at; the trainer's default is a quarter of any run), then the adapter joins.
-    # Session 12's default missed zwx s0 (0.92 of the ceiling at step 50 with drift +21, then fading as the prior pulled
-    # the adapter back) where textual inversion alone holds 0.98
+    # Session 12's default missed zwx s0 (0.94 of the ceiling at step 50, drift +10 at step 100, then fading as the prior
+    # pulled the adapter back) where textual inversion alone holds 0.98
     default = dict(name=DEFAULT_CONFIG, method="loldu", lr=lr, args=[*default_args, "--ti_only_steps", "50"], captions=True,
                    class_captions=True)
     # the default's recipe for the peers that take it at their own lr (the bar compares them at equal recipe and
