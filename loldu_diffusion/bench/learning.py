@@ -168,6 +168,9 @@ def configs(quick: bool, which: str = "all"):
         # the peer under the same captions and context prior (equal recipe, equal class images)
         dict(name="lora-r4-custom-diffusion-cosine-captioned-context-prior", method="lora", lr=1e-3, args=["--rank", "4", *recipe],
              captions=True, class_captions=True),
+        # … with the default's inversion phase too (equal recipe again since session 13)
+        dict(name="lora-r4-custom-diffusion-cosine-captioned-context-prior-ti50", method="lora", lr=1e-3,
+             args=["--rank", "4", *recipe, "--ti_only_steps", "50"], captions=True, class_captions=True),
         # the "only vectors train" peer and the kilobyte anchor with the same captions (VeRA also with the context prior;
         # textual inversion trains no shared weight, so it has no prior to keep)
         dict(name="vera-custom-diffusion-cosine-captioned-context-prior", method="vera", lr=1e-2, args=recipe, captions=True,
