@@ -53,7 +53,8 @@ def configs(quick: bool, which: str = "all"):
     # quarter of the 200 the bench judges at; the trainer's default is a quarter of any run), then the adapter joins.
     # Session 12's default missed zwx s0 (0.94 of the ceiling at step 50, drift +10 at step 100, then fading as the prior
     # pulled the adapter back) where textual inversion alone holds 0.98
-    default = dict(name=DEFAULT_CONFIG, method="loldu", lr=lr, args=[*default_args, "--ti_only_steps", "50"], captions=True,
+    inversion = ["--ti_only_steps", "50"]
+    default = dict(name=DEFAULT_CONFIG, method="loldu", lr=lr, args=[*default_args, *inversion], captions=True,
                    class_captions=True)
     # the default's recipe for the peers that take it at their own lr (the bar compares them at equal recipe and
     # targets): the identifier's embedding stays at the default's lr
@@ -170,7 +171,7 @@ def configs(quick: bool, which: str = "all"):
              captions=True, class_captions=True),
         # … with the default's inversion phase too (equal recipe again since session 13)
         dict(name="lora-r4-custom-diffusion-cosine-captioned-context-prior-ti50", method="lora", lr=1e-3,
-             args=["--rank", "4", *recipe, "--ti_only_steps", "50"], captions=True, class_captions=True),
+             args=["--rank", "4", *recipe, *inversion], captions=True, class_captions=True),
         # the "only vectors train" peer and the kilobyte anchor with the same captions (VeRA also with the context prior;
         # textual inversion trains no shared weight, so it has no prior to keep)
         dict(name="vera-custom-diffusion-cosine-captioned-context-prior", method="vera", lr=1e-2, args=recipe, captions=True,

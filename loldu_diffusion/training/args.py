@@ -245,7 +245,7 @@ def resolve_defaults(args: argparse.Namespace) -> argparse.Namespace:
     if args.ti_only_steps and not args.train_text_encoder_ti:
         raise ValueError("--ti_only_steps is the embedding's phase of pivotal tuning: add --train_text_encoder_ti (with an adapter "
                          "--method, not ti)")
-    if args.ti_only_steps and args.max_train_steps is not None:
+    if args.ti_only_steps is not None and args.max_train_steps is not None:
         check_inversion_phase(args.ti_only_steps, args.max_train_steps)
     return args
 
@@ -259,7 +259,7 @@ def inversion_phase(args, steps: int) -> int:
 
 
 def check_inversion_phase(phase: int, steps: int) -> None:
-    if phase >= steps:
+    if phase and phase >= steps:  # no phase, nothing to check (a 0-step run stays the caller's business)
         raise ValueError(f"--ti_only_steps {phase}: give fewer steps than the run's {steps}, or the adapter never trains")
 
 
@@ -322,7 +322,6 @@ def settle_schedule(args: argparse.Namespace, n_images: int, num_processes: int)
     if args.validation_epochs and not every:
         every = args.validation_epochs * steps_per_epoch
     phase = inversion_phase(args, steps)
-    if phase:
-        check_inversion_phase(phase, steps)
+    check_inversion_phase(phase, steps)
     return argparse.Namespace(**vars(args) | {"max_train_steps": steps, "optimizer_lr": lr, "validation_steps": every,
                                               "ti_only_steps": phase})

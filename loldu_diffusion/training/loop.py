@@ -259,10 +259,13 @@ def train(args) -> dict:
     text_encoders = text_encoders_of(m) if method.trains_text_encoder else []
     # DDP wraps only an encoder with trained weights of its own; pivotal tuning's embedding is a tensor outside every module
     # (its gradient flows through the frozen encoder and is averaged over the processes by hand, below)
-    wrapped = [e for e in text_encoders if any(p.requires_grad for p in e.parameters())]
-    unet, optimizer, lr_scheduler, *prepared = accelerator.prepare(m.unet, optimizer, lr_scheduler, *wrapped)
-    train_encoders = [prepared[[id(w) for w in wrapped].index(id(e))] if any(e is w for w in wrapped) else e for e in text_encoders]
+    owns = [any(p.requires_grad for p in e.parameters()) for e in text_encoders]
+    unet, optimizer, lr_scheduler, *prepared = accelerator.prepare(m.unet, optimizer, lr_scheduler,
+                                                                   *(e for e, o in zip(text_encoders, owns) if o))
+    prepared = iter(prepared)
+    train_encoders = [next(prepared) if o else e for e, o in zip(text_encoders, owns)]
     outside_modules = method.text_side_parameters() if accelerator.num_processes > 1 else []
+    held_in_phase = method.adapter_parameters(params) if args.ti_only_steps else []
     if args.compile:  # the module's own forward: names, state dict and adapters stay as they are (compile.py)
         compile_unet(accelerator.unwrap_model(unet), backend=args.compile_backend)
     # the trained text encoders run through their wrappers so their gradients are synchronised
@@ -316,7 +319,7 @@ def train(args) -> dict:
                         if p.grad is not None:
                             p.grad = accelerator.reduce(p.grad, reduction="mean")
                 if global_step < args.ti_only_steps:  # the inversion phase: AdamW skips parameters without a gradient
-                    for p in method.adapter_parameters(params):
+                    for p in held_in_phase:
                         p.grad = None
                 if accelerator.sync_gradients and args.max_grad_norm:
                     clip_gradients(accelerator, method.parameter_sets(params), args.max_grad_norm)
