@@ -179,6 +179,11 @@ def configs(quick: bool, which: str = "all"):
         dict(name="textual-inversion-cosine-captioned", method="ti", lr=lr, args=["--lr_scheduler", "cosine"], captions=True),
         dict(name="ia3-custom-diffusion-cosine-captioned-context-prior", method="ia3", lr=1e-2, args=recipe, captions=True,
              class_captions=True),
+        # the "only vectors train" peers with the default's inversion phase too (equal recipe, as LoRA's -ti50 row)
+        dict(name="vera-custom-diffusion-cosine-captioned-context-prior-ti50", method="vera", lr=1e-2,
+             args=[*recipe, *inversion], captions=True, class_captions=True),
+        dict(name="ia3-custom-diffusion-cosine-captioned-context-prior-ti50", method="ia3", lr=1e-2,
+             args=[*recipe, *inversion], captions=True, class_captions=True),
         # the embedding's norm fixed at the class word's (it inflated 0.73 -> 2.2 by step 200 as zwx's colour went)
         dict(name="loldu-ti-prior-fixednorm", method="loldu", lr=lr,
              args=["--train_text_encoder_ti", "--ti_norm", "fixed", "--with_prior_preservation", "--num_class_images", "48"]),
