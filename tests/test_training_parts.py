@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from loldu_diffusion.training import parse_args
-from loldu_diffusion.training.args import resolve_defaults, settle_schedule
+from loldu_diffusion.training.args import recipe_note, resolve_defaults, settle_schedule
 from loldu_diffusion.training.checkpoints import list_checkpoints, load_history, load_run_state, write_checkpoint
 from loldu_diffusion.training.steps import dreambooth_loss
 
@@ -60,6 +60,14 @@ def test_the_embedded_recipe_applies_to_loldu_with_a_class_prompt_and_each_part_
                  "--train_text_encoder_ti") == 0  # a real base keeps diffusers' joint training
     by_epochs = resolve_defaults(parse_args(["--num_train_epochs", "10"]))  # the quarter of a length known once images are counted
     assert by_epochs.ti_only_steps is None and settle_schedule(by_epochs, n_images=8, num_processes=1).ti_only_steps == 5
+    # a resume says when its phase differs from the one its checkpoint's run began with, and only while that matters
+    from loldu_diffusion.training.checkpoints import phase_change_note
+    assert phase_change_note("out/checkpoint-30", 50, 100, 30).startswith("note: checkpoint-30 is from a run whose embedding")
+    assert phase_change_note("out/checkpoint-30", 50, 50, 30) is None and phase_change_note("out/checkpoint-120", 50, 100, 120) is None
+    assert phase_change_note("out/checkpoint-30", None, 100, 30) is None  # a checkpoint from before session 14 does not say
+    # the recipe's note is said once settled, so it names the phase under --num_train_epochs too
+    assert "(the embedding alone for the first 5 steps)" in recipe_note(settle_schedule(by_epochs, n_images=8, num_processes=1))
+    assert "pivotal tuning off, prior" in recipe_note(resolve_defaults(parse_args(["--no_train_text_encoder_ti"])))
     assert resolve_defaults(parse_args(["--method", "lora", "--max_train_steps", "0"])).ti_only_steps == 0  # no phase, no check
     # diffusers' flags keep their meaning on any base
     assert resolved("--pretrained_model_name_or_path", tiny_sd_path, *mine, "--class_prompt", "a photo of a heart",

@@ -305,6 +305,17 @@ def check_inputs(args: argparse.Namespace) -> argparse.Namespace:
     return argparse.Namespace(**vars(args) | {"model_path": resolve_model_path(args)})
 
 
+def recipe_note(args: argparse.Namespace) -> str:
+    """What the embedded base's recipe turned on for this run (settled args), and the flags that turn each part off."""
+    phase = f" (the embedding alone for the first {args.ti_only_steps} steps)" if args.ti_only_steps else ""
+    return (f"note: LoLDU's recipe on the embedded base: pivotal tuning {'on' if args.train_text_encoder_ti else 'off'}{phase}, prior "
+            f"preservation {'on' if args.with_prior_preservation else 'off'}"
+            f"{' (class images in the contexts the captions name)' if args.class_prompts_from_captions else ''}, "
+            f"lr schedule {args.lr_scheduler}, UNet targets {','.join(args.unet_targets)} (README, 'Choices'); --no_train_text_encoder_ti, "
+            "--ti_only_steps 0, --no_prior_preservation, --no_class_prompts_from_captions, --lr_scheduler constant, "
+            "--unet_targets to_q,to_k,to_v,to_out.0 change it")
+
+
 def settle_schedule(args: argparse.Namespace, n_images: int, num_processes: int) -> argparse.Namespace:
     """A copy with what depends on the data and the processes: max_train_steps from
     --num_train_epochs when only that is given, and `optimizer_lr` (--learning_rate, times the

@@ -82,6 +82,16 @@ def load_run_state(folder: str) -> tuple[dict, list | None, list]:
     return state, read("before", images.get("before", 0)) or None, during
 
 
+def phase_change_note(path: str, began: int | None, phase: int, step: int) -> str | None:
+    """A resumed run whose inversion phase (--ti_only_steps; a quarter of the run unless given) differs from the one the
+    checkpoint's run began with, where the difference still matters: say so and how to keep the first."""
+    if began is None or began == phase or step >= max(began, phase):
+        return None
+    return (f"note: {os.path.basename(os.path.normpath(path))} is from a run whose embedding trained alone for its first {began} steps; "
+            f"this run's is {phase} (a quarter of --max_train_steps unless --ti_only_steps is given): add "
+            f"--ti_only_steps {began} to resume it as it began")
+
+
 def load_history(folder: str) -> list[float]:
     path = os.path.join(folder, HISTORY_FILE)
     if not os.path.isfile(path):

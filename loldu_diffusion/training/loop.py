@@ -20,9 +20,9 @@ from ..adapter_file import AdapterFileError
 from ..compile import compile_unet, uncompile_unet
 from ..quiet import quiet_libraries
 from . import compat, report
-from .args import check_inputs, resolve_defaults, settle_schedule
+from .args import check_inputs, recipe_note, resolve_defaults, settle_schedule
 from .concepts import subject_args
-from .checkpoints import (TRAINABLE_FILE, checkpoint_step, existing_outputs, load_history, load_run_state, resolve_resume,
+from .checkpoints import (TRAINABLE_FILE, checkpoint_step, existing_outputs, load_history, load_run_state, phase_change_note, resolve_resume,
                           write_checkpoint)
 from .data import DataError, ImageSet, check_identifier, class_captions, step_generator
 from .errors import TrainingError
@@ -175,14 +175,6 @@ def train(args) -> dict:
         say(f"warning: {tracker_warning}")
     for line in compat.notes(args):
         say(line)
-    if args.recipe == "embedded":
-        phase = f" (the embedding alone for the first {args.ti_only_steps} steps)" if args.ti_only_steps else ""
-        say(f"note: LoLDU's recipe on the embedded base: pivotal tuning {'on' if args.train_text_encoder_ti else 'off'}{phase}, prior "
-            f"preservation {'on' if args.with_prior_preservation else 'off'}"
-            f"{' (class images in the contexts the captions name)' if args.class_prompts_from_captions else ''}, "
-            f"lr schedule {args.lr_scheduler}, UNet targets {','.join(args.unet_targets)} (README, 'Choices'); --no_train_text_encoder_ti, "
-            "--ti_only_steps 0, --no_prior_preservation, --no_class_prompts_from_captions, --lr_scheduler constant, --unet_targets to_q,to_k,to_v,to_out.0 "
-            "change it")
     if args.concepts and args.validation_prompt:
         say("note: --validation_prompt changes nothing with --concepts_list: the subjects' adapters are apart until the end; "
             "preview each with loldu generate --adapter OUTPUT_DIR/NAME/loldu_adapter.safetensors")
@@ -206,6 +198,8 @@ def train(args) -> dict:
         if args.embedded and is_main and instance.paths:
             warn_about_photos(instance, native_resolution(m), say)
     args = settle_schedule(args, max(map(len, instances)), accelerator.num_processes)  # settled: nothing below changes args
+    if args.recipe == "embedded":  # after settling: the phase is a quarter of the run, known here under --num_train_epochs too
+        say(recipe_note(args))
     subjects = subjects_of(args)
     device = accelerator.device
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
@@ -299,6 +293,8 @@ def train(args) -> dict:
         global_step, history = checkpoint_step(resume_path), load_history(resume_path)
         earlier, before, during = load_run_state(resume_path)
         say(f"resumed from {resume_path} at step {global_step}")
+        if note := phase_change_note(resume_path, earlier.get("ti_only_steps"), args.ti_only_steps, global_step):
+            say(note)
     if is_main and report_to:
         accelerator.init_trackers("dreambooth-" + args.method, config={k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))})
 
@@ -349,7 +345,8 @@ def train(args) -> dict:
                 report.save_grid([imgs], os.path.join(args.output_dir, f"validation_step_{global_step}.png"))
                 report.log_images(accelerator, "validation", imgs, global_step)
         if global_step % args.checkpointing_steps == 0:  # the last step too, as diffusers' scripts do
-            state = {"seconds": earlier.get("seconds", 0.0) + time.time() - t_start, "train_seconds": train_time, "steps_run": steps_run}
+            state = {"seconds": earlier.get("seconds", 0.0) + time.time() - t_start, "train_seconds": train_time, "steps_run": steps_run,
+                     "ti_only_steps": args.ti_only_steps}
             write_checkpoint(accelerator, args.output_dir, global_step, args.checkpoints_total_limit, history, state, before, during)
     bar.close()
     accelerator.wait_for_everyone()
