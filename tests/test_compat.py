@@ -81,11 +81,17 @@ def test_a_local_dataset_with_captions_and_repeats_trains(tiny_sd_path, tmp_path
                           "--instance_prompt", "a photo", "--report_to", "none", "--output_dir", str(tmp_path / "o2")]))
 
 
-def test_prodigy_trains_and_kohya_format_is_written_beside(tiny_sd_path, concept_dir, tmp_path):
+def test_prodigy_trains_and_kohya_format_is_written_beside(tiny_sd_path, concept_dir, tmp_path, capsys):
+    """Prodigy with pivotal tuning, a text encoder lr and the inversion phase: it raised on the groups' two lrs at its
+    first step; now the text encoder's lr is dropped with a warning (as diffusers' scripts), and the phase warned about."""
     pytest.importorskip("prodigyopt")
     out = tmp_path / "prodigy"
     summary = train(parse_args(base_args(tiny_sd_path, concept_dir, out, "--max_train_steps", "2", "--optimizer", "prodigy",
-                                         "--learning_rate", "1.0", "--output_kohya_format")))
+                                         "--learning_rate", "1.0", "--output_kohya_format", "--train_text_encoder_ti",
+                                         "--text_encoder_lr", "0.5", "--ti_only_steps", "1")))
+    said = capsys.readouterr().out
+    assert "warning: --optimizer prodigy estimates one step size for all parameters: --text_encoder_lr 0.5 is ignored" in said
+    assert "warning: --optimizer prodigy with the inversion phase (--ti_only_steps 1)" in said
     assert "pytorch_lora_weights_kohya.safetensors" in summary["outputs"]
     keys = load_file(str(out / "pytorch_lora_weights_kohya.safetensors"))
     assert keys and all(k.startswith("lora_unet_") for k in keys)

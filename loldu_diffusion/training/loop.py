@@ -26,7 +26,7 @@ from .checkpoints import (TRAINABLE_FILE, checkpoint_step, existing_outputs, loa
                           write_checkpoint)
 from .data import DataError, ImageSet, check_identifier, class_captions, step_generator
 from .errors import TrainingError
-from .methods import make_method, make_optimizer, param_groups
+from .methods import make_method, make_optimizer, optimizer_warnings, param_groups
 from .models import (PromptEncoder, cast_frozen, ensure_class_images, frozen_modules, generate, load_models, native_resolution,
                      text_encoders_of, validation_pipeline)
 from .outdir import claim_output_dir, refuse_to_replace
@@ -200,6 +200,8 @@ def train(args) -> dict:
     args = settle_schedule(args, max(map(len, instances)), accelerator.num_processes)  # settled: nothing below changes args
     if args.recipe == "embedded":  # after settling: the phase is a quarter of the run, known here under --num_train_epochs too
         say(recipe_note(args))
+    for line in optimizer_warnings(args):
+        say(line)
     subjects = subjects_of(args)
     device = accelerator.device
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)

@@ -534,11 +534,29 @@ def param_groups(args, params, text_encoders, text_side=()) -> list:
     if not te:
         return params
     group = {"params": te}
-    if args.text_encoder_lr is not None:
+    if args.text_encoder_lr is not None and args.optimizer != "prodigy":  # Prodigy: one lr for all (optimizer_warnings)
         group["lr"] = args.text_encoder_lr
     if args.adam_weight_decay_text_encoder is not None:
         group["weight_decay"] = args.adam_weight_decay_text_encoder
     return [{"params": rest}, group] if rest else [group]
+
+
+def optimizer_warnings(args) -> list[str]:
+    """What Prodigy does differently from AdamW with this run's settled arguments, one line each."""
+    if args.optimizer != "prodigy":
+        return []
+    out = []
+    if args.text_encoder_lr is not None and args.text_encoder_lr != args.learning_rate:
+        # Prodigy raises on groups with different lrs at its first step; diffusers' scripts drop the text encoder's, so do we
+        out.append(f"warning: --optimizer prodigy estimates one step size for all parameters: --text_encoder_lr {args.text_encoder_lr:g} "
+                   f"is ignored and --learning_rate {args.learning_rate:g} used for everything, as diffusers' scripts do")
+    if args.ti_only_steps:
+        # AdamW counts each parameter's moments and bias correction from its own first gradient; Prodigy counts one step and
+        # one step size for all, so the adapter starts mid-schedule with a step size estimated on the embedding alone
+        out.append(f"warning: --optimizer prodigy with the inversion phase (--ti_only_steps {args.ti_only_steps}): the adapter joins "
+                   "with Prodigy's step size estimated on the embedding alone (only AdamW was measured with the phase); "
+                   "--ti_only_steps 0 trains both from the start")
+    return out
 
 
 def make_optimizer(args, params, lr: float):
