@@ -210,11 +210,14 @@ def test_two_processes_stay_in_sync_and_write_once(tiny_sd_path, concept_dir, tm
     env = dict(os.environ, OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
            "--mixed_precision", "no", "--dynamo_backend", "no", os.path.join(ROOT, "train_dreambooth_loldu.py"),
-           *common(tiny_sd_path, concept_dir, out), "--max_train_steps", "3", "--learning_rate", "1e-2", *text]
+           *common(tiny_sd_path, concept_dir, out), "--max_train_steps", "3", "--learning_rate", "1e-2", "--lr_scheduler", "cosine",
+           "--lr_warmup_steps", "0", *text]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     summary = json.loads((out / "train_summary.json").read_text())
     assert summary["processes"] == 2 and summary["max_process_divergence"] == 0.0
+    # accelerate steps the schedule once per process: counted in optimizer steps, cosine ended back at the full lr (1e-2)
+    assert summary["final_lr"] == pytest.approx(0.0, abs=1e-12)
     assert (proc.stdout + proc.stderr).count("wrote loldu_adapter.safetensors") == 1
     if "--train_text_encoder" in text:
         assert set(AdapterFile.read(str(out / ADAPTER_FILE)).layers) == {"unet", "text_encoder"}

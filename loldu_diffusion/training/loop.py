@@ -145,6 +145,16 @@ def clip_gradients(accelerator, parameter_sets, max_norm: float) -> None:
         torch.nn.utils.clip_grad_norm_(params, max_norm)
 
 
+def make_lr_scheduler(args, optimizer, num_processes: int):
+    """diffusers' scheduler over the run's optimizer steps. accelerate steps a prepared scheduler once per process at each
+    optimizer step (the batch it assumes grows with the processes), so warmup and length are counted in those units, as
+    diffusers' scripts count them; counted in optimizer steps, a 2-process cosine run hit 0 halfway and climbed back."""
+    from diffusers.optimization import get_scheduler
+
+    return get_scheduler(args.lr_scheduler, optimizer=optimizer, num_warmup_steps=args.lr_warmup_steps * num_processes,
+                         num_training_steps=args.max_train_steps * num_processes, num_cycles=args.lr_num_cycles, power=args.lr_power)
+
+
 def subjects_of(args) -> list:
     """The arguments of each subject's own run: [args], or one per --concepts_list entry."""
     return [args] if not args.concepts else [subject_args(args, c) for c in args.concepts]
@@ -154,7 +164,6 @@ def subjects_of(args) -> list:
 def train(args) -> dict:
     quiet_libraries()  # before diffusers imports its pipelines
     from accelerate.utils import set_seed
-    from diffusers.optimization import get_scheduler
     from safetensors.torch import load_file, save_file
 
     t_start = time.time()
@@ -250,8 +259,7 @@ def train(args) -> dict:
     if args.gradient_checkpointing:
         m.unet.enable_gradient_checkpointing()
     optimizer = make_optimizer(args, param_groups(args, params, text_encoders_of(m), method.text_side_parameters()), args.optimizer_lr)
-    lr_scheduler = get_scheduler(args.lr_scheduler, optimizer=optimizer, num_warmup_steps=args.lr_warmup_steps,
-                                 num_training_steps=args.max_train_steps, num_cycles=args.lr_num_cycles, power=args.lr_power)
+    lr_scheduler = make_lr_scheduler(args, optimizer, accelerator.num_processes)
     text_encoders = text_encoders_of(m) if method.trains_text_encoder else []
     # DDP wraps only an encoder with trained weights of its own; pivotal tuning's embedding is a tensor outside every module
     # (its gradient flows through the frozen encoder and is averaged over the processes by hand, below)
@@ -362,7 +370,7 @@ def train(args) -> dict:
             "steps": global_step, "trainable_parameters": n_trainable, "learning_rate": args.learning_rate,
             "rank": args.rank, "batch_size": args.train_batch_size, "resolution": resolution,
             "seconds": round(earlier.get("seconds", 0.0) + time.time() - t_start, 1), "seconds_per_step": round(train_time / max(steps_run, 1), 4),
-            "final_loss": history[-1] if history else None, "processes": accelerator.num_processes,
+            "final_loss": history[-1] if history else None, "final_lr": lr_scheduler.get_last_lr()[0], "processes": accelerator.num_processes,
             "max_process_divergence": divergence if sync_check else None,
         }
         models.unet = unet_u
