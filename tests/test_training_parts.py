@@ -29,7 +29,14 @@ def test_arguments_are_settled_into_copies_and_resolving_twice_changes_nothing()
     assert once.class_prompts_from_captions
     settled = settle_schedule(once, n_images=5, num_processes=2)
     assert once.max_train_steps is None and not hasattr(once, "optimizer_lr")
-    assert settled.max_train_steps == 3 * 2  # ceil(5 images / batch 2 / 2 processes) = 2 steps an epoch
+    # diffusers' epoch: ceil(ceil(ceil(5 images / batch 2) / 2 processes) / 2 accumulated) = 1 optimizer step
+    assert settled.max_train_steps == 3 * 1
+    # an epoch is in optimizer steps (it counted micro-batches: 4x the epochs asked for), --validation_epochs too, and an
+    # explicit --validation_epochs wins over the embedded base's every-100-steps default
+    by_epoch = settle_schedule(resolve_defaults(parse_args(["--num_train_epochs", "10", "--gradient_accumulation_steps", "4",
+                                                            "--validation_epochs", "5"])), n_images=8, num_processes=1)
+    assert by_epoch.max_train_steps == 10 and by_epoch.validation_steps == 5  # 8 images / batch 4 = 2 batches, 4 per step
+    assert resolve_defaults(parse_args([])).validation_steps == 100
     assert settled.optimizer_lr == pytest.approx(once.learning_rate * 2 * 2 * 2) and settled.learning_rate == once.learning_rate
 
 

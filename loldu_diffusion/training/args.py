@@ -202,7 +202,7 @@ def resolve_defaults(args: argparse.Namespace) -> argparse.Namespace:
         args.train_batch_size = EMBEDDED["train_batch_size"] if args.embedded else PAPER["train_batch_size"]
     if args.ti_only_steps is None and args.max_train_steps is not None:  # with --num_train_epochs: settle_schedule's
         args.ti_only_steps = inversion_phase(args, args.max_train_steps)
-    if args.validation_steps is None and args.embedded:
+    if args.validation_steps is None and args.validation_epochs is None and args.embedded:
         args.validation_steps = EMBEDDED["validation_steps"]
     if args.adam_weight_decay is None:
         args.adam_weight_decay = 0.0 if args.method == "loldu" else 1e-2
@@ -322,7 +322,8 @@ def settle_schedule(args: argparse.Namespace, n_images: int, num_processes: int)
     effective batch under --scale_lr, as diffusers does). The summary keeps --learning_rate."""
     import math
 
-    steps_per_epoch = math.ceil(n_images / args.train_batch_size / num_processes)  # n_images counts --repeats
+    # as diffusers' scripts: an epoch is each process's share of the batches, in optimizer steps (n_images counts --repeats)
+    steps_per_epoch = math.ceil(math.ceil(math.ceil(n_images / args.train_batch_size) / num_processes) / args.gradient_accumulation_steps)
     steps = args.max_train_steps
     if steps is None:
         steps = args.num_train_epochs * steps_per_epoch
