@@ -375,6 +375,35 @@ def test_resume_latest_without_checkpoint_does_not_replace_an_adapter(tiny_sd_pa
     assert (tmp_path / "loldu_adapter.safetensors").read_bytes() == b"a finished run's adapter"
 
 
+def test_resume_with_other_trained_values_is_one_line(tiny_sd_path, concept_dir, tmp_path, capsys):
+    """A checkpoint made without pivotal tuning, resumed with it (or with another rank): one line naming what differs,
+    before anything is loaded (it was a KeyError traceback, or silently ignored keys for PEFT's methods)."""
+    from loldu_diffusion.training import main
+
+    fast = ["--num_validation_images", "0", "--report_to", "none", "--checkpointing_steps", "1", "--max_train_steps", "2"]
+    assert main(trainer_argv(tiny_sd_path, concept_dir, tmp_path) + fast) == 0
+    capsys.readouterr()
+    for other, said in ((["--train_text_encoder_ti", "--class_prompt", "a photo of a heart"], "lacks ['text_encoder.token_embedding']"),
+                        (["--rank", "3"], "has other shapes for ['unet.")):
+        assert main(trainer_argv(tiny_sd_path, concept_dir, tmp_path) + fast + ["--max_train_steps", "3", "--resume_from_checkpoint",
+                                                                                "checkpoint-1", *other]) == 2
+        err = capsys.readouterr().err.strip()  # after the base's loading bars: one line, no traceback
+        last = err.splitlines()[-1]
+        assert "Traceback" not in err and last.startswith("error: --resume_from_checkpoint") and said in last
+        assert last.endswith("resume with the flags it was made with (--method, --rank, --unet_targets, --train_text_encoder, "
+                             "--train_text_encoder_ti)")
+
+
+def test_a_phase_longer_than_an_epoch_counted_run_is_one_line(tiny_sd_path, concept_dir, tmp_path, capsys):
+    from loldu_diffusion.training import main
+
+    argv = trainer_argv(tiny_sd_path, concept_dir, tmp_path)[:-2] + ["--num_train_epochs", "1", "--train_text_encoder_ti", "--class_prompt",
+                                                                     "a photo of a heart", "--ti_only_steps", "100", "--report_to", "none"]
+    assert main(argv) == 2  # the length is known once the images are counted, after the base has loaded
+    err = capsys.readouterr().err.strip()
+    assert "Traceback" not in err and err.splitlines()[-1].startswith("error: --ti_only_steps 100: give fewer steps than the run's ")
+
+
 def test_stale_temp_files_are_removed_under_the_lock(tmp_path):
     from loldu_diffusion.training.outdir import lock_output_dir, remove_stale_temp
 

@@ -92,6 +92,23 @@ def phase_change_note(path: str, began: int | None, phase: int, step: int) -> st
             f"--ti_only_steps {began} to resume it as it began")
 
 
+def check_resume_matches(path: str, expected: dict) -> None:
+    """The checkpoint holds the values this run trains, by name and shape, or one line naming what differs (a run resumed
+    with other flags: pivotal tuning turned on, another --rank or --unet_targets, another --method)."""
+    from safetensors import safe_open
+
+    with safe_open(os.path.join(path, TRAINABLE_FILE), framework="pt") as f:
+        saved = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    wanted = {k: tuple(v.shape) for k, v in expected.items()}
+    missing, unexpected = sorted(wanted.keys() - saved.keys()), sorted(saved.keys() - wanted.keys())
+    reshaped = sorted(k for k in wanted.keys() & saved.keys() if wanted[k] != saved[k])
+    if missing or unexpected or reshaped:
+        said = [f"{what} {names[:2]}{' …' if len(names) > 2 else ''}" for what, names in
+                (("lacks", missing), ("has values this run does not train:", unexpected), ("has other shapes for", reshaped)) if names]
+        raise TrainingError(f"--resume_from_checkpoint {path}: the checkpoint {'; '.join(said)}: resume with the flags it was made with "
+                            "(--method, --rank, --unet_targets, --train_text_encoder, --train_text_encoder_ti)")
+
+
 def load_history(folder: str) -> list[float]:
     path = os.path.join(folder, HISTORY_FILE)
     if not os.path.isfile(path):

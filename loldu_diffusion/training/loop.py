@@ -22,8 +22,8 @@ from ..quiet import quiet_libraries
 from . import compat, report
 from .args import check_inputs, recipe_note, resolve_defaults, settle_schedule
 from .concepts import subject_args
-from .checkpoints import (TRAINABLE_FILE, checkpoint_step, existing_outputs, load_history, load_run_state, phase_change_note, resolve_resume,
-                          write_checkpoint)
+from .checkpoints import (TRAINABLE_FILE, check_resume_matches, checkpoint_step, existing_outputs, load_history, load_run_state,
+                          phase_change_note, resolve_resume, write_checkpoint)
 from .data import DataError, ImageSet, check_identifier, class_captions, step_generator
 from .errors import TrainingError
 from .methods import make_method, make_optimizer, optimizer_warnings, param_groups
@@ -206,7 +206,10 @@ def train(args) -> dict:
             say(f"warning: {warning}")
         if args.embedded and is_main and instance.paths:
             warn_about_photos(instance, native_resolution(m), say)
-    args = settle_schedule(args, max(map(len, instances)), accelerator.num_processes)  # settled: nothing below changes args
+    try:
+        args = settle_schedule(args, max(map(len, instances)), accelerator.num_processes)  # settled: nothing below changes args
+    except ValueError as e:  # a phase too long for a run counted in epochs
+        raise TrainingError(str(e)) from None
     if args.recipe == "embedded":  # after settling: the phase is a quarter of the run, known here under --num_train_epochs too
         say(recipe_note(args))
     for line in optimizer_warnings(args):
@@ -299,6 +302,7 @@ def train(args) -> dict:
     if args.resume_from_checkpoint and resume_path is None:
         say(f"--resume_from_checkpoint latest: no checkpoint in {args.output_dir}; starting a new run")
     if resume_path:
+        check_resume_matches(resume_path, method.trainable_state(models))
         accelerator.load_state(resume_path)
         global_step, history = checkpoint_step(resume_path), load_history(resume_path)
         earlier, before, during = load_run_state(resume_path)
