@@ -73,6 +73,13 @@ def test_ti_needs_an_identifier(tiny_sd_path, concept_dir, tmp_path):
     args.instance_prompt, args.class_prompt = "a photo of a heart", "a photo of a heart"
     with pytest.raises(ValueError, match="--placeholder_token"):
         make_method(args)
+    # the identifier is the rare word the class prompt lacks, not the first missing word ('photo' against "a dog")
+    from loldu_diffusion.training.methods import placeholder_token
+
+    prompts = lambda i, c: types.SimpleNamespace(placeholder_token=None, instance_prompt=i, class_prompt=c)  # noqa: E731
+    assert placeholder_token(prompts("a photo of sks dog", "a dog")) == "sks"
+    assert placeholder_token(prompts("a photo of sks dog", "a photo of a dog")) == "sks"
+    assert placeholder_token(prompts("a photo of my dog", "a dog")) == "photo"  # no rare word: the first one missing
 
 
 def test_pivotal_tuning_trains_the_adapter_and_the_identifier_embedding_and_resumes(tiny_sd_path, concept_dir, tmp_path):

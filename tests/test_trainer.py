@@ -133,6 +133,20 @@ def test_class_images_are_drawn_and_captioned_in_the_instance_captions_contexts(
     run(common(tiny_sd_path, concept_dir, tmp_path / "plain") + prior + ["--class_prompts_from_captions", "--overwrite"])
     assert "4 class images have no caption" in capsys.readouterr().out
     assert {n: os.path.getmtime(tmp_path / "plain" / "class_images" / n) for n in os.listdir(tmp_path / "plain" / "class_images")} == stamps
+    # captions that keep only the identifier give their contexts too; one naming neither is said
+    import shutil
+
+    own = tmp_path / "own"
+    shutil.copytree(concept_dir, own)
+    (own / "00.txt").write_text("sks heart on a white background")
+    (own / "01.txt").write_text("a heart on a gray background")
+    capsys.readouterr()
+    run(common(tiny_sd_path, str(own), tmp_path / "own_out") + prior + ["--class_prompts_from_captions"])
+    assert ("warning: --class_prompts_from_captions: 1 of 5 captions name neither the instance prompt 'a photo of sks heart' nor "
+            "its identifier (e.g. 'a heart on a gray background')") in capsys.readouterr().out
+    captions = [(tmp_path / "own_out" / "class_images" / f"class_{k:05d}.txt").read_text() for k in range(4)]
+    assert captions == [f"{c}\n" for c in ("heart on a white background", "a photo of a heart", "a photo of a heart on a beige background",
+                                           "a photo of a heart on a white background")]
 
 
 @pytest.mark.parametrize("method", ["lora", "olora"])

@@ -75,6 +75,10 @@ def test_the_embedded_recipe_applies_to_loldu_with_a_class_prompt_and_each_part_
     # the recipe's note is said once settled, so it names the phase under --num_train_epochs too
     assert "(the embedding alone for the first 5 steps)" in recipe_note(settle_schedule(by_epochs, n_images=8, num_processes=1))
     assert "pivotal tuning off, prior" in recipe_note(resolve_defaults(parse_args(["--no_train_text_encoder_ti"])))
+    # a flag that leaves the recipe out says so (it went silently); outside the embedded base nothing is said
+    assert recipe_note(resolve_defaults(parse_args(["--train_text_encoder"]))).startswith("note: --train_text_encoder: LoLDU's recipe")
+    assert recipe_note(resolve_defaults(parse_args(["--method", "lora"]))) is None
+    assert recipe_note(resolve_defaults(parse_args(["--pretrained_model_name_or_path", tiny_sd_path, *mine]))) is None
     assert resolve_defaults(parse_args(["--method", "lora", "--max_train_steps", "0"])).ti_only_steps == 0  # no phase, no check
     # diffusers' flags keep their meaning on any base
     assert resolved("--pretrained_model_name_or_path", tiny_sd_path, *mine, "--class_prompt", "a photo of a heart",
@@ -225,12 +229,14 @@ def test_class_images_come_in_sample_batch_size_batches_and_do_not_depend_on_the
 def test_class_captions_put_the_class_prompt_in_each_context_once():
     from loldu_diffusion.training.data import class_captions
 
-    caps = ["a photo of sks dog on a beach", "a photo of sks dog", "sks dog in snow", "a photo of sks dog on a beach"]
+    caps = ["a photo of sks dog on a beach", "a photo of sks dog", "a dog in snow", "a photo of sks dog on a beach"]
     assert class_captions(caps, "a photo of sks dog", "a photo of a dog") == ["a photo of a dog on a beach", "a photo of a dog"]
     assert class_captions([], "a photo of sks dog", "a photo of a dog") == ["a photo of a dog"]
-    # whole words, any case: a capital first letter keeps its context, a plural is not the identifier's noun
-    assert class_captions(["A photo of sks dog, on a sofa", "a photo of sks dogs"], "a photo of sks dog", "a photo of a dog") == [
-        "a photo of a dog, on a sofa", "a photo of a dog"]
+    # whole words, any case: a capital first letter keeps its context
+    assert class_captions(["A photo of sks dog, on a sofa"], "a photo of sks dog", "a photo of a dog") == ["a photo of a dog, on a sofa"]
+    # a caption that keeps only the identifier (as the README asks) loses it; it gave the bare class prompt before session 14
+    assert class_captions(["sks dog on a grey sofa", "a photo of sks dogs", "SKS, asleep"], "a photo of sks dog", "a dog") == [
+        "dog on a grey sofa", "a photo of dogs", "asleep"]
 
 
 def test_captioned_class_images_equal_drawing_each_prompt_alone(tiny_sd_path, tmp_path):

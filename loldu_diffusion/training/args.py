@@ -305,8 +305,16 @@ def check_inputs(args: argparse.Namespace) -> argparse.Namespace:
     return argparse.Namespace(**vars(args) | {"model_path": resolve_model_path(args)})
 
 
-def recipe_note(args: argparse.Namespace) -> str:
-    """What the embedded base's recipe turned on for this run (settled args), and the flags that turn each part off."""
+def recipe_note(args: argparse.Namespace) -> str | None:
+    """What the embedded base's recipe turned on for this run (settled args), and the flags that turn each part off; or,
+    for LoLDU on the embedded base with a flag that leaves the recipe out, which flag."""
+    if args.recipe != "embedded":
+        lapsed_by = "--train_text_encoder" if args.train_text_encoder else "--concepts_list" if args.concepts_list else None
+        if not (args.embedded and args.method == "loldu" and lapsed_by):
+            return None
+        return (f"note: {lapsed_by}: LoLDU's recipe on the embedded base (pivotal tuning, prior preservation, cosine decay, the "
+                "cross-attentions' keys and values) is off for this run and diffusers' defaults apply; each part has its own flag "
+                "(README, 'Choices')")
     phase = f" (the embedding alone for the first {args.ti_only_steps} steps)" if args.ti_only_steps else ""
     return (f"note: LoLDU's recipe on the embedded base: pivotal tuning {'on' if args.train_text_encoder_ti else 'off'}{phase}, prior "
             f"preservation {'on' if args.with_prior_preservation else 'off'}"

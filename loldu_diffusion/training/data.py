@@ -37,13 +37,33 @@ def caption_for(path: str, default: str) -> str:
     return default
 
 
-def class_captions(instance_captions, instance_prompt: str, class_prompt: str) -> list[str]:
-    """The class prompt in each context the instance captions name, each once, in order:
-    'a photo of sks heart on a white background' → 'a photo of a heart on a white background'. The
-    instance prompt matches as whole words, in any case ('A photo of sks heart, …'; not '… sks hearts');
-    a caption without it gives the class prompt alone (nothing says what to keep)."""
+def identifier_of(instance_prompt: str, class_prompt: str | None) -> str | None:
+    """The instance prompt's word that the class prompt lacks ('sks'): a rare one first, so that 'a photo of sks dog'
+    against 'a dog' gives 'sks' and not 'photo'; None when every word is in the class prompt."""
+    class_words = set((class_prompt or "").split())
+    extra = [w for w in (instance_prompt or "").split() if w not in class_words and w not in ("a", "an", "the")]
+    return next((w for w in extra if is_rare_word(w)), extra[0] if extra else None)
+
+
+def class_caption(caption: str, instance_prompt: str, class_prompt: str) -> str | None:
+    """The class prompt in the caption's context: 'a photo of sks heart on a white background' → 'a photo of a heart on a
+    white background'. The instance prompt matches as whole words, in any case ('A photo of sks heart, …'); a caption
+    that keeps only the identifier ('sks dog on a grey sofa') loses it ('dog on a grey sofa'); None for a caption naming
+    neither (nothing says what to keep)."""
     whole = re.compile(rf"(?<!\w){re.escape(instance_prompt)}(?!\w)", re.IGNORECASE)
-    out = [whole.sub(lambda _: class_prompt, c, count=1) if whole.search(c) else class_prompt for c in instance_captions]
+    if whole.search(caption):
+        return whole.sub(lambda _: class_prompt, caption, count=1)
+    ident = identifier_of(instance_prompt, class_prompt)
+    alone = re.compile(rf"(?<!\w){re.escape(ident)}(?!\w)", re.IGNORECASE) if ident else None
+    if alone is None or not alone.search(caption):
+        return None
+    return " ".join(alone.sub("", caption).split()).replace(" ,", ",").strip(" ,;:")
+
+
+def class_captions(instance_captions, instance_prompt: str, class_prompt: str) -> list[str]:
+    """The class prompt in each context the instance captions name (class_caption), each once, in order; a caption naming
+    neither the instance prompt nor its identifier gives the class prompt alone."""
+    out = [class_caption(c, instance_prompt, class_prompt) or class_prompt for c in instance_captions]
     return list(dict.fromkeys(out)) or [class_prompt]
 
 

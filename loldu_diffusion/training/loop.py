@@ -24,7 +24,7 @@ from .args import check_inputs, recipe_note, resolve_defaults, settle_schedule
 from .concepts import subject_args
 from .checkpoints import (TRAINABLE_FILE, check_resume_matches, checkpoint_step, existing_outputs, load_history, load_run_state,
                           phase_change_note, resolve_resume, write_checkpoint)
-from .data import DataError, ImageSet, check_identifier, class_captions, step_generator
+from .data import DataError, ImageSet, check_identifier, class_caption, class_captions, step_generator
 from .errors import TrainingError
 from .methods import make_method, make_optimizer, optimizer_warnings, param_groups
 from .models import (PromptEncoder, cast_frozen, ensure_class_images, frozen_modules, generate, load_models, native_resolution,
@@ -210,8 +210,8 @@ def train(args) -> dict:
         args = settle_schedule(args, max(map(len, instances)), accelerator.num_processes)  # settled: nothing below changes args
     except ValueError as e:  # a phase too long for a run counted in epochs
         raise TrainingError(str(e)) from None
-    if args.recipe == "embedded":  # after settling: the phase is a quarter of the run, known here under --num_train_epochs too
-        say(recipe_note(args))
+    if note := recipe_note(args):  # after settling: the phase is a quarter of the run, known here under --num_train_epochs too
+        say(note)
     for line in optimizer_warnings(args):
         say(line)
     subjects = subjects_of(args)
@@ -223,6 +223,11 @@ def train(args) -> dict:
     if args.with_prior_preservation:
         for i, (s, instance) in enumerate(zip(subjects, instances)):
             contexts = class_captions(instance.captions, s.instance_prompt, s.class_prompt) if args.class_prompts_from_captions else None
+            unnamed = [c for c in instance.captions if class_caption(c, s.instance_prompt, s.class_prompt) is None]
+            if contexts and unnamed and is_main:
+                say(f"warning: --class_prompts_from_captions: {len(unnamed)} of {len(instance.captions)} captions name neither the "
+                    f"instance prompt {s.instance_prompt!r} nor its identifier (e.g. {unnamed[0]!r}): their class images are drawn "
+                    "from the class prompt alone; keep the identifier in every caption")
             ensure_class_images(s, accelerator, m, resolution, contexts)
             classes[i] = ImageSet.from_folder(s.class_data_dir, s.class_prompt, resolution, flag="--class_data_dir", warn=say,
                                               resample=args.image_interpolation_mode)

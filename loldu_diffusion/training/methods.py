@@ -456,14 +456,15 @@ class TextualInversionMethod(Method):
 
 
 def placeholder_token(args) -> str:
-    """--placeholder_token, or the instance prompt's word that the class prompt lacks ('sks')."""
+    """--placeholder_token, or the instance prompt's identifier (data.identifier_of: 'sks')."""
+    from .data import identifier_of
+
     if getattr(args, "placeholder_token", None):
         return args.placeholder_token
-    class_words = set((args.class_prompt or "").split())
-    extra = [w for w in (args.instance_prompt or "").split() if w not in class_words and w not in ("a", "an", "the")]
-    if not extra:
+    token = identifier_of(args.instance_prompt, args.class_prompt)
+    if token is None:
         raise ValueError("--method ti needs --placeholder_token (the identifier word of --instance_prompt)")
-    return extra[0]
+    return token
 
 
 class PivotalTuning(Method):
