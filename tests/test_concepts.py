@@ -79,6 +79,10 @@ def test_concepts_list_errors(subjects, tmp_path):
 
     assert "leave --instance_data_dir out" in error(["--concepts_list", path, "--instance_data_dir", "x"])
     assert "--method lora trains shared weights" in error(["--concepts_list", path, "--method", "lora"])
+    # pivotal tuning and its phase: one line each naming what is unsupported (the phase's said "add --train_text_encoder_ti")
+    assert "--concepts_list with --train_text_encoder_ti is not supported yet" in error(["--concepts_list", path, "--train_text_encoder_ti"])
+    assert "--concepts_list with --ti_only_steps (pivotal tuning's phase) is not supported yet" in error(
+        ["--concepts_list", path, "--ti_only_steps", "5"])
     assert "no such file" in error(["--concepts_list", str(tmp_path / "nope.json")])
     bad = tmp_path / "bad.json"
     for content, words in [("{", "not JSON"), ("[]", "non-empty JSON list"),

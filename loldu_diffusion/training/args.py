@@ -272,8 +272,9 @@ def concepts_of(args) -> tuple | None:
     given = [f for f in ("instance_data_dir", "instance_prompt", "class_prompt", "class_data_dir", "dataset_name") if getattr(args, f)]
     if given:
         raise ValueError(f"--concepts_list gives each subject's images and prompts: leave --{given[0]} out (or put it in the list's entries)")
-    if args.train_text_encoder_ti:
-        raise ValueError("--concepts_list with --train_text_encoder_ti is not supported yet: train each subject's embedding in its own run")
+    if args.train_text_encoder_ti or args.ti_only_steps:
+        flag = "--train_text_encoder_ti" if args.train_text_encoder_ti else "--ti_only_steps (pivotal tuning's phase)"
+        raise ValueError(f"--concepts_list with {flag} is not supported yet: train each subject's embedding in its own run")
     if args.method != "loldu":
         raise ValueError(f"--concepts_list trains one LoLDU adapter per subject in one run; --method {args.method} trains "
                          "shared weights: run it once per subject")

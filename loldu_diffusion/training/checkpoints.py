@@ -83,13 +83,13 @@ def load_run_state(folder: str) -> tuple[dict, list | None, list]:
 
 
 def phase_change_note(path: str, began: int | None, phase: int, step: int) -> str | None:
-    """A resumed run whose inversion phase (--ti_only_steps; a quarter of the run unless given) differs from the one the
-    checkpoint's run began with, where the difference still matters: say so and how to keep the first."""
+    """A resumed run whose inversion phase (--ti_only_steps; a quarter of the run in the embedded recipe unless given)
+    differs from the one the checkpoint's run began with, where the difference still matters: say so and how to keep the
+    first."""
     if began is None or began == phase or step >= max(began, phase):
         return None
     return (f"note: {os.path.basename(os.path.normpath(path))} is from a run whose embedding trained alone for its first {began} steps; "
-            f"this run's is {phase} (a quarter of --max_train_steps unless --ti_only_steps is given): add "
-            f"--ti_only_steps {began} to resume it as it began")
+            f"this run's is {phase}: add --ti_only_steps {began} to resume it as it began")
 
 
 def check_resume_matches(path: str, expected: dict) -> None:
