@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import torch
 
 from .adapter_file import AdapterFile, AdapterFileError, load_adapter
-from .embeddings import EmbeddingFileError, embedding_beside, is_embedding_file, read_pipeline_embeddings
+from .embeddings import EmbeddingFileError, embedding_beside, is_embedding_file, pipeline_tables, read_pipeline_embeddings
 from .config import EXPORT_FORMATS
 from .model import delete_adapter, fuse_loldu, loldu_disabled, set_adapter_weights, unfuse_loldu
 from .pipeline import adapter_name_for, load_base
@@ -59,13 +59,16 @@ class LoadedAdapter:
 
 @dataclass
 class LoadedEmbedding:
-    """A session's token embeddings: rows of the text encoder's table, by token id."""
+    """A session's token embeddings: rows of the text encoders' tables, by (encoder, token id)."""
     path: str
     key: str  # the file's content hash
-    rows: dict  # token id → (token, (width,) float32)
+    rows: dict  # (text encoder k, token id) → (token, (width,) float32); SDXL's layout has a row in each table
+
+    def tokens(self) -> list[str]:
+        return list(dict.fromkeys(t for t, _ in self.rows.values()))
 
     def describe(self) -> str:
-        tokens = ", ".join(f"`{t}`" for t, _ in self.rows.values())
+        tokens = ", ".join(f"`{t}`" for t in self.tokens())
         return f"embedding of {tokens} from {os.path.basename(self.path)}"
 
 
@@ -80,7 +83,7 @@ def read_embedding(pipe, path: str, held, where: str) -> LoadedEmbedding:
     rows = read_pipeline_embeddings(pipe, path)
     key = file_key(path)
     for other in held:
-        clash = sorted(t for i, (t, _) in rows.items() if i in other.rows)
+        clash = sorted({t for i, (t, _) in rows.items() if i in other.rows})
         if clash and other.key != key:
             raise EmbeddingFileError(f"{os.path.basename(path)}: the token(s) {clash} already have an embedding in {where} "
                                      f"({os.path.basename(other.path)}); remove it first")
@@ -121,7 +124,7 @@ class Studio:
         self.users: dict[str, int] = {}  # file key → sessions holding it
         self.fused: tuple | None = None  # the blend fused into the weights, if any
         self.base_scheduler = self.pipe.scheduler
-        self.base_rows: dict[int, torch.Tensor] = {}  # the table's own rows of every token a session's embedding wrote
+        self.base_rows: dict[tuple[int, int], torch.Tensor] = {}  # the tables' own rows of every token a session's embedding wrote
         self.trainer = None  # app_train.Trainer when the app trains: its adapters join the list
         self.preload, self.preload_errors = [], []  # loaded once, at start, for every session
         for p in preload:
@@ -179,14 +182,14 @@ class Studio:
 
     @torch.no_grad()
     def use_rows(self, rows: dict) -> None:
-        """Under the lock: make the text encoder's embedding table the base's plus exactly `rows`
-        (token id → (token, row)); `use_rows({})` puts the base's table back."""
-        table = self.pipe.text_encoder.get_input_embeddings().weight  # (vocab, width)
-        for i in set(self.base_rows) - set(rows):
-            table[i] = self.base_rows.pop(i)
-        for i, (_, row) in rows.items():
-            self.base_rows.setdefault(i, table[i].clone())
-            table[i] = row.to(table.dtype)
+        """Under the lock: make the text encoders' embedding tables the base's plus exactly `rows`
+        ((encoder, token id) → (token, row)); `use_rows({})` puts the base's tables back."""
+        tables = [table for _, table in pipeline_tables(self.pipe)]  # (vocab, width) each
+        for k, i in set(self.base_rows) - set(rows):
+            tables[k][i] = self.base_rows.pop((k, i))
+        for (k, i), (_, row) in rows.items():
+            self.base_rows.setdefault((k, i), tables[k][i].clone())
+            tables[k][i] = row.to(tables[k].dtype)
 
     def _unfuse(self):
         if self.fused is not None:
@@ -296,7 +299,7 @@ class Session:
 
     def blend_text(self) -> str:
         text = ", ".join(f"{n}:{a.weight:g}" for n, a in self.loaded.items() if a.weight != 0) or "no adapter"
-        tokens = [t for e in self.embeddings.values() for t, _ in e.rows.values()]
+        tokens = [t for e in self.embeddings.values() for t in e.tokens()]
         return text + (f" + embedding of {', '.join(tokens)}" if tokens else "")
 
     # ---- generation ---------------------------------------------------------------------

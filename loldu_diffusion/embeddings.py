@@ -1,7 +1,7 @@
 """Token embeddings trained beside an adapter (--train_text_encoder_ti, --method ti).
 
 The file is diffusers' textual-inversion layout, `{token: (1, width)}` (or `(width,)`) in
-safetensors. The identifier is a word the tokenizer already has as one token ("sks"), so
+safetensors; on SDXL, SDXL's `{"clip_l": (1, 768), "clip_g": (1, 1280)}` with the token in the metadata. The identifier is a word the tokenizer already has as one token ("sks"), so
 loading writes its row of the text encoder's embedding table — what the trainer's hook did
 during training — instead of adding a token as diffusers' `load_textual_inversion` does (it
 refuses a token the vocabulary has).
@@ -16,6 +16,7 @@ import os
 import torch
 
 EMBEDDINGS_FILE = "learned_embeds.safetensors"  # what the trainer writes beside the adapter (diffusers' name)
+SDXL_EMBEDDING_KEYS = ("clip_l", "clip_g")  # SDXL's layout (diffusers' advanced script, kohya, A1111): a row per text encoder
 MAX_BYTES = 2**20  # a few rows of ≤ 1,280 floats; SD 1.5's width is 768
 MAX_TOKENS = 16
 # A row far beyond the table's own scale is not a trained embedding (the embedded base's rows
@@ -27,8 +28,10 @@ class EmbeddingFileError(ValueError):
     """A file that is not a token-embedding file for this text encoder."""
 
 
-def read_token_embeddings(path: str, tokenizer, width: int) -> dict[int, tuple[str, torch.Tensor]]:
-    """token id → (token, (width,) float32) of a checked file."""
+def read_token_embeddings(path: str, encoders: list) -> dict[tuple[int, int], tuple[str, torch.Tensor]]:
+    """(text encoder k, token id) → (token, (width,) float32) of a checked file, for `encoders` [(tokenizer, width), …]:
+    `{token: (1, width)}` rows for the first table, or SDXL's layout `{"clip_l": (1, 768), "clip_g": (1, 1280)}` (its
+    token in the metadata, as the trainer writes it) for both."""
     from safetensors import safe_open
 
     name = os.path.basename(path)
@@ -36,9 +39,10 @@ def read_token_embeddings(path: str, tokenizer, width: int) -> dict[int, tuple[s
         raise EmbeddingFileError(f"--embedding {path}: no such file")
     if os.path.getsize(path) > MAX_BYTES:
         raise EmbeddingFileError(f"--embedding {name}: larger than {MAX_BYTES} bytes; a token-embedding file holds a few rows")
+    width = encoders[0][1]
     try:
         with safe_open(path, framework="pt") as f:
-            keys = list(f.keys())
+            keys, meta = list(f.keys()), f.metadata() or {}
             if not 0 < len(keys) <= MAX_TOKENS:
                 raise EmbeddingFileError(f"--embedding {name}: {len(keys)} tensors; expected 1 to {MAX_TOKENS} ({{token: (1, {width})}})")
             tensors = {k: f.get_tensor(k) for k in keys}
@@ -46,8 +50,20 @@ def read_token_embeddings(path: str, tokenizer, width: int) -> dict[int, tuple[s
         raise
     except Exception as e:
         raise EmbeddingFileError(f"--embedding {name}: not a readable safetensors file ({str(e).splitlines()[0]})") from None
+    if set(tensors) == set(SDXL_EMBEDDING_KEYS):
+        if len(encoders) != 2:
+            raise EmbeddingFileError(f"--embedding {name}: an SDXL embedding (clip_l, clip_g) for a base with two text encoders; "
+                                     "this base has one")
+        token = meta.get("token")
+        if not token:
+            raise EmbeddingFileError(f"--embedding {name}: an SDXL embedding without its token in the metadata ('token'); "
+                                     "this loader writes the rows of a word the tokenizer has")
+        entries = [(k, token, tensors[key]) for k, key in enumerate(SDXL_EMBEDDING_KEYS)]
+    else:
+        entries = [(0, token, t) for token, t in tensors.items()]
     rows = {}
-    for token, t in tensors.items():
+    for k, token, t in entries:
+        tokenizer, width = encoders[k]
         if t.dtype not in (torch.float32, torch.float16, torch.bfloat16):
             raise EmbeddingFileError(f"--embedding {name}: {token!r} is {t.dtype}, not a float tensor")
         if tuple(t.shape) not in ((width,), (1, width)):
@@ -60,7 +76,7 @@ def read_token_embeddings(path: str, tokenizer, width: int) -> dict[int, tuple[s
         if len(ids) != 1:
             raise EmbeddingFileError(f"--embedding {name}: {token!r} is {len(ids)} tokens of this tokenizer, not one; "
                                      "train with a one-token identifier (--placeholder_token)")
-        rows[ids[0]] = (token, t)
+        rows[(k, ids[0])] = (token, t)
     return rows
 
 
@@ -90,17 +106,25 @@ def is_embedding_file(path: str) -> bool:
     return 0 < len(keys) <= MAX_TOKENS and "loldu" not in meta and all("." not in k for k in keys)
 
 
-def read_pipeline_embeddings(pipe, path: str) -> dict[int, tuple[str, torch.Tensor]]:
-    """`read_token_embeddings` for the pipeline's (first) text encoder and tokenizer."""
-    return read_token_embeddings(path, pipe.tokenizer, pipe.text_encoder.get_input_embeddings().weight.shape[1])
+def pipeline_tables(pipe) -> list:
+    """(tokenizer, embedding table (vocab, width)) of each of the pipeline's text encoders: one, or SDXL's two."""
+    pairs = [(pipe.tokenizer, pipe.text_encoder)]
+    if getattr(pipe, "text_encoder_2", None) is not None:
+        pairs.append((pipe.tokenizer_2, pipe.text_encoder_2))
+    return [(tok, enc.get_input_embeddings().weight) for tok, enc in pairs]
+
+
+def read_pipeline_embeddings(pipe, path: str) -> dict[tuple[int, int], tuple[str, torch.Tensor]]:
+    """`read_token_embeddings` for the pipeline's text encoders and tokenizers."""
+    return read_token_embeddings(path, [(tok, table.shape[1]) for tok, table in pipeline_tables(pipe)])
 
 
 @torch.no_grad()
 def load_token_embeddings(pipe, path: str) -> list[str]:
-    """Write the file's rows into the pipeline's text-encoder embedding table; returns the
-    tokens. (SDXL's second text encoder is not covered: the trainer writes one table's rows.)"""
-    table = pipe.text_encoder.get_input_embeddings().weight  # (vocab, width)
+    """Write the file's rows into the pipeline's text-encoder embedding tables (both on SDXL for its layout);
+    returns the tokens."""
+    tables = [table for _, table in pipeline_tables(pipe)]
     rows = read_pipeline_embeddings(pipe, path)
-    for token_id, (_, row) in rows.items():
-        table[token_id] = row.to(table.dtype)
-    return [token for token, _ in rows.values()]
+    for (k, token_id), (_, row) in rows.items():
+        tables[k][token_id] = row.to(tables[k].dtype)
+    return list(dict.fromkeys(token for token, _ in rows.values()))

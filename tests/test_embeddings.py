@@ -43,6 +43,8 @@ def test_the_row_is_written_and_only_that_row(pipe, tmp_path):
     ({"sks": torch.full((1, 128), 50.0)}, "not finite or far out of scale"),
     ({"sks": torch.zeros(1, 128, dtype=torch.int32)}, "not a float tensor"),
     ({"sks heart": torch.zeros(1, 128)}, "is 2 tokens of this tokenizer"),
+    ({"clip_l": torch.zeros(1, 128), "clip_g": torch.zeros(1, 256)}, r"an SDXL embedding \(clip_l, clip_g\) for a base with two text "
+                                                                      "encoders; this base has one"),
 ])
 def test_bad_files_are_refused_by_name(pipe, tmp_path, tensors, match):
     path = str(tmp_path / "bad.safetensors")

@@ -217,6 +217,37 @@ def test_sdxl_with_both_text_encoders(tiny_sdxl_path, concept_dir, tmp_path):
     assert all(f.delta[c].abs().max() > 0 for c in f.layers)
 
 
+def test_sdxl_pivotal_tuning_trains_the_identifier_in_both_text_encoders(tiny_sdxl_path, concept_dir, tmp_path):
+    """SDXL's second text encoder also makes the pooled conditioning: the identifier's row trains in both tables (it
+    trained only in the first), the file is SDXL's layout {clip_l, clip_g} with its token in the metadata, and it loads
+    into both tables with loldu's loader and with diffusers' load_textual_inversion, one table at a time as its docs do."""
+    from diffusers import StableDiffusionXLPipeline
+    from safetensors import safe_open
+
+    from loldu_diffusion.embeddings import load_token_embeddings
+
+    out = tmp_path / "xl_ti"
+    run(common(tiny_sdxl_path, concept_dir, out) + ["--max_train_steps", "2", "--train_text_encoder_ti", "--class_prompt",
+                                                    "a photo of a heart", "--rank", "4", "--learning_rate", "1e-2"])
+    with safe_open(str(out / "learned_embeds.safetensors"), framework="pt") as f:
+        rows, meta = {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
+    pipe = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl_path)
+    tables = [pipe.text_encoder.get_input_embeddings().weight, pipe.text_encoder_2.get_input_embeddings().weight]
+    assert set(rows) == {"clip_l", "clip_g"} and meta["token"] == "sks"
+    assert [tuple(rows[k].shape) for k in ("clip_l", "clip_g")] == [(1, t.shape[1]) for t in tables]
+    heart = [pipe.tokenizer("heart", add_special_tokens=False).input_ids[0], pipe.tokenizer_2("heart", add_special_tokens=False).input_ids[0]]
+    assert all(not torch.allclose(rows[k][0], t[i]) for k, t, i in zip(("clip_l", "clip_g"), tables, heart))  # both trained
+    assert load_token_embeddings(pipe, str(out / "learned_embeds.safetensors")) == ["sks"]
+    sks = [pipe.tokenizer("sks", add_special_tokens=False).input_ids[0], pipe.tokenizer_2("sks", add_special_tokens=False).input_ids[0]]
+    assert all(torch.equal(t[i], rows[k][0]) for k, t, i in zip(("clip_l", "clip_g"), tables, sks))
+    theirs = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl_path)
+    theirs.load_textual_inversion(rows["clip_l"], token="<sks>", text_encoder=theirs.text_encoder, tokenizer=theirs.tokenizer)
+    theirs.load_textual_inversion(rows["clip_g"], token="<sks>", text_encoder=theirs.text_encoder_2, tokenizer=theirs.tokenizer_2)
+    new = [theirs.tokenizer.convert_tokens_to_ids("<sks>"), theirs.tokenizer_2.convert_tokens_to_ids("<sks>")]
+    assert all(torch.equal(enc.get_input_embeddings().weight[i], rows[k][0]) for enc, i, k in
+               zip((theirs.text_encoder, theirs.text_encoder_2), new, ("clip_l", "clip_g")))
+
+
 @pytest.mark.parametrize("text", [["--train_text_encoder"],  # the text encoder's adapter: inside a module DDP wraps
                                   ["--train_text_encoder_ti", "--class_prompt", "a photo of a heart", "--ti_only_steps", "1"]])
 def test_two_processes_stay_in_sync_and_write_once(tiny_sd_path, concept_dir, tmp_path, text):

@@ -258,7 +258,7 @@ def train(args) -> dict:
     set_seed(args.seed)  # the random z₀ inits and LoRA's init draw from the global RNG
     method = make_method(args)
     models = types.SimpleNamespace(unet=m.unet, text_encoder=m.text_encoder, text_encoder_2=m.text_encoder_2, tokenizer=m.tokenizer,
-                                   scheduler=m.noise_scheduler, base_path=m.path, base_parts=m.base_parts)
+                                   tokenizer_2=m.tokenizer_2, scheduler=m.noise_scheduler, base_path=m.path, base_parts=m.base_parts)
     params = method.setup(models)
     n_trainable = sum(p.numel() for p in params)
     if weight_dtype != torch.float32:

@@ -24,7 +24,7 @@ import torch
 
 from ..adapter_file import load_adapter, save_adapter
 from ..config import LoLDUConfig
-from ..embeddings import EMBEDDINGS_FILE
+from ..embeddings import EMBEDDINGS_FILE, SDXL_EMBEDDING_KEYS
 from ..io import atomic_save_dir, atomic_save_safetensors
 from ..model import inject_loldu, loldu_parameters
 
@@ -392,67 +392,85 @@ class PeftVectorMethod(Method):
 class TextualInversionMethod(Method):
     """Textual inversion: one token embedding trains (the identifier's), nothing else — the
     kilobyte-file anchor among the peers. Initialised from the class word's embedding, as
-    diffusers' textual_inversion.py does with --initializer_token."""
+    diffusers' textual_inversion.py does with --initializer_token. On SDXL the identifier's row
+    trains in both text encoders' tables (as diffusers' advanced SDXL script), and the file is
+    SDXL's embedding layout, {"clip_l": (1, 768), "clip_g": (1, 1280)}, its token in the metadata."""
 
     name = "ti"
     FILE = EMBEDDINGS_FILE
-    STATE_KEY = "text_encoder.token_embedding"  # its entry in a checkpoint's trainable state
+    STATE_KEY = "text_encoder.token_embedding"  # its entry in a checkpoint's trainable state (…_2. for SDXL's second)
     trains_text_encoder = True
 
     def __init__(self, args):
         self.args = args
         self.token = placeholder_token(args)
+        self.vectors, self.norms, self.handles = [], [], []
 
-    def _attach(self, text_encoder, tokenizer_ids, init_vector):
-        self.vector = torch.nn.Parameter(init_vector.detach().clone().float())
-        token_id = tokenizer_ids[0]
-        emb = text_encoder.get_input_embeddings()
+    def _attach(self, text_encoder, token_id: int, init_vector):
+        vector = torch.nn.Parameter(init_vector.detach().clone().float())
 
         def replace_token(module, inputs, output):
             mask = (inputs[0] == token_id)[..., None]
-            return torch.where(mask, self.vector.to(output.dtype), output)
+            return torch.where(mask, vector.to(output.dtype), output)
 
-        self.handle = emb.register_forward_hook(replace_token)
+        self.handles.append(text_encoder.get_input_embeddings().register_forward_hook(replace_token))
+        self.vectors.append(vector)
+        self.norms.append(float(vector.detach().norm()))  # the class word's: an in-distribution length
+
+    @staticmethod
+    def _state_key(k: int) -> str:
+        return TextualInversionMethod.STATE_KEY if k == 0 else f"text_encoder_{k + 1}.token_embedding"
 
     def setup(self, models):
-        tok = models.tokenizer
-        ids = tok(self.token, add_special_tokens=False).input_ids
         init_word = (self.args.class_prompt or "").split()[-1:] or [self.token]
-        init_ids = tok(init_word[0], add_special_tokens=False).input_ids
-        if len(ids) != 1:
-            raise ValueError(f"--method ti: the identifier {self.token!r} is not a single token of this tokenizer")
-        emb = models.text_encoder.get_input_embeddings().weight
-        self._attach(models.text_encoder, ids, emb[init_ids].mean(0))
-        self.norm = float(self.vector.detach().norm())  # the class word's: an in-distribution length
-        return [self.vector]
+        for tok, enc in encoder_pairs(models):
+            ids = tok(self.token, add_special_tokens=False).input_ids
+            if len(ids) != 1:
+                raise ValueError(f"--method ti: the identifier {self.token!r} is not a single token of this tokenizer")
+            init_ids = tok(init_word[0], add_special_tokens=False).input_ids
+            self._attach(enc, ids[0], enc.get_input_embeddings().weight[init_ids].mean(0))
+        return list(self.vectors)
 
     def text_side_parameters(self) -> list:
-        return [self.vector]
+        return list(self.vectors)
 
     @torch.no_grad()
     def after_step(self) -> None:
         # --ti_norm fixed: back onto the sphere of the initial norm (on the embedded base a free
         # embedding grew from 0.73 to 2.2 in 200 steps while the subject came and went)
         if getattr(self.args, "ti_norm", "free") == "fixed":
-            self.vector.mul_(self.norm / self.vector.norm().clamp_min(1e-12))
+            for vector, norm in zip(self.vectors, self.norms):
+                vector.mul_(norm / vector.norm().clamp_min(1e-12))
 
     def trainable_state(self, models):
-        return {self.STATE_KEY: self.vector.detach().clone()}
+        return {self._state_key(k): v.detach().clone() for k, v in enumerate(self.vectors)}
 
     def load_trainable_state(self, models, tensors):
         with torch.no_grad():
-            self.vector.copy_(tensors[self.STATE_KEY])
+            for k, v in enumerate(self.vectors):
+                v.copy_(tensors[self._state_key(k)])
 
     def save(self, models, out_dir, metadata):
         path = os.path.join(out_dir, self.FILE)
-        return [atomic_save_safetensors({self.token: self.vector.detach().float()[None]}, path, overwrite=True)]
+        rows = [v.detach().float()[None] for v in self.vectors]
+        if len(rows) == 1:
+            return [atomic_save_safetensors({self.token: rows[0]}, path, overwrite=True)]
+        return [atomic_save_safetensors(dict(zip(SDXL_EMBEDDING_KEYS, rows)), path, metadata={"token": self.token}, overwrite=True)]
 
     def load_output(self, pipe, out_dir):
-        from safetensors.torch import load_file
+        from ..embeddings import read_pipeline_embeddings
 
-        vec = load_file(os.path.join(out_dir, self.FILE))[self.token][0]
-        ids = pipe.tokenizer(self.token, add_special_tokens=False).input_ids
-        self._attach(pipe.text_encoder, ids, vec)
+        encoders = [enc for _, enc in encoder_pairs(pipe)]
+        for (k, token_id), (_, row) in read_pipeline_embeddings(pipe, os.path.join(out_dir, self.FILE)).items():
+            self._attach(encoders[k], token_id, row)
+
+
+def encoder_pairs(models) -> list:
+    """(tokenizer, text encoder) of a pipeline or the trainer's models: one, or SDXL's two."""
+    pairs = [(models.tokenizer, models.text_encoder)]
+    if getattr(models, "text_encoder_2", None) is not None:
+        pairs.append((models.tokenizer_2, models.text_encoder_2))
+    return pairs
 
 
 def placeholder_token(args) -> str:
