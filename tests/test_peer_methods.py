@@ -167,6 +167,20 @@ def test_ti_norm_fixed_trains_the_direction_only(tiny_sd_path, concept_dir, tmp_
         _args(tiny_sd_path, concept_dir, tmp_path / "y", "loldu", "--ti_norm", "fixed")
 
 
+def test_a_method_set_up_again_on_a_fresh_base_holds_one_embedding(tiny_sd_path, concept_dir, tmp_path):
+    """The learning bench sets one method up on a fresh base at each checkpoint it judges: the embedding of an earlier
+    setup is forgotten (a second one was kept, and loading a checkpoint then asked for a second table's row)."""
+    args = _args(tiny_sd_path, concept_dir, tmp_path / "again", "loldu", "--train_text_encoder_ti", "--rank", "2")
+    method = make_method(args)
+    for _ in range(2):
+        m = load_models(args)
+        models = types.SimpleNamespace(unet=m.unet, text_encoder=m.text_encoder, text_encoder_2=None, tokenizer=m.tokenizer)
+        method.setup(models)
+        state = method.trainable_state(models)
+        method.load_trainable_state(models, state)
+    assert len(method.text_side_parameters()) == 1 and sum(k.endswith("token_embedding") for k in state) == 1
+
+
 def test_ti_only_steps_hold_the_adapter_still_while_the_embedding_trains(tiny_sd_path, concept_dir, tmp_path, capsys):
     """--ti_only_steps N: pivotal tuning's inversion phase first — for N steps only the identifier's
     embedding moves (the adapter is exactly its initial value), then both train. A resume whose

@@ -92,4 +92,8 @@ def test_model_card_of_pivotal_tuning_loads_the_identifier_embedding(concept_dir
     assert "identifier embedding trained (pivotal tuning): yes; lr schedule: cosine" in card
     args.train_text_encoder_ti = False
     assert "load_token_embeddings" not in open(report.model_card(args, summary(), {})).read()
+    # textual inversion alone: its row is written in place (diffusers' load_textual_inversion refuses a token the tokenizer has)
+    args.method = "ti"
+    ti_card = open(report.model_card(args, summary(), {})).read()
+    assert "load_token_embeddings(pipe, " in ti_card and "load_textual_inversion" not in ti_card
 

@@ -227,8 +227,11 @@ def test_sdxl_pivotal_tuning_trains_the_identifier_in_both_text_encoders(tiny_sd
     from loldu_diffusion.embeddings import load_token_embeddings
 
     out = tmp_path / "xl_ti"
-    run(common(tiny_sdxl_path, concept_dir, out) + ["--max_train_steps", "2", "--train_text_encoder_ti", "--class_prompt",
-                                                    "a photo of a heart", "--rank", "4", "--learning_rate", "1e-2"])
+    flags = ["--train_text_encoder_ti", "--train_text_encoder", "--class_prompt", "a photo of a heart", "--rank", "4", "--learning_rate",
+             "1e-2", "--checkpointing_steps", "1"]
+    run(common(tiny_sdxl_path, concept_dir, out) + ["--max_train_steps", "2", *flags])
+    # a resume hands each part its own keys (the second table's row reached the text encoders' adapter and was refused)
+    run(common(tiny_sdxl_path, concept_dir, out) + ["--max_train_steps", "3", *flags, "--resume_from_checkpoint", "checkpoint-1"])
     with safe_open(str(out / "learned_embeds.safetensors"), framework="pt") as f:
         rows, meta = {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
     pipe = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl_path)

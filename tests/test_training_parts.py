@@ -29,13 +29,17 @@ def test_arguments_are_settled_into_copies_and_resolving_twice_changes_nothing()
     assert once.class_prompts_from_captions
     settled = settle_schedule(once, n_images=5, num_processes=2)
     assert once.max_train_steps is None and not hasattr(once, "optimizer_lr")
-    # diffusers' epoch: ceil(ceil(ceil(5 images / batch 2) / 2 processes) / 2 accumulated) = 1 optimizer step
-    assert settled.max_train_steps == 3 * 1
+    # diffusers' epoch, under prior preservation over the 48 class images (more than the 5 photos):
+    # ceil(ceil(ceil(48 / batch 2) / 2 processes) / 2 accumulated) = 6 optimizer steps; without it over the photos: 1
+    assert settled.max_train_steps == 3 * 6
+    no_prior = resolve_defaults(parse_args(["--num_train_epochs", "3", "--train_batch_size", "2", "--gradient_accumulation_steps", "2",
+                                            "--no_prior_preservation"]))
+    assert settle_schedule(no_prior, n_images=5, num_processes=2).max_train_steps == 3 * 1
     # an epoch is in optimizer steps (it counted micro-batches: 4x the epochs asked for), --validation_epochs too, and an
     # explicit --validation_epochs wins over the embedded base's every-100-steps default
     by_epoch = settle_schedule(resolve_defaults(parse_args(["--num_train_epochs", "10", "--gradient_accumulation_steps", "4",
                                                             "--validation_epochs", "5"])), n_images=8, num_processes=1)
-    assert by_epoch.max_train_steps == 10 and by_epoch.validation_steps == 5  # 8 images / batch 4 = 2 batches, 4 per step
+    assert by_epoch.max_train_steps == 30 and by_epoch.validation_steps == 15  # 48 class images / batch 4 = 12 batches, 4 a step
     assert resolve_defaults(parse_args([])).validation_steps == 100
     assert settled.optimizer_lr == pytest.approx(once.learning_rate * 2 * 2 * 2) and settled.learning_rate == once.learning_rate
 
@@ -66,14 +70,14 @@ def test_the_embedded_recipe_applies_to_loldu_with_a_class_prompt_and_each_part_
     assert phase("--pretrained_model_name_or_path", tiny_sd_path, *mine, "--class_prompt", "a photo of a heart",
                  "--train_text_encoder_ti") == 0  # a real base keeps diffusers' joint training
     by_epochs = resolve_defaults(parse_args(["--num_train_epochs", "10"]))  # the quarter of a length known once images are counted
-    assert by_epochs.ti_only_steps is None and settle_schedule(by_epochs, n_images=8, num_processes=1).ti_only_steps == 5
+    assert by_epochs.ti_only_steps is None and settle_schedule(by_epochs, n_images=8, num_processes=1).ti_only_steps == 30
     # a resume says when its phase differs from the one its checkpoint's run began with, and only while that matters
     from loldu_diffusion.training.checkpoints import phase_change_note
     assert phase_change_note("out/checkpoint-30", 50, 100, 30).startswith("note: checkpoint-30 is from a run whose embedding")
     assert phase_change_note("out/checkpoint-30", 50, 50, 30) is None and phase_change_note("out/checkpoint-120", 50, 100, 120) is None
     assert phase_change_note("out/checkpoint-30", None, 100, 30) is None  # a checkpoint from before session 14 does not say
     # the recipe's note is said once settled, so it names the phase under --num_train_epochs too
-    assert "(the embedding alone for the first 5 steps)" in recipe_note(settle_schedule(by_epochs, n_images=8, num_processes=1))
+    assert "(the embedding alone for the first 30 steps)" in recipe_note(settle_schedule(by_epochs, n_images=8, num_processes=1))
     assert "pivotal tuning off, prior" in recipe_note(resolve_defaults(parse_args(["--no_train_text_encoder_ti"])))
     # a flag that leaves the recipe out says so (it went silently); outside the embedded base nothing is said
     assert recipe_note(resolve_defaults(parse_args(["--train_text_encoder"]))).startswith("note: --train_text_encoder: LoLDU's recipe")
@@ -234,9 +238,15 @@ def test_class_captions_put_the_class_prompt_in_each_context_once():
     assert class_captions([], "a photo of sks dog", "a photo of a dog") == ["a photo of a dog"]
     # whole words, any case: a capital first letter keeps its context
     assert class_captions(["A photo of sks dog, on a sofa"], "a photo of sks dog", "a photo of a dog") == ["a photo of a dog, on a sofa"]
-    # a caption that keeps only the identifier (as the README asks) loses it; it gave the bare class prompt before session 14
-    assert class_captions(["sks dog on a grey sofa", "a photo of sks dogs", "SKS, asleep"], "a photo of sks dog", "a dog") == [
-        "dog on a grey sofa", "a photo of dogs", "asleep"]
+    # a caption that keeps only the identifier (as the README asks) gives way to the class word; it gave the bare class
+    # prompt before session 14. A common word is never taken for the identifier and cut out of captions
+    assert class_captions(["sks dog on a grey sofa", "a photo of sks dogs", "SKS, asleep", "a photo of sks on a sofa"],
+                          "a photo of sks dog", "a dog") == ["dog on a grey sofa", "a photo of dogs", "dog, asleep", "a photo of dog on a sofa"]
+    assert class_captions(["a close-up photo of the dog"], "a photo of my dog", "a dog") == ["a dog"]
+    from loldu_diffusion.training.data import identifier_of
+
+    assert [identifier_of(p, "a dog") for p in ("a dslr photo of sks dog", "A PHOTO OF SKS DOG", "a photo of my dog")] == [
+        "sks", "SKS", "photo"]
 
 
 def test_captioned_class_images_equal_drawing_each_prompt_alone(tiny_sd_path, tmp_path):

@@ -311,7 +311,7 @@ def recipe_note(args: argparse.Namespace) -> str | None:
     for LoLDU on the embedded base with a flag that leaves the recipe out, which flag."""
     if args.recipe != "embedded":
         lapsed_by = "--train_text_encoder" if args.train_text_encoder else "--concepts_list" if args.concepts_list else None
-        if not (args.embedded and args.method == "loldu" and lapsed_by):
+        if not (args.embedded and args.method == "loldu" and lapsed_by and (args.class_prompt or args.concepts_list)):
             return None
         return (f"note: {lapsed_by}: LoLDU's recipe on the embedded base (pivotal tuning, prior preservation, cosine decay, the "
                 "cross-attentions' keys and values) is off for this run and diffusers' defaults apply; each part has its own flag "
@@ -331,7 +331,10 @@ def settle_schedule(args: argparse.Namespace, n_images: int, num_processes: int)
     effective batch under --scale_lr, as diffusers does). The summary keeps --learning_rate."""
     import math
 
-    # as diffusers' scripts: an epoch is each process's share of the batches, in optimizer steps (n_images counts --repeats)
+    # as diffusers' scripts: an epoch is each process's share of the batches, in optimizer steps (n_images counts --repeats),
+    # over the instance or the class images, whichever are more (DreamBoothDataset's length under prior preservation)
+    if args.with_prior_preservation:
+        n_images = max(n_images, args.num_class_images)
     steps_per_epoch = math.ceil(math.ceil(math.ceil(n_images / args.train_batch_size) / num_processes) / args.gradient_accumulation_steps)
     steps = args.max_train_steps
     if steps is None:

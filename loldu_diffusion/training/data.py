@@ -38,26 +38,31 @@ def caption_for(path: str, default: str) -> str:
 
 
 def identifier_of(instance_prompt: str, class_prompt: str | None) -> str | None:
-    """The instance prompt's word that the class prompt lacks ('sks'): a rare one first, so that 'a photo of sks dog'
-    against 'a dog' gives 'sks' and not 'photo'; None when every word is in the class prompt."""
-    class_words = set((class_prompt or "").split())
-    extra = [w for w in (instance_prompt or "").split() if w not in class_words and w not in ("a", "an", "the")]
-    return next((w for w in extra if is_rare_word(w)), extra[0] if extra else None)
+    """The instance prompt's word that the class prompt lacks: a known identifier ('sks') first, then a rare-looking one,
+    so that 'a dslr photo of sks dog' against 'a dog' gives 'sks' (not 'dslr' or 'photo'); else the first word the class
+    prompt lacks; None when it lacks none."""
+    class_words = {w.lower() for w in (class_prompt or "").split()}
+    extra = [w for w in (instance_prompt or "").split() if w.lower() not in class_words and w.lower() not in ("a", "an", "the")]
+    known = (w for w in extra if w.lower() in KNOWN_IDENTIFIERS)
+    return next(known, next((w for w in extra if is_rare_word(w)), extra[0] if extra else None))
 
 
 def class_caption(caption: str, instance_prompt: str, class_prompt: str) -> str | None:
     """The class prompt in the caption's context: 'a photo of sks heart on a white background' → 'a photo of a heart on a
-    white background'. The instance prompt matches as whole words, in any case ('A photo of sks heart, …'); a caption
-    that keeps only the identifier ('sks dog on a grey sofa') loses it ('dog on a grey sofa'); None for a caption naming
-    neither (nothing says what to keep)."""
+    white background'. The instance prompt matches as whole words, in any case ('A photo of sks heart, …'); in a caption
+    that keeps only a rare identifier, the identifier gives way to the class word ('sks dog on a grey sofa' → 'dog on a
+    grey sofa', 'sks on a sofa' → 'dog on a sofa'); None for a caption naming neither (nothing says what to keep)."""
     whole = re.compile(rf"(?<!\w){re.escape(instance_prompt)}(?!\w)", re.IGNORECASE)
     if whole.search(caption):
         return whole.sub(lambda _: class_prompt, caption, count=1)
     ident = identifier_of(instance_prompt, class_prompt)
-    alone = re.compile(rf"(?<!\w){re.escape(ident)}(?!\w)", re.IGNORECASE) if ident else None
-    if alone is None or not alone.search(caption):
+    noun = (class_prompt.split() or [""])[-1]
+    if not (ident and is_rare_word(ident) and noun):  # a common word ('photo') is no identifier to take out of captions
         return None
-    return " ".join(alone.sub("", caption).split()).replace(" ,", ",").strip(" ,;:")
+    alone = re.compile(rf"(?<!\w){re.escape(ident)}(?:\s+({re.escape(noun)}s?))?(?!\w)", re.IGNORECASE)
+    if not alone.search(caption):
+        return None
+    return alone.sub(lambda mt: mt.group(1) or noun, caption, count=1)
 
 
 def class_captions(instance_captions, instance_prompt: str, class_prompt: str) -> list[str]:
@@ -173,6 +178,7 @@ KNOWN_IDENTIFIERS = {"sks", "ohwx", "zwx", "qlt", "vvb", "xyr", "pfm", "tok", "b
 
 def is_rare_word(word: str) -> bool:
     """'sks', 'ohwx', 'zwx': known identifiers, or short words with no vowel after the first letter."""
+    word = word.lower()  # CLIP's tokenizers lower-case: 'SKS' is 'sks'
     return word in KNOWN_IDENTIFIERS or (3 <= len(word) <= 5 and word.isalpha() and not set(word[1:]) & set("aeiouy"))
 
 

@@ -406,6 +406,12 @@ class TextualInversionMethod(Method):
         self.token = placeholder_token(args)
         self.vectors, self.norms, self.handles = [], [], []
 
+    def _detach(self) -> None:
+        """Forget the rows of an earlier setup (the learning bench sets up a fresh base at each checkpoint it judges)."""
+        for handle in self.handles:
+            handle.remove()
+        self.vectors, self.norms, self.handles = [], [], []
+
     def _attach(self, text_encoder, token_id: int, init_vector):
         vector = torch.nn.Parameter(init_vector.detach().clone().float())
 
@@ -423,6 +429,7 @@ class TextualInversionMethod(Method):
 
     def setup(self, models):
         init_word = (self.args.class_prompt or "").split()[-1:] or [self.token]
+        self._detach()
         for tok, enc in encoder_pairs(models):
             ids = tok(self.token, add_special_tokens=False).input_ids
             if len(ids) != 1:
@@ -461,6 +468,7 @@ class TextualInversionMethod(Method):
         from ..embeddings import read_pipeline_embeddings
 
         encoders = [enc for _, enc in encoder_pairs(pipe)]
+        self._detach()
         for (k, token_id), (_, row) in read_pipeline_embeddings(pipe, os.path.join(out_dir, self.FILE)).items():
             self._attach(encoders[k], token_id, row)
 
@@ -525,7 +533,8 @@ class PivotalTuning(Method):
 
     def load_trainable_state(self, models, tensors):
         self.ti.load_trainable_state(models, tensors)
-        self.inner.load_trainable_state(models, {k: v for k, v in tensors.items() if k != TextualInversionMethod.STATE_KEY})
+        embedding = set(self.ti.trainable_state(models))  # one key per text encoder (two on SDXL)
+        self.inner.load_trainable_state(models, {k: v for k, v in tensors.items() if k not in embedding})
 
     def save(self, models, out_dir, metadata):
         return self.inner.save(models, out_dir, metadata) + self.ti.save(models, out_dir, metadata)

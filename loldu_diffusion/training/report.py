@@ -173,8 +173,9 @@ def model_card(args, summary: dict, grids: dict) -> str:
         "lora": f"pipe = StableDiffusionPipeline.{loader}({base!r})\npipe.load_lora_weights({args.output_dir!r})\n",
         "full": f"from diffusers import UNet2DConditionModel\nunet = UNet2DConditionModel.from_pretrained({args.output_dir!r}, subfolder='unet')\n"
                 f"pipe = StableDiffusionPipeline.{loader}({base!r}, unet=unet)\n",
-        "ti": f"pipe = StableDiffusionPipeline.{loader}({base!r})\n"
-              f"pipe.load_textual_inversion({os.path.join(args.output_dir, out)!r})  # a token the tokenizer lacks; see the trainer's methods.py\n",
+        # diffusers' load_textual_inversion refuses a token the tokenizer has ('sks'): the row is written in place
+        "ti": f"from loldu_diffusion import load_token_embeddings\n\npipe = StableDiffusionPipeline.{loader}({base!r})\n"
+              f"load_token_embeddings(pipe, {os.path.join(args.output_dir, out)!r})  # the identifier's trained embedding\n",
         "peft": f"# a PEFT {args.method} state dict for the UNet's {', '.join(args.unet_targets)}: load it with\n"
                 f"# loldu_diffusion.training.methods.PeftVectorMethod(args).load_output(pipe, {args.output_dir!r})\n",
     }[{"olora": "lora", "vera": "peft", "ia3": "peft"}.get(args.method, args.method)]
