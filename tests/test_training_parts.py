@@ -288,3 +288,13 @@ def test_class_images_do_not_take_the_validation_step_count(tmp_path):
     assert (args.num_inference_steps, args.class_num_inference_steps) == (2, 20)
     with pytest.raises(ValueError, match="--class_num_inference_steps must be at least 1"):
         resolve_defaults(parse_args(common + ["--class_num_inference_steps", "0"]))
+
+
+def test_a_cpu_run_on_fewer_threads_than_cores_says_how_to_use_them_all():
+    from loldu_diffusion.training.loop import thread_note
+
+    said = thread_note("cpu", 1, 1, 8, "1")
+    assert said == ("note: torch uses 1 of this CPU's 8 cores (OMP_NUM_THREADS=1, which `accelerate launch` sets to 1 on a CPU "
+                    "unless told): `accelerate launch --num_cpu_threads_per_process 8 …` uses them all")
+    assert thread_note("cuda", 1, 1, 8, "1") is None and thread_note("cpu", 2, 1, 8, "1") is None  # a GPU; a process per core
+    assert thread_note("cpu", 1, 8, 8, "8") is None and thread_note("cpu", 1, 1, 8, None) is None  # all cores; torch's own choice

@@ -74,6 +74,15 @@ def start_accelerator(args, report_to):
     )
 
 
+def thread_note(device_type: str, num_processes: int, threads: int, cores: int, omp: str | None) -> str | None:
+    """One process on a CPU using fewer of its cores than it has, because OMP_NUM_THREADS says so: `accelerate launch`
+    sets it to 1 on a CPU unless told otherwise, and a user may not know."""
+    if device_type != "cpu" or num_processes != 1 or threads >= cores or omp is None:
+        return None
+    return (f"note: torch uses {threads} of this CPU's {cores} cores (OMP_NUM_THREADS={omp}, which `accelerate launch` sets to 1 on a "
+            f"CPU unless told): `accelerate launch --num_cpu_threads_per_process {cores} …` uses them all")
+
+
 def training_resolution(args, m, say) -> int:
     native = native_resolution(m)
     resolution = args.resolution or native
@@ -187,6 +196,10 @@ def train(args) -> dict:
     if args.concepts and args.validation_prompt:
         say("note: --validation_prompt changes nothing with --concepts_list: the subjects' adapters are apart until the end; "
             "preview each with loldu generate --adapter OUTPUT_DIR/NAME/loldu_adapter.safetensors")
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    if note := thread_note(accelerator.device.type, accelerator.num_processes, torch.get_num_threads(), cores,
+                           os.environ.get("OMP_NUM_THREADS")):
+        say(note)
     if accelerator.device.type == "cpu" and accelerator.mixed_precision == "fp16":
         say("warning: --mixed_precision fp16 on a CPU: CPUs have no fast fp16 arithmetic, so every step runs many times slower "
             "than in fp32; use --mixed_precision no (or bf16, which CPUs do run fast under autocast)")
