@@ -36,7 +36,7 @@ def test_the_bench_default_config_is_the_trainers_default_and_loldu_is_loldu_alo
 
     cfgs = {c["name"]: c for c in learning.configs(quick=False)}
     parts = ("train_text_encoder_ti", "with_prior_preservation", "num_class_images", "lr_scheduler", "unet_targets", "learning_rate",
-             "class_prompts_from_captions", "ti_only_steps")
+             "class_prompts_from_captions", "ti_only_steps", "rank")
 
     def settled(argv):
         args = resolve_defaults(parse_args(argv))
@@ -48,8 +48,10 @@ def test_the_bench_default_config_is_the_trainers_default_and_loldu_is_loldu_alo
     trainer_default = settled(["--output_dir", str(tmp_path / "out")])  # the bundled subject: the same prompts
     assert bench_run(learning.DEFAULT_CONFIG) == trainer_default
     assert bench_run("loldu") == {**trainer_default, "train_text_encoder_ti": False, "with_prior_preservation": False,
-                                  "lr_scheduler": "constant", "class_prompts_from_captions": False, "ti_only_steps": 0}
-    assert bench_run("loldu-custom-diffusion-cosine-captioned-context-prior") == {**trainer_default, "ti_only_steps": 0}  # session 12's
+                                  "lr_scheduler": "constant", "class_prompts_from_captions": False, "ti_only_steps": 0, "rank": 32}
+    assert bench_run("loldu-custom-diffusion-cosine-captioned-context-prior") == {**trainer_default, "ti_only_steps": 0, "rank": 32}
+    assert bench_run("loldu-custom-diffusion-cosine-captioned-context-prior-ti50") == {**trainer_default, "rank": 32}  # session 13's
+    assert bench_run("lora-r4")["rank"] == 4 and bench_run("vera")["rank"] == 256  # the pin is LoLDU's alone
 
 
 def test_the_context_prior_configs_draw_the_class_prompts_the_trainer_flag_draws(tmp_path):
