@@ -1,4 +1,4 @@
-"""The default DreamBooth run on the embedded base (LoLDU on the cross-attentions' keys and values
+"""The default DreamBooth run on the embedded base (LoLDU at rank 16 on the cross-attentions' keys and values
 + pivotal tuning, the embedding alone for the first 50 steps, + prior preservation with class images in the captions' contexts + cosine,
 training.args.EMBEDDED_RECIPE), as the trainer itself reports it (the same measures as `loldu bench
 learning`, n = 48 images per prompt kind). It learns the bundled subject (a purple heart with a
