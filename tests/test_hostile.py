@@ -391,7 +391,7 @@ def test_resume_with_other_trained_values_is_one_line(tiny_sd_path, concept_dir,
         last = err.splitlines()[-1]
         assert "Traceback" not in err and last.startswith("error: --resume_from_checkpoint") and said in last
         assert last.endswith("resume with the flags it was made with (--method, --rank, --unet_targets, --train_text_encoder, "
-                             "--train_text_encoder_ti)")
+                             "--train_text_encoder_ti; an embedded-base run from before session 14 trained at --rank 32)")
 
 
 def test_a_phase_longer_than_an_epoch_counted_run_is_one_line(tiny_sd_path, concept_dir, tmp_path, capsys):

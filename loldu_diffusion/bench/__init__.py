@@ -23,7 +23,7 @@ def main(argv=None) -> int:
     p.add_argument("--seeds", type=int, default=None, help="learning: training seeds per subject (default 2)")
     p.add_argument("--n", type=int, default=None, help="learning: images per prompt kind and checkpoint (default 48)")
     p.add_argument("--configs", default=None, help="learning: comma-separated config names to run (default all)")
-    p.add_argument("--core", action="store_true", help="learning: the default, LoLDU alone and the small-file peers only (LoRA r4; VeRA, IA³, textual inversion, plain and with the default's recipe)")
+    p.add_argument("--core", action="store_true", help="learning: the default, session 13's default (rank 32), LoLDU alone and the small-file peers only (LoRA r4; VeRA, IA³, textual inversion, plain and with the default's recipe)")
     p.add_argument("--no_held_out", action="store_true", help="learning: skip the held-out subjects")
     p.add_argument("--subject_names", default=None, help="learning: comma-separated subject identifiers to run (e.g. sks,zwx)")
     p.add_argument("--plan", default=None, metavar="JSON", help="learning: run exactly these [config, subject, seed] triples, in order "

@@ -166,8 +166,8 @@ def configs(quick: bool, which: str = "all"):
         # every token's keys and values, so the prior now also holds what background words do
         dict(name="loldu-custom-diffusion-cosine-captioned-context-prior", method="loldu", lr=lr, args=default_args, captions=True,
              class_captions=True),
-        # the default at half its rank (320 δ + the 128-value embedding: 37x fewer values than LoRA r=4 on the same targets,
-        # where rank 32 is 21x); at full rank it learnt no better and kept new backgrounds no better (rank is not the limit)
+        # session 13's default at half its rank (320 δ + 20 σ + the 128-value embedding = 468: 36x fewer values than LoRA
+        # r=4 on the same targets, where rank 32 is 21x); at full rank it learnt no better and kept new backgrounds no better (rank is not the limit)
         dict(name="loldu-custom-diffusion-cosine-captioned-context-prior-r16", method="loldu", lr=lr,
              args=[*default_args, "--rank", "16"], captions=True, class_captions=True),
         # the peer under the same captions and context prior (equal recipe, equal class images)
@@ -492,6 +492,8 @@ def plot(r: dict, path: str) -> None:
                                                               "loldu-custom-diffusion-cosine-captioned-context-prior",
                                                               "lora-r4-custom-diffusion-cosine-captioned-context-prior",
                                                               "vera-custom-diffusion-cosine-captioned-context-prior",
+                                                              "lora-r4-custom-diffusion-cosine-captioned-context-prior-ti50",
+                                                              "vera-custom-diffusion-cosine-captioned-context-prior-ti50",
                                                               "textual-inversion-cosine-captioned",
                                                               "ia3-custom-diffusion-cosine-captioned-context-prior"}
     rows = [x for x in r["summary"].values() if x["group"] == "bench"]

@@ -128,7 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
     a("--local_rank", type=int, default=-1, help="set by the launcher")
     # method
     a("--method", default="loldu", choices=METHODS)
-    a("--rank", type=int, default=None, help="LoLDU rank (32) or LoRA rank (4)")
+    a("--rank", type=int, default=None, help="LoLDU rank (32; 16 in the embedded base's recipe) or LoRA rank (4)")
     a("--alpha", type=float, default=None, help="LoLDU/LoRA alpha (default: = rank)")
     a("--init", default="lu", choices=INITS, help="LoLDU z₀ init")
     a("--unet_targets", type=_csv, default=None, help="attention projections to adapt (default to_q,to_k,to_v,to_out.0; "
@@ -315,7 +315,7 @@ def recipe_note(args: argparse.Namespace) -> str | None:
         if not (args.embedded and args.method == "loldu" and lapsed_by and (args.class_prompt or args.concepts_list)):
             return None
         return (f"note: {lapsed_by}: LoLDU's recipe on the embedded base (pivotal tuning, prior preservation, cosine decay, the "
-                "cross-attentions' keys and values) is off for this run and diffusers' defaults apply; each part has its own flag "
+                "cross-attentions' keys and values) is off for this run (and LoLDU's rank is 32, not 16) and diffusers' defaults apply; each part has its own flag "
                 "(README, 'Choices')")
     phase = f" (the embedding alone for the first {args.ti_only_steps} steps)" if args.ti_only_steps else ""
     return (f"note: LoLDU's recipe on the embedded base: pivotal tuning {'on' if args.train_text_encoder_ti else 'off'}{phase}, prior "

@@ -106,7 +106,8 @@ def check_resume_matches(path: str, expected: dict) -> None:
         said = [f"{what} {names[:2]}{' …' if len(names) > 2 else ''}" for what, names in
                 (("lacks", missing), ("has values this run does not train:", unexpected), ("has other shapes for", reshaped)) if names]
         raise TrainingError(f"--resume_from_checkpoint {path}: the checkpoint {'; '.join(said)}: resume with the flags it was made with "
-                            "(--method, --rank, --unet_targets, --train_text_encoder, --train_text_encoder_ti)")
+                            "(--method, --rank, --unet_targets, --train_text_encoder, --train_text_encoder_ti; an embedded-base run from before "
+                            "session 14 trained at --rank 32)")
 
 
 def load_history(folder: str) -> list[float]:
