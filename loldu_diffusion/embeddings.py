@@ -106,12 +106,17 @@ def is_embedding_file(path: str) -> bool:
     return 0 < len(keys) <= MAX_TOKENS and "loldu" not in meta and all("." not in k for k in keys)
 
 
+def encoder_pairs(models) -> list:
+    """(tokenizer, text encoder) of a pipeline or the trainer's models: one, or SDXL's two."""
+    pairs = [(models.tokenizer, models.text_encoder)]
+    if getattr(models, "text_encoder_2", None) is not None:
+        pairs.append((models.tokenizer_2, models.text_encoder_2))
+    return pairs
+
+
 def pipeline_tables(pipe) -> list:
     """(tokenizer, embedding table (vocab, width)) of each of the pipeline's text encoders: one, or SDXL's two."""
-    pairs = [(pipe.tokenizer, pipe.text_encoder)]
-    if getattr(pipe, "text_encoder_2", None) is not None:
-        pairs.append((pipe.tokenizer_2, pipe.text_encoder_2))
-    return [(tok, enc.get_input_embeddings().weight) for tok, enc in pairs]
+    return [(tok, enc.get_input_embeddings().weight) for tok, enc in encoder_pairs(pipe)]
 
 
 def read_pipeline_embeddings(pipe, path: str) -> dict[tuple[int, int], tuple[str, torch.Tensor]]:

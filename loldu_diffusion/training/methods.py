@@ -24,7 +24,7 @@ import torch
 
 from ..adapter_file import load_adapter, save_adapter
 from ..config import LoLDUConfig
-from ..embeddings import EMBEDDINGS_FILE, SDXL_EMBEDDING_KEYS
+from ..embeddings import EMBEDDINGS_FILE, SDXL_EMBEDDING_KEYS, encoder_pairs
 from ..io import atomic_save_dir, atomic_save_safetensors
 from ..model import inject_loldu, loldu_parameters
 
@@ -471,14 +471,6 @@ class TextualInversionMethod(Method):
         self._detach()
         for (k, token_id), (_, row) in read_pipeline_embeddings(pipe, os.path.join(out_dir, self.FILE)).items():
             self._attach(encoders[k], token_id, row)
-
-
-def encoder_pairs(models) -> list:
-    """(tokenizer, text encoder) of a pipeline or the trainer's models: one, or SDXL's two."""
-    pairs = [(models.tokenizer, models.text_encoder)]
-    if getattr(models, "text_encoder_2", None) is not None:
-        pairs.append((models.tokenizer_2, models.text_encoder_2))
-    return pairs
 
 
 def placeholder_token(args) -> str:
