@@ -236,8 +236,8 @@ def train(args) -> dict:
     if args.with_prior_preservation:
         for i, (s, instance) in enumerate(zip(subjects, instances)):
             contexts = class_captions(instance.captions, s.instance_prompt, s.class_prompt) if args.class_prompts_from_captions else None
-            unnamed = [c for c in instance.captions if class_caption(c, s.instance_prompt, s.class_prompt) is None]
-            if contexts and unnamed and is_main:
+            unnamed = [c for c in instance.captions if class_caption(c, s.instance_prompt, s.class_prompt) is None] if contexts else []
+            if unnamed and is_main:
                 say(f"warning: --class_prompts_from_captions: {len(unnamed)} of {len(instance.captions)} captions name neither the "
                     f"instance prompt {s.instance_prompt!r} nor its identifier (e.g. {unnamed[0]!r}): their class images are drawn "
                     "from the class prompt alone; keep the identifier in every caption")
