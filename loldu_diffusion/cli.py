@@ -116,13 +116,13 @@ def _export_lora(args) -> int:
 
 
 def _fuse(args) -> int:
-    from .io import atomic_save_dir, refuse_existing
+    from .io import atomic_save_dir, check_output_folder
     from .model import fuse_loldu, remove_loldu
     from .pipeline import load_adapter_specs, load_base
 
     _check_specs(args.adapters)
     _check_output(args)
-    refuse_existing(args.output, args.overwrite)
+    check_output_folder(args.output, args.overwrite)  # before the base loads: a file, or the folder we are in
     pipe = load_base(args.base)
     load_adapter_specs(pipe, args.adapters)
     fuse_loldu(pipe)

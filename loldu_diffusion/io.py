@@ -44,9 +44,7 @@ def atomic_save_safetensors(tensors: dict, path: str, metadata: dict | None = No
             raise OSError(code, f"could not write ({str(e).splitlines()[0]})", path) from None
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; these files are meant to be shared
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; these files are meant to be shared
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -77,20 +75,46 @@ def atomic_write_text(path: str, text: str) -> str:
     return atomic_write(path, write)
 
 
-def atomic_save_dir(save, path: str, overwrite: bool = False) -> str:
-    """Call save(tmp_dir), then move tmp_dir to `path` (replacing it only with overwrite)."""
+def check_output_folder(path: str, overwrite: bool) -> None:
+    """A folder `atomic_save_dir` may write: new, or (overwrite) an existing folder that is not
+    where the command runs nor above it (replacing it would delete what the user is in)."""
     refuse_existing(path, overwrite)
-    tmp = path.rstrip("/") + ".tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
+    target = os.path.abspath(path)
+    if os.path.exists(target) and not os.path.isdir(target):
+        raise NotADirectoryError(errno.ENOTDIR, "a file, not a folder: choose a folder name", path)
+    if os.path.exists(target) and os.path.commonpath([target, os.getcwd()]) == target:
+        raise IsADirectoryError(errno.EISDIR, "the current folder or one above it: choose a new folder name", path)
+
+
+def atomic_save_dir(save, path: str, overwrite: bool = False) -> str:
+    """Call save(tmp_dir) in a fresh temp folder beside `path`, then move it to `path` (replacing
+    an existing folder only with overwrite). The old folder is renamed aside before the new one
+    is renamed in and deleted only after: a kill at any point leaves one of the two whole."""
+    check_output_folder(path, overwrite)
+    target = os.path.abspath(path)
+    parent, name = os.path.split(target.rstrip(os.sep))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f"{TEMP_PREFIX}{name}-", dir=parent)
     try:
         save(tmp)
+        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700; a saved model is meant to be shared
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    if os.path.exists(path):
-        shutil.rmtree(path)
-    os.replace(tmp, path)
+    old = None
+    if os.path.exists(target):
+        old = tempfile.mkdtemp(prefix=f"{TEMP_PREFIX}{name}-old-", dir=parent)
+        os.replace(target, os.path.join(old, name))
+    os.replace(tmp, target)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
     return path
+
+
+def _umask() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
 
 
 def save_png_with_settings(image, folder: str, seed: int, settings: dict) -> str:

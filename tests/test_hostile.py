@@ -492,3 +492,50 @@ def test_saving_a_blend_of_ranks_does_not_grow_the_model(tiny_sd_path, tmp_path)
     assert f.delta["text_encoder"].shape[1] == 4
     assert torch.equal(f.pivots["text_encoder"], ref["text_encoder.pivots"])  # the rank-4 LDU's pivots, computed aside
     assert torch.allclose(f.d["text_encoder"].float(), ref["text_encoder.d"].float(), rtol=2e-3, atol=1e-3)  # the file holds d in fp16
+
+
+def test_a_saved_folder_replaces_only_itself_and_never_the_folder_we_are_in(tmp_path, monkeypatch):
+    from loldu_diffusion.io import atomic_save_dir
+
+    def save(tag):
+        def write(d):
+            os.makedirs(d, exist_ok=True)
+            with open(os.path.join(d, "model.txt"), "w") as f:
+                f.write(tag)
+        return write
+
+    out = tmp_path / "model"
+    (tmp_path / "model.tmp").mkdir()  # a neighbour that happens to have the old temp name
+    (tmp_path / "model.tmp" / "notes.txt").write_text("mine")
+    atomic_save_dir(save("v1"), str(out))
+    with pytest.raises(FileExistsError, match="--overwrite"):
+        atomic_save_dir(save("v2"), str(out))
+
+    def killed(d):
+        save("half")(d)
+        raise KeyboardInterrupt
+    with pytest.raises(KeyboardInterrupt):
+        atomic_save_dir(killed, str(out), overwrite=True)
+    assert (out / "model.txt").read_text() == "v1"  # the old folder stays whole until the new one is complete
+    atomic_save_dir(save("v2"), str(out), overwrite=True)
+    assert (out / "model.txt").read_text() == "v2"
+    assert sorted(os.listdir(tmp_path)) == ["model", "model.tmp"] and (tmp_path / "model.tmp" / "notes.txt").read_text() == "mine"
+
+    (tmp_path / "file").write_text("keep")
+    monkeypatch.chdir(out)
+    for where, what in ((".", "the current folder"), (str(tmp_path), "the current folder"), (str(tmp_path / "file"), "a file")):
+        with pytest.raises(OSError, match=what):
+            atomic_save_dir(save("v3"), where, overwrite=True)
+    assert (out / "model.txt").read_text() == "v2" and (tmp_path / "file").read_text() == "keep"
+
+
+def test_fuse_refuses_the_folder_it_runs_in_before_loading_anything(tiny_sd_path, tmp_path, capsys, monkeypatch):
+    (tmp_path / "important.txt").write_text("keep")
+    monkeypatch.chdir(tmp_path)
+    from loldu_diffusion.assets import ASSETS
+
+    bundled = os.path.join(ASSETS, "adapters", "sks-heart.safetensors")
+    assert loldu(["fuse", bundled, "--base", "/nonexistent-base", "-o", ".", "--overwrite"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "the current folder" in err and "/nonexistent-base" not in err
+    assert os.listdir(tmp_path) == ["important.txt"]

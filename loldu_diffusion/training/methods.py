@@ -25,7 +25,7 @@ import torch
 from ..adapter_file import load_adapter, save_adapter
 from ..config import LoLDUConfig
 from ..embeddings import EMBEDDINGS_FILE, SDXL_EMBEDDING_KEYS, encoder_pairs
-from ..io import atomic_save_dir, atomic_save_safetensors
+from ..io import atomic_save_safetensors
 from ..model import inject_loldu, loldu_parameters
 
 ADAPTER_FILE = "loldu_adapter.safetensors"

@@ -15,9 +15,9 @@ from .errors import TrainingError
 
 LOCK_FILE = ".loldu-train.lock"
 # what our atomic writes leave when killed: io.atomic_save_safetensors, report's *.tmp(.png),
-# checkpoint-N.tmp folders, methods' .lora.tmp and a full model's unet.tmp
+# checkpoint-N.tmp folders, io.atomic_save_dir's .tmp-NAME-* folders (.lora.tmp and unet.tmp before session 15)
 _TEMP_FILES = (".tmp-*.safetensors", "*.tmp.png", "*.tmp")
-_TEMP_DIRS = ("checkpoint-*.tmp", ".lora.tmp", "unet.tmp")
+_TEMP_DIRS = ("checkpoint-*.tmp", ".tmp-*", ".lora.tmp", "unet.tmp")
 
 
 def refuse_to_replace(output_dir: str, found: list[str], resume_asked: bool, resume_path, overwrite: bool) -> None:
