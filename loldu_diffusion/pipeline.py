@@ -76,6 +76,9 @@ def blend_files(specs: list[str]) -> AdapterFile:
     files = [(AdapterFile.read(p), w) for p, w in map(parse_adapter_spec, specs)]
     if not files:
         raise ValueError("nothing to blend: give FILE[:WEIGHT] arguments")
+    archs = sorted({f.metadata.get("base_architecture") or "unknown" for f, _ in files} - {"unknown"})
+    if len(archs) > 1:
+        raise AdapterFileError(f"the adapters are for different architectures ({', '.join(archs)}): blend adapters of one base model")
     top = max(files, key=lambda fw: fw[0].rank)[0]
     index: dict[str, dict[tuple[str, str], int]] = {}  # component → row → position
     for f, _ in files:
@@ -97,10 +100,12 @@ def blend_files(specs: list[str]) -> AdapterFile:
             j = torch.tensor([idx[row] for row in f.layers[c]])
             delta[c][j, :r] += w * f.delta[c]  # padding adds 0
             known, theirs = pivots[c][j, :r], f.pivots[c]
-            clash = ((known >= 0) & (theirs >= 0) & (known != theirs)).any(dim=1)
+            # pivots and d identify the base's weights (check_against's test, with fp16's tolerance)
+            same = (known == theirs) & torch.isclose(d[c][j, :r], f.d[c], rtol=2e-2, atol=1e-6)
+            clash = ((known >= 0) & (theirs >= 0) & ~same).any(dim=1)
             if clash.any():
                 row = f.layers[c][int(clash.nonzero()[0, 0])]
-                raise AdapterFileError(f"{os.path.basename(f.path)}: layer {c}.{'.'.join(row)} has other pivots than the other adapters: they were trained on different base models")
+                raise AdapterFileError(f"{os.path.basename(f.path)}: layer {c}.{'.'.join(row)} has other pivots or d than the other adapters: they were trained on different base models")
             grow = rows_r >= (pivots[c][j] >= 0).sum(dim=1)  # this file knows at least as many pivots
             pivots[c][j[grow], :r], d[c][j[grow], :r] = theirs[grow], f.d[c][grow]
             padded = rows_r < r

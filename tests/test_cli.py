@@ -97,6 +97,25 @@ def test_blend_refuses_adapters_of_different_bases(tiny_sd_path, tmp_path, capsy
     assert "different base models" in capsys.readouterr().err
 
 
+def test_blend_compares_d_and_architecture_not_only_pivots(adapters, tmp_path, capsys):
+    import dataclasses
+
+    from loldu_diffusion.adapter_file import AdapterFile
+
+    a = AdapterFile.read(str(adapters / "a.safetensors"))
+    # another base's weights can share the pivots; d (the LDU's diagonal) still tells them apart
+    dataclasses.replace(a, d={c: 1.5 * v for c, v in a.d.items()}, metadata=dict(a.metadata, base_model="other-base")).save(
+        str(tmp_path / "other.safetensors"))
+    dataclasses.replace(a, metadata=dict(a.metadata, base_architecture="sdxl")).save(str(tmp_path / "xl.safetensors"))
+    for pair in (("other", "a"), ("a", "other")):  # the later file's d was taken unchecked
+        argv = ["blend", *(str(tmp_path / f"{n}.safetensors") if n != "a" else str(adapters / "a.safetensors") for n in pair),
+                "-o", str(tmp_path / "x.safetensors")]
+        assert loldu(argv) == 2
+        assert "different base models" in capsys.readouterr().err
+    assert loldu(["blend", str(adapters / "a.safetensors"), str(tmp_path / "xl.safetensors"), "-o", str(tmp_path / "x.safetensors")]) == 2
+    assert "different architectures" in capsys.readouterr().err and not (tmp_path / "x.safetensors").exists()
+
+
 def test_fuse_writes_a_model_folder_with_the_adapter_baked_in(embedded, adapters, tmp_path):
     from loldu_diffusion.pipeline import load_adapter_specs, load_base
 
