@@ -20,9 +20,11 @@ from __future__ import annotations
 import hashlib
 import os
 import random
+import shutil
 import tempfile
 import threading
 import time
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -38,6 +40,7 @@ from .schedulers import make_scheduler
 MAX_SLOTS = 6
 MAX_UPLOAD_BYTES = 16 * 2**20
 MAX_HISTORY = 48  # results a session's gallery keeps (the PNGs stay on disk)
+MAX_SEED = 2**63 - 1  # torch's generators take 64 bits; seed + image index stays below 2**64
 DEFAULT_OUTPUTS = "loldu-outputs"  # beside where the app starts, as A1111's outputs/ folder
 
 
@@ -70,6 +73,16 @@ class LoadedEmbedding:
     def describe(self) -> str:
         tokens = ", ".join(f"`{t}`" for t in self.tokens())
         return f"embedding of {tokens} from {os.path.basename(self.path)}"
+
+
+@dataclass(frozen=True)
+class Drawn:
+    """What a session's images are drawn with, read once as its generation starts: a slider moved
+    or an adapter removed meanwhile changes the next images, not these nor their captions."""
+    on_base: dict  # name on the shared base → weight (non-zero only)
+    shown: dict  # the names the session shows → weight
+    text: str  # for captions: "dog:0.8, style:0.3 + embedding of sks"
+    embeddings: list  # the token-embedding files in use
 
 
 def file_key(path: str) -> str:
@@ -126,6 +139,12 @@ class Studio:
         self.base_scheduler = self.pipe.scheduler
         self.base_rows: dict[tuple[int, int], torch.Tensor] = {}  # the tables' own rows of every token a session's embedding wrote
         self.trainer = None  # app_train.Trainer when the app trains: its adapters join the list
+        self.holds = threading.Lock()  # for `users` alone: a new tab need not wait for a generation to end
+        # what pages show is linked here: Gradio copies it into its cache under a content hash, so the
+        # outputs folder itself is never served (its names are predictable; other users' images are there)
+        self.shown_dir = tempfile.mkdtemp(prefix="loldu-shown-")
+        weakref.finalize(self, shutil.rmtree, self.shown_dir, True)
+        self._shown: dict[tuple[str, int], str] = {}  # (path, mtime) → its link
         self.preload, self.preload_errors = [], []  # loaded once, at start, for every session
         for p in preload:
             try:
@@ -139,11 +158,23 @@ class Studio:
 
     def new_session(self) -> "Session":
         s = Session(self)
-        with self.lock:
+        with self.holds:  # the preloaded files stay on the base (the studio holds them): no need for the base's lock
             for entry in self.preload:
                 self.users[entry[0]] += 1  # the session's own hold; the studio keeps one for every later session
                 s.attach_preloaded(entry)
         return s
+
+    def servable(self, path: str) -> str:
+        """A path Gradio may copy to a page: a link to `path` in this studio's private folder."""
+        key = (path, os.stat(path).st_mtime_ns)  # the Train tab shows the same files every second
+        if key not in self._shown:
+            link = os.path.join(tempfile.mkdtemp(dir=self.shown_dir), os.path.basename(path))
+            try:
+                os.link(path, link)
+            except OSError:  # another file system
+                shutil.copyfile(path, link)
+            self._shown[key] = link
+        return self._shown[key]
 
     def folder_adapters(self) -> list[str]:
         return adapter_files(self.adapters_dir) + (self.trainer.trained() if self.trainer else [])
@@ -168,17 +199,21 @@ class Studio:
                 self._unfuse()
                 load_adapter(self.pipe, f, adapter_name=name, weight=0.0)
                 self.on_base[key] = (name, f)
-            self.users[key] = self.users.get(key, 0) + 1
+            with self.holds:
+                self.users[key] = self.users.get(key, 0) + 1
             return key, self.on_base[key][0], f
 
     def release(self, key: str) -> None:
         """A session let go of a file: the last one out removes it from the base."""
         with self.lock:
-            self.users[key] -= 1
-            if self.users[key] == 0:
+            with self.holds:
+                self.users[key] -= 1
+                last = self.users[key] == 0
+                if last:
+                    del self.users[key]
+            if last:
                 self._unfuse()
                 delete_adapter(self.pipe, self.on_base.pop(key)[0])
-                del self.users[key]
 
     @torch.no_grad()
     def use_rows(self, rows: dict) -> None:
@@ -196,9 +231,9 @@ class Studio:
             unfuse_loldu(self.pipe)
             self.fused = None
 
-    def _activate(self, session: "Session", fuse: bool) -> dict[str, float]:
-        """Under the lock: make the base compute exactly this session's blend (nothing else's)."""
-        blend = {self.on_base[a.key][0]: a.weight for a in session.loaded.values() if a.weight != 0}
+    def _activate(self, drawn: Drawn, fuse: bool) -> dict[str, float]:
+        """Under the lock: make the base compute exactly this blend (nothing else's)."""
+        blend = drawn.on_base
         wanted = tuple(sorted(blend.items())) if fuse and blend else None
         if self.fused != wanted:
             self._unfuse()
@@ -237,36 +272,54 @@ class Session:
     def add(self, path: str, weight: float = 1.0, display_name: str | None = None) -> LoadedAdapter:
         """Validate and load an adapter file for this session; refused files change nothing. A
         pivotal-tuning embedding beside it (the trainer's `learned_embeds.safetensors`) loads too."""
+        return self._add(path, weight, display_name)[0]
+
+    def _add(self, path: str, weight: float = 1.0, display_name: str | None = None):
+        """(adapter, its embedding or None, what it replaced)."""
         if len(self.loaded) >= MAX_SLOTS:
             raise ValueError(f"at most {MAX_SLOTS} adapters at once; remove one first")
         beside = embedding_beside(path)
-        rows = self._read_embedding(beside) if beside else None  # checked before anything changes
+        e = read_embedding(self.studio.pipe, beside, (), "") if beside else None  # checked before anything changes
         key, _, f = self.studio.acquire(path)
         a = next((a for a in self.loaded.values() if a.key == key), None)
         if a is not None:  # the same file twice (or the preloaded one again) loads once
             self.studio.release(key)
         else:
             a = self._attach(path, f, key, weight, display_name)
-        if rows is not None:
-            self.embeddings[rows.key] = rows
-        return a
+        return a, e, self._take_embedding(e) if e is not None else []
 
-    def _read_embedding(self, path: str) -> LoadedEmbedding:
-        return read_embedding(self.studio.pipe, path, self.embeddings.values(), "this session")
+    def _take_embedding(self, e: LoadedEmbedding) -> list[str]:
+        """Add `e`. The session's embeddings that give one of its tokens other values go, with the
+        adapters they came with (whose subject needs them): one token has one row at a time, and
+        the file loaded last is the one its user wants (a run just trained with the trigger `sks`
+        beside the preloaded `sks` example). Returns what went."""
+        gone = []
+        for other in [o for o in self.embeddings.values() if o.key != e.key and set(o.rows) & set(e.rows)]:
+            del self.embeddings[other.key]
+            came_with = [n for n, a in self.loaded.items() if embedding_beside(a.path) == os.path.abspath(other.path)]
+            for n in came_with:
+                self.remove(n)
+            gone += came_with + [f"the {other.describe()}"]
+        self.embeddings[e.key] = e
+        return gone
 
     def add_embedding(self, path: str) -> LoadedEmbedding:
         """Validate and load a token-embedding file (textual inversion / pivotal tuning) for this session."""
-        e = self._read_embedding(path)
-        self.embeddings[e.key] = e
-        return e
+        return self._add_embedding(path)[0]
 
-    def add_any(self, path: str) -> str:
-        """Load an adapter or a token-embedding file, whichever it is; returns what was loaded."""
+    def _add_embedding(self, path: str):
+        e = read_embedding(self.studio.pipe, path, (), "")
+        return e, self._take_embedding(e)
+
+    def add_any(self, path: str, display_name: str | None = None) -> str:
+        """Load an adapter or a token-embedding file, whichever it is; returns what was loaded (and replaced)."""
         if is_embedding_file(path):
-            return f"loaded the {self.add_embedding(path).describe()}"
-        a = self.add(path)
-        return f"loaded {a.name}" + "".join(f" with the {e.describe()}" for e in self.embeddings.values()
-                                             if os.path.dirname(e.path) == os.path.dirname(os.path.abspath(path)))
+            e, gone = self._add_embedding(path)
+            said = f"loaded the {e.describe()}"
+        else:
+            a, e, gone = self._add(path, display_name=display_name)
+            said = f"loaded {a.name}" + (f" with the {e.describe()}" if e is not None else "")
+        return said + (f"; it replaces {' and '.join(gone)} (a token has one embedding at a time)" if gone else "")
 
     def token_rows(self) -> dict:
         """token id → (token, row) of this session's embeddings."""
@@ -298,9 +351,16 @@ class Session:
         return time.perf_counter() - t0
 
     def blend_text(self) -> str:
-        text = ", ".join(f"{n}:{a.weight:g}" for n, a in self.loaded.items() if a.weight != 0) or "no adapter"
-        tokens = [t for e in self.embeddings.values() for t in e.tokens()]
-        return text + (f" + embedding of {', '.join(tokens)}" if tokens else "")
+        return self.drawn().text
+
+    def drawn(self) -> Drawn:
+        """What images drawn now would use (names and weights read once: sliders move from other threads)."""
+        adapters = [(n, a.key, a.weight) for n, a in list(self.loaded.items()) if a.weight != 0]
+        embeddings = list(self.embeddings.values())
+        text = ", ".join(f"{n}:{w:g}" for n, _, w in adapters) or "no adapter"
+        tokens = [t for e in embeddings for t in e.tokens()]
+        return Drawn(on_base={self.studio.on_base[k][0]: w for _, k, w in adapters}, shown={n: w for n, _, w in adapters},
+                     text=text + (f" + embedding of {', '.join(tokens)}" if tokens else ""), embeddings=[e.path for e in embeddings])
 
     # ---- generation ---------------------------------------------------------------------
     def generate(self, prompt: str, negative_prompt: str = "", steps: int = 20, guidance: float = 4.0, seed: int = -1,
@@ -312,10 +372,13 @@ class Session:
         size, seed, scheduler = self.check(prompt, size, seed, sampler)
         with studio.lock:
             try:
-                blend = studio._activate(self, fuse)
+                drawn = self.drawn()
+                studio._activate(drawn, fuse)
                 studio.pipe.scheduler = scheduler
-                studio.use_rows(self.token_rows())
-                out = self._generate(prompt, negative_prompt, steps, guidance, seed, num_images, size, compare, progress, blend, sampler)
+                rows = self.token_rows()
+                studio.use_rows(rows)
+                out = self._generate(prompt, negative_prompt, steps, guidance, seed, num_images, size, compare, progress, drawn, rows,
+                                     sampler)
             except BaseException:
                 studio._unfuse()  # the next user gets the exact base back, whatever failed
                 raise
@@ -336,21 +399,26 @@ class Session:
                              f"choose {studio.native} or less")
         if size < 8 or size % 8:
             raise ValueError(f"size {size}: must be a positive multiple of 8")
-        seed = random.randint(0, 2**31 - 1) if seed is None or int(seed) < 0 else int(seed)
+        if seed is None or (seed == seed and float(seed) < 0):
+            return size, random.randint(0, 2**31 - 1), make_scheduler(sampler, studio.base_scheduler)
+        if seed != seed or not float(seed).is_integer() or int(seed) > MAX_SEED:  # also NaN
+            raise ValueError(f"the seed must be a whole number from 0 to {MAX_SEED} (or tick Random seed)")
+        seed = int(seed)
         return size, seed, make_scheduler(sampler, studio.base_scheduler)
 
-    def keep(self, image, seed: int, caption: str, adapters: dict, settings: dict):
-        """(image or the PNG written with its settings, caption) for the gallery."""
+    def keep(self, image, seed: int, caption: str, drawn: Drawn | None, settings: dict):
+        """(image, or the PNG written with its settings, caption) for the gallery; `drawn` None: the base alone."""
         if self.studio.outputs_dir is None:
             return image, caption
         from .io import save_png_with_settings
 
-        settings = dict(settings, seed=seed, base=self.studio.base_path, adapters=adapters)
-        return save_png_with_settings(image, self.studio.outputs_dir, seed, settings), caption
+        settings = dict(settings, seed=seed, base=self.studio.base_path, adapters=drawn.shown if drawn else {},
+                        embeddings=drawn.embeddings if drawn else [])
+        return self.studio.servable(save_png_with_settings(image, self.studio.outputs_dir, seed, settings)), caption
 
-    def _generate(self, prompt, negative_prompt, steps, guidance, seed, num_images, size, compare, progress, blend, sampler):
+    def _generate(self, prompt, negative_prompt, steps, guidance, seed, num_images, size, compare, progress, drawn, rows, sampler):
         studio, pipe = self.studio, self.studio.pipe
-        beside = compare and (blend or self.embeddings)  # a base image beside each: something of this session is on
+        beside = compare and (drawn.on_base or rows)  # a base image beside each: something of this session is on
         total = num_images * (2 if beside else 1) * steps
         done = [0]
 
@@ -366,23 +434,18 @@ class Session:
                         height=size, width=size, callback_on_step_end=on_step).images[0]
 
         png = {"prompt": prompt, "negative_prompt": negative_prompt, "seed": seed, "steps": int(steps), "guidance": float(guidance),
-               "size": size, "base": None, "adapters": None, "sampler": sampler}  # seed, base, adapters: set by keep
-
-        def keep(image, s, caption, adapters):
-            return self.keep(image, s, caption, adapters, png)
-
-        mine = {n: a.weight for n, a in self.loaded.items() if a.weight != 0}  # the names this session shows
+               "size": size, "sampler": sampler}  # seed, base, adapters, embeddings: set by keep
         out = []
         for i in range(int(num_images)):
             s = seed + i
             settings = f"seed {s} · {steps} steps · cfg {guidance:g} · {size}px · {sampler}"
-            out.append(keep(run(s), s, f"{settings} · {self.blend_text()}", mine))
+            out.append(self.keep(run(s), s, f"{settings} · {drawn.text}", drawn, png))
             if beside:
                 studio._unfuse()
                 studio.use_rows({})
                 with loldu_disabled(pipe):
-                    out.append(keep(run(s), s, f"{settings} · base model", {}))
-                studio.use_rows(self.token_rows())
+                    out.append(self.keep(run(s), s, f"{settings} · base model", None, png))
+                studio.use_rows(rows)
         return out
 
     def export_lora(self, fmt: str | None = None) -> str:
@@ -392,9 +455,13 @@ class Session:
         if not any(a.weight for a in self.loaded.values()):
             raise ValueError("load an adapter (with a non-zero weight) to export")
         fmt = fmt or default_format(self.studio.base_path)
-        path = os.path.join(tempfile.mkdtemp(prefix="loldu-export-"), f"blend_lora_{fmt}.safetensors")
+        # one folder per session, emptied at each export: clicks do not pile files up
+        self.export_dir = getattr(self, "export_dir", None) or tempfile.mkdtemp(prefix="loldu-export-", dir=self.studio.shown_dir)
+        for old in os.listdir(self.export_dir):
+            os.unlink(os.path.join(self.export_dir, old))
+        path = os.path.join(self.export_dir, f"blend_lora_{fmt}.safetensors")
         with self.studio.lock:
-            self.studio._activate(self, fuse=False)
+            self.studio._activate(self.drawn(), fuse=False)
             return export_lora(self.studio.pipe, path, fmt)
 
 
@@ -447,10 +514,10 @@ def build_ui(studio: Studio):
         return ups
 
     def add_files(session, paths, uploads):
-        msgs = []
+        msgs, trained = [], set(studio.trainer.trained()) if studio.trainer else set()
         for p in list(paths or []) + [getattr(u, "name", u) for u in (uploads or [])]:
-            try:
-                msgs.append(session.add_any(p))
+            try:  # a run trained here is named by its folder (its file is always loldu_adapter.safetensors)
+                msgs.append(session.add_any(p, display_name=os.path.basename(os.path.dirname(p)) if p in trained else None))
             except Exception as e:  # noqa: BLE001 — whatever a stranger's file does, it is one line here
                 msgs.append(f"**error:** {_one_line(e)}")
         return ["<br>".join(msgs) or "nothing selected"] + slot_updates(session)
@@ -469,8 +536,10 @@ def build_ui(studio: Studio):
 
     def generate(session, prompt, negative, sampler, steps, guidance, seed, random_seed, n, size, compare, fuse,
                  progress=gr.Progress()):
-        seed = -1 if random_seed else int(seed)
+        seed = -1 if random_seed else seed
         try:
+            if seed is None:  # an emptied box
+                raise ValueError("enter a seed (or tick Random seed)")
             if fuse:  # a fused base serves one blend: this request alone
                 session.generate(prompt, negative, int(steps), float(guidance), seed, int(n), int(size), compare, fuse,
                                  progress=progress, sampler=sampler)
@@ -504,7 +573,8 @@ def build_ui(studio: Studio):
     batcher = Batcher(studio)  # one worker: concurrent pages' requests are generated together
     sampler_info = f"default: the base's own ({type(studio.base_scheduler).__name__})"
 
-    with gr.Blocks(title="loldu-diffusion") as demo:
+    # Gradio's copies of uploads and shown images: deleted hourly once a day old
+    with gr.Blocks(title="loldu-diffusion", delete_cache=(3600, 86400)) as demo:
         # one Session per browser tab; a function (not a value) so that each tab gets its own
         session = gr.State(lambda: studio.new_session(), delete_callback=lambda s: s.close())
         gr.Markdown(f"# loldu-diffusion\nBase model: `{studio.base_path}` ({studio.native} px). "
@@ -624,7 +694,7 @@ def launch(base=None, adapters_dir=None, host="127.0.0.1", port=7860, block=True
     # quiet: Gradio's start-up lines end with a share=True hint that a local tool does not need;
     # the address is the one line people do need
     demo.launch(server_name=host, server_port=port, prevent_thread_lock=True, max_file_size=MAX_UPLOAD_BYTES, quiet=True,
-                auth=credentials, allowed_paths=[outputs])
+                auth=credentials)  # no allowed_paths: pages get copies (Studio.servable), never the outputs folder
     print(f"loldu app: open {demo.local_url} in a browser (Ctrl+C stops it); results are saved in {outputs}", flush=True)
     if block:
         demo.block_thread()

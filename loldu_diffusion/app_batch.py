@@ -69,18 +69,20 @@ def _run_group(studio, group: list[Request]) -> None:
     with studio.lock:
         studio._unfuse()  # per-sample blends need the unfused base
         samples = []  # (request, prompt, negative, seed, blend on the base, is the base image)
+        used, rows, files = {}, {}, {}  # by request, read once: what it draws with (captions and PNGs say what was drawn)
         for r in group:
-            blend = {studio.on_base[a.key][0]: a.weight for a in r.session.loaded.values() if a.weight != 0}
+            used[id(r)], rows[id(r)], files[id(r)] = r.session.drawn(), r.session.token_rows(), tuple(sorted(r.session.embeddings))
+            blend = used[id(r)].on_base
             for i in range(r.num_images):
                 samples.append((r, r.prompt, r.negative_prompt, r.seed + i, blend, False))
-                if r.compare and (blend or r.session.embeddings):
+                if r.compare and (blend or rows[id(r)]):
                     samples.append((r, r.prompt, r.negative_prompt, r.seed + i, {}, True))
         # token embeddings are rows of the one shared table: samples share a call only if they use the same rows
         by_rows: dict[tuple, list[int]] = {}
         for j, (r, *_, base) in enumerate(samples):
-            by_rows.setdefault(() if base else tuple(sorted(r.session.embeddings)), []).append(j)
-        calls = [(idx[k : k + MAX_SAMPLES], {} if not rows else samples[idx[0]][0].session.token_rows())
-                 for rows, idx in by_rows.items() for k in range(0, len(idx), MAX_SAMPLES)]
+            by_rows.setdefault(() if base else files[id(r)], []).append(j)
+        calls = [(idx[k : k + MAX_SAMPLES], {} if not key else rows[id(samples[idx[0]][0])])
+                 for key, idx in by_rows.items() for k in range(0, len(idx), MAX_SAMPLES)]
         images, done = [None] * len(samples), [0]
         total = steps * len(calls)
 
@@ -96,9 +98,9 @@ def _run_group(studio, group: list[Request]) -> None:
 
         studio.pipe.scheduler = make_scheduler(sampler, studio.base_scheduler)
         try:
-            for idx, rows in calls:
+            for idx, table in calls:
                 chunk = [samples[j] for j in idx]
-                studio.use_rows(rows)
+                studio.use_rows(table)
                 drawn = generate(studio.pipe, [s[1] for s in chunk], [s[4] for s in chunk], [s[3] for s in chunk],
                                  negative_prompt=[s[2] or "" for s in chunk], num_inference_steps=steps,
                                  guidance_scale=guidance, height=size, width=size, callback_on_step_end=on_step)
@@ -111,12 +113,9 @@ def _run_group(studio, group: list[Request]) -> None:
     for (r, prompt, negative, seed, _, base), image in zip(samples, images):
         settings = f"seed {seed} · {steps} steps · cfg {guidance:g} · {size}px · {sampler}"
         png = {"prompt": prompt, "negative_prompt": negative, "seed": seed, "steps": steps, "guidance": guidance, "size": size,
-               "base": None, "adapters": None, "sampler": sampler}
-        if base:
-            outs[id(r)].append(r.session.keep(image, seed, f"{settings} · base model", {}, png))
-        else:
-            mine = {n: a.weight for n, a in r.session.loaded.items() if a.weight != 0}
-            outs[id(r)].append(r.session.keep(image, seed, f"{settings} · {r.session.blend_text()}", mine, png))
+               "sampler": sampler}
+        d = None if base else used[id(r)]
+        outs[id(r)].append(r.session.keep(image, seed, f"{settings} · {d.text if d else 'base model'}", d, png))
     for r in group:
         r.result = outs[id(r)]
         r.session.history = (r.result + r.session.history)[: _max_history()]

@@ -72,7 +72,7 @@ class Run:
     def message(self) -> str:
         secs = time.monotonic() - self.started
         if self.state == "done":
-            return f"**done:** {self.name} trained in {secs:.0f} s; it is loaded in *Adapters* and listed in the folder choices"
+            return f"**done:** {self.name} trained in {secs:.0f} s; listed in the folder choices"
         if self.state == "failed":
             errors = [ln for ln in self.lines if ln.startswith("error")] or self.lines[-1:] or ["the trainer stopped"]
             return f"**error:** {errors[-1]}"
@@ -197,6 +197,8 @@ class Trainer:
         code = run.proc.wait()
         if run.state != "cancelled":
             run.state = "done" if code == 0 and os.path.isfile(run.adapter) else "failed"
+        if run.state != "done":  # no adapter: nothing to keep, and the photos are someone's
+            shutil.rmtree(run.output_dir, ignore_errors=True)
         run.ended.set()
 
     @staticmethod
@@ -258,17 +260,21 @@ def build_train_tab(studio, session, folder, adapter_outputs, slot_updates) -> N
         except (ValueError, OSError) as e:
             yield f"**error:** {(str(e).splitlines() or [type(e).__name__])[0]}", [], "", gr.update(), gr.update(), *keep
             return
+        def shown():  # copies for the page: the run's folder itself is not served
+            return [(studio.servable(p), c) for p, c in run.images() if os.path.isfile(p)]
+
         while not run.ended.wait(POLL_SECONDS):  # wakes at once when the run ends or is cancelled
-            yield run.message(), run.images(), _warnings(run), gr.update(), gr.update(interactive=False), *keep
-        loaded = keep
+            yield run.message(), shown(), _warnings(run), gr.update(), gr.update(interactive=False), *keep
+        loaded, said = keep, run.message()
         if run.state == "done" and run.owner is session:
             try:
-                session.add(run.adapter, display_name=run.name)
-                loaded = ["loaded " + run.name] + slot_updates(session)
+                said_load = session.add_any(run.adapter, display_name=run.name)
+                loaded = [said_load] + slot_updates(session)
+                said += f" · {said_load} in *Adapters*"
             except (ValueError, OSError) as e:  # e.g. the page already holds as many adapters as it can
                 loaded = [f"**error:** {(str(e).splitlines() or [''])[0]}"] + keep[1:]
-        yield (run.message(), run.images(), _warnings(run), gr.update(choices=studio.adapter_choices()),
-               gr.update(interactive=True), *loaded)
+                said += f" · not loaded: {(str(e).splitlines() or [''])[0]}"
+        yield (said, shown(), _warnings(run), gr.update(choices=studio.adapter_choices()), gr.update(interactive=True), *loaded)
 
     def cancel(session):
         return trainer.cancel(session)

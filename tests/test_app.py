@@ -215,14 +215,45 @@ def test_results_are_saved_with_their_settings_and_kept_in_the_history(tiny_sd_p
     second = s.generate(PROMPT, steps=2, seed=7, num_images=1)
     assert s.history == second + first  # newest first
     path, caption = first[0]
-    assert os.path.dirname(path) == str(tmp_path / "out") and "Euler a" in caption
-    with Image.open(path) as im:
+    saved = tmp_path / "out" / os.path.basename(path)
+    # the page gets a link outside the outputs folder (which is never served); the PNG is the same file
+    assert not path.startswith(str(tmp_path)) and os.path.samefile(path, saved) and "Euler a" in caption
+    with Image.open(saved) as im:
         settings = json.loads(im.text["parameters"])
     assert settings == {"prompt": PROMPT, "negative_prompt": "blurry", "seed": 7, "steps": 2, "guidance": 4.0,
-                        "size": studio.native, "base": tiny_sd_path, "adapters": {"dog": 1.0}, "sampler": "Euler a"}
+                        "size": studio.native, "base": tiny_sd_path, "adapters": {"dog": 1.0}, "embeddings": [],
+                        "sampler": "Euler a"}
     with Image.open(first[1][0]) as im:
         assert json.loads(im.text["parameters"])["adapters"] == {}  # the side-by-side base image
-    assert len(set(p for p, _ in s.history)) == 3  # never one file over another
+    assert len(set(p for p, _ in s.history)) == 3 and len(os.listdir(tmp_path / "out")) == 3  # never one file over another
+
+
+def test_what_an_image_says_it_was_drawn_with_is_what_it_was_drawn_with(tiny_sd_path, adapter_dir, tmp_path):
+    from PIL import Image
+
+    studio = Studio(tiny_sd_path, str(adapter_dir), outputs_dir=str(tmp_path / "out"))
+    s = studio.new_session()
+    s.add(str(adapter_dir / "dog.safetensors"))
+    emb = _embedding(tmp_path / "sks.safetensors", studio.pipe)
+    s.add_embedding(emb)
+
+    def moved(*args, **kwargs):  # a slider moved while the image is drawn (another thread, no lock)
+        s.set_weights({"dog": -2})
+
+    (path, caption), = s.generate(PROMPT, steps=2, seed=1, progress=moved)
+    assert caption.endswith("dog:1 + embedding of sks")
+    with Image.open(path) as im:
+        settings = json.loads(im.text["parameters"])
+    assert settings["adapters"] == {"dog": 1.0} and settings["embeddings"] == [emb]  # reproducible with loldu generate
+
+
+@pytest.mark.parametrize("seed", [None, float("nan"), 1.5, 2**63])
+def test_a_seed_the_generator_cannot_take_is_one_line(session, seed):
+    if seed is None:  # the library's None: a random seed
+        assert len(session.generate(PROMPT, steps=1, seed=None)) == 1
+        return
+    with pytest.raises(ValueError, match="the seed must be a whole number from 0 to 9223372036854775807"):
+        session.generate(PROMPT, steps=1, seed=seed)
 
 
 @pytest.mark.parametrize("sampler", ["DPM++ 2M", "DPM++ 2M Karras", "Euler a", "Euler", "DDIM", "UniPC"])
@@ -315,16 +346,36 @@ def test_a_preloaded_adapter_brings_its_named_embedding_and_the_list_shows_only_
                                    "have an embedding in the preloaded adapters (dog.learned_embeds.safetensors); remove it first"]
 
 
-def test_bad_or_clashing_embeddings_are_refused_and_change_nothing(studio, session, tmp_path):
+def test_bad_embeddings_are_refused_and_a_token_loaded_again_replaces_the_older_file(studio, session, tmp_path):
     from safetensors.torch import save_file
 
     from loldu_diffusion.embeddings import EmbeddingFileError
 
     first = session.add_any(_embedding(tmp_path / "sks_a.safetensors", studio.pipe, seed=1))
     assert first.startswith("loaded the embedding of `sks`")
-    with pytest.raises(EmbeddingFileError, match=r"sks_b.safetensors: the token\(s\) \['sks'\] already have an embedding"):
-        session.add_any(_embedding(tmp_path / "sks_b.safetensors", studio.pipe, seed=2))
     save_file({"sks": torch.zeros(1, 3)}, str(tmp_path / "learned_embeds.safetensors"))
     with pytest.raises(EmbeddingFileError, match=r"learned_embeds.safetensors: 'sks' has shape \(1, 3\)"):
         session.add_any(str(tmp_path / "learned_embeds.safetensors"))
     assert [os.path.basename(e.path) for e in session.embeddings.values()] == ["sks_a.safetensors"]
+    said = session.add_any(_embedding(tmp_path / "sks_b.safetensors", studio.pipe, seed=2))  # one token, one row: the newer
+    assert said.endswith("it replaces the embedding of `sks` from sks_a.safetensors (a token has one embedding at a time)")
+    assert [os.path.basename(e.path) for e in session.embeddings.values()] == ["sks_b.safetensors"]
+
+
+def test_a_run_trained_with_the_preloaded_examples_trigger_replaces_it_in_the_page(tiny_sd_path, adapter_dir, tmp_path):
+    # the app's Train tab defaults to the trigger `sks`, which the bundled example's embedding also defines
+    example, run = tmp_path / "adapters", tmp_path / "trained" / "sks-dog"
+    example.mkdir()
+    run.mkdir(parents=True)
+    shutil.copy(adapter_dir / "dog.safetensors", example / "sks-heart.safetensors")
+    shutil.copy(adapter_dir / "style.safetensors", run / "loldu_adapter.safetensors")
+    studio = Studio(tiny_sd_path, str(example), preload=[str(example / "sks-heart.safetensors")])
+    _embedding(example / "sks-heart.learned_embeds.safetensors", studio.pipe, seed=1)
+    _embedding(run / "learned_embeds.safetensors", studio.pipe, seed=2)
+    studio = Studio(tiny_sd_path, str(example), preload=[str(example / "sks-heart.safetensors")])
+    page = studio.new_session()
+    said = page.add_any(str(run / "loldu_adapter.safetensors"), display_name="sks-dog")
+    assert said == ("loaded sks-dog with the embedding of `sks` from learned_embeds.safetensors; it replaces sks-heart and "
+                    "the embedding of `sks` from sks-heart.learned_embeds.safetensors (a token has one embedding at a time)")
+    assert list(page.loaded) == ["sks-dog"] and [e.path for e in page.embeddings.values()] == [str(run / "learned_embeds.safetensors")]
+    assert list(studio.new_session().loaded) == ["sks-heart"]  # other pages keep the example

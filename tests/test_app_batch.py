@@ -1,7 +1,9 @@
 """The app batches concurrent sessions' requests, each with its own adapters, into shared
 pipeline calls; each image equals the one its session makes alone."""
+import os
 import threading
 
+import pytest
 import torch
 from test_app import PROMPT, adapter_dir, pixels, studio  # noqa: F401 — fixtures
 
@@ -79,6 +81,14 @@ def test_two_pages_generate_at_once_through_the_app(tiny_sd_path, adapter_dir, t
         jobs = [c.submit("a photo of sks heart", "", "default", 2, 4.0, 11, False, 1, 16, compare, False, api_name="/generate")
                 for c, compare in ((a, True), (b, False))]
         (gallery_a, status_a), (gallery_b, status_b) = (j.result(timeout=300) for j in jobs)
+        # the outputs folder is not served: its names are predictable and every user's images are there
+        import urllib.error
+        import urllib.request
+
+        saved = sorted(p for p in os.listdir(tmp_path) if p.endswith(".png"))
+        assert len(saved) == 3
+        with pytest.raises(urllib.error.HTTPError, match="403"):
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/gradio_api/file={tmp_path / saved[0]}", timeout=30)
     finally:
         demo.close()
     assert status_a.startswith("done: dog:1") and status_b.startswith("done: no adapter")

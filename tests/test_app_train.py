@@ -91,9 +91,10 @@ def test_a_context_captions_every_photo_for_the_trainer(studio, concept_dir):
 
     session = studio.new_session()
     run = studio.trainer.start(session, photos(concept_dir, 3), "sks", "heart", steps=100_000, context="  on a  white background ")
-    studio.trainer.cancel(session)
     folder = os.path.join(run.output_dir, "photos")
     assert ImageSet.from_folder(folder, "a photo of sks heart", 32).captions == ["a photo of sks heart on a white background"] * 3
+    studio.trainer.cancel(session)
+    assert not os.path.exists(run.output_dir)  # a cancelled run keeps nothing: the photos are someone's
     with pytest.raises(ValueError, match="say what the photos share in a few words"):
         studio.trainer.start(session, photos(concept_dir, 3), "sks", "heart", context="x" * 201)
 
