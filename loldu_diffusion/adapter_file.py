@@ -85,8 +85,13 @@ class AdapterFile:
 
     # ---- writing -------------------------------------------------------------------------
     def save(self, path: str, overwrite: bool = False) -> None:
-        """Atomic write (temp file + rename); an existing file is kept unless `overwrite`."""
+        """Atomic write (temp file + rename); an existing file is kept unless `overwrite`. What
+        `read` would refuse is refused here, before anything is written."""
         refuse_existing(path, overwrite)
+        self.validate()
+        wrong = [k for k in _TEXT_FIELDS if not isinstance(self.metadata.get(k) or "", str)]
+        if wrong:
+            raise AdapterFileError(f"{os.path.basename(path)}: metadata {wrong[0]!r} must be a string")
         tensors = {}
         for comp in self.layers:
             d = self.d[comp].float()

@@ -17,7 +17,6 @@ all or nothing, and a failed generation unfuses (which restores the exact base w
 """
 from __future__ import annotations
 
-import hashlib
 import os
 import random
 import shutil
@@ -44,6 +43,12 @@ MAX_SEED = 2**63 - 1  # torch's generators take 64 bits; seed + image index stay
 DEFAULT_OUTPUTS = "loldu-outputs"  # beside where the app starts, as A1111's outputs/ folder
 
 
+def code(text) -> str:
+    """A stranger's text as a Markdown code span: no backtick to close it early, one printable line."""
+    text = "".join(c if c.isprintable() else " " for c in str(text)).replace("`", "'")
+    return f"`{text[:200]}`"
+
+
 @dataclass
 class LoadedAdapter:
     name: str  # what the session shows
@@ -54,10 +59,9 @@ class LoadedAdapter:
 
     def describe(self) -> str:
         m = self.file.metadata
-        trigger = m.get("instance_prompt") or "—"
         layers = ", ".join(f"{c} {len(r)}" for c, r in self.file.layers.items())
-        return (f"**{self.name}** · trigger `{trigger}` · rank {self.file.rank} · layers {layers} · "
-                f"{self.file.num_parameters:,} values · {self.file.nbytes:,} bytes · base {m.get('base_model') or '?'}")
+        return (f"**{self.name}** · trigger {code(m.get('instance_prompt') or '—')} · rank {self.file.rank} · layers {layers} · "
+                f"{self.file.num_parameters:,} values · {self.file.nbytes:,} bytes · base {code(m.get('base_model') or '?')}")
 
 
 @dataclass
@@ -71,8 +75,8 @@ class LoadedEmbedding:
         return list(dict.fromkeys(t for t, _ in self.rows.values()))
 
     def describe(self) -> str:
-        tokens = ", ".join(f"`{t}`" for t in self.tokens())
-        return f"embedding of {tokens} from {os.path.basename(self.path)}"
+        tokens = ", ".join(code(t) for t in self.tokens())
+        return f"embedding of {tokens} from {code(os.path.basename(self.path))}"
 
 
 @dataclass(frozen=True)
@@ -86,8 +90,9 @@ class Drawn:
 
 
 def file_key(path: str) -> str:
-    with open(path, "rb") as f:
-        return hashlib.sha256(f.read(MAX_UPLOAD_BYTES + 1)).hexdigest()
+    from .io import file_sha256
+
+    return file_sha256(path)  # the readers have refused files above MAX_UPLOAD_BYTES
 
 
 def read_embedding(pipe, path: str, held, where: str) -> LoadedEmbedding:
@@ -671,6 +676,8 @@ def launch(base=None, adapters_dir=None, host="127.0.0.1", port=7860, block=True
     from .assets import ASSETS
 
     credentials = parse_auth(auth)
+    if adapters_dir is not None and not os.path.isdir(adapters_dir):
+        raise ValueError(f"--adapters {adapters_dir}: no such folder")
     if credentials is None and not is_loopback(host):
         print(f"warning: serving on {host} without --auth USER:PASSWORD: anyone who can reach port {port} can use "
               "this app (and this machine's compute)", file=sys.stderr, flush=True)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 
@@ -28,7 +29,7 @@ def _inspect(args) -> int:
     print(f"{args.file}: LoLDU adapter, {f.nbytes:,} bytes")
     print(f"  rank {f.rank}, {f.num_layers} layers ({', '.join(f'{c}: {n}' for c, n in info['layers'].items())}), {f.num_parameters:,} values")
     for k, v in info["metadata"].items():
-        print(f"  {k}: {json.dumps(v) if not isinstance(v, str) else v}")
+        print(f"  {k}: {json.dumps(v) if not isinstance(v, str) or not v.isprintable() else v}")  # a stranger's text: no terminal escapes
     return 0
 
 
@@ -144,15 +145,37 @@ def _prompt_specs(args) -> list[list[str]]:
 
 def _embeddings_of(given: list[str], specs: list[str]) -> list[str]:
     """--embedding files, then the identifier embedding beside each adapter (pivotal tuning writes
-    it there, and the adapter without it draws the class, not the subject), each once."""
-    from .embeddings import embedding_beside
+    it there, and the adapter without it draws the class, not the subject), each once, checked
+    before the base loads. A token has one row per image: an --embedding's token is not taken
+    from a file beside an adapter (said), and two other files for one token are refused."""
+    from .embeddings import EmbeddingFileError, embedding_beside, read_embedding_rows
+    from .io import file_sha256
     from .pipeline import parse_adapter_spec
 
-    found = [os.path.abspath(p) for p in given]
+    found, owner = [], {}  # paths; token → (path, what named it, its hash)
+    candidates = [(os.path.abspath(p), f"--embedding {p}", True) for p in given]
     for spec in specs:
         beside = embedding_beside(parse_adapter_spec(spec)[0])
-        if beside and beside not in found:
-            found.append(beside)
+        if beside:
+            candidates.append((beside, f"the embedding beside {parse_adapter_spec(spec)[0]}", False))
+    for path, said, explicit in candidates:
+        if path in found:
+            continue
+        try:
+            tokens = {t.lower() for _, t, _ in read_embedding_rows(path)}  # CLIP's tokenizer lower-cases
+        except EmbeddingFileError as e:
+            raise EmbeddingFileError(f"{said}: {e}") from None
+        digest = file_sha256(path)
+        taken = {t: owner[t] for t in tokens if t in owner and owner[t][2] != digest}
+        if taken:
+            t, (other, other_said, _) = next(iter(taken.items()))
+            if not explicit and other_said.startswith("--embedding"):
+                print(f"{said} is not used: {other_said} gives `{t}` its row")
+                continue
+            raise EmbeddingFileError(f"{said} and {other_said} give `{t}` different rows; a token has one per image: "
+                                     "generate them in separate runs, or choose one with --embedding FILE")
+        owner.update({t: (path, said, digest) for t in tokens})
+        found.append(path)
     return found
 
 
@@ -160,20 +183,30 @@ def _load_blends(pipe, shared: list[str], own: list[list[str]]) -> list[dict[str
     """Load every adapter file once (inactive) and return each prompt's blend {name: weight}:
     the --adapter blend plus the prompt's own adapters (weights of one file add up)."""
     from .adapter_file import AdapterFile, load_adapter
-    from .pipeline import adapter_name_for, parse_adapter_spec
+    from .pipeline import parse_adapter_spec
 
-    names: dict[str, str] = {}  # absolute path → adapter name
+    names = _adapter_names(shared + [spec for specs in own for spec in specs])
+    for path, name in names.items():
+        load_adapter(pipe, AdapterFile.read(path), adapter_name=name, weight=0.0)
     blends = []
     for specs in own:
         blend: dict[str, float] = {}
         for path, w in map(parse_adapter_spec, shared + specs):
-            key = os.path.abspath(path)
-            if key not in names:
-                names[key] = adapter_name_for(path, set(names.values()))
-                load_adapter(pipe, AdapterFile.read(path), adapter_name=names[key], weight=0.0)
-            blend[names[key]] = blend.get(names[key], 0.0) + w
+            name = names[os.path.abspath(path)]
+            blend[name] = blend.get(name, 0.0) + w
         blends.append(blend)
     return blends
+
+
+def _adapter_names(specs: list[str]) -> dict[str, str]:
+    """absolute path → the adapter's name (from its file name, unique), each file once."""
+    from .pipeline import adapter_name_for, parse_adapter_spec
+
+    names: dict[str, str] = {}
+    for path, _ in map(parse_adapter_spec, specs):
+        if os.path.abspath(path) not in names:
+            names[os.path.abspath(path)] = adapter_name_for(path, set(names.values()))
+    return names
 
 
 def _generate(args) -> int:
@@ -186,6 +219,10 @@ def _generate(args) -> int:
     for flag in ("steps", "num_images", "batch_size"):
         if getattr(args, flag) < 1:
             raise ValueError(f"--{flag} {getattr(args, flag)}: must be at least 1")
+    if not math.isfinite(args.guidance) or args.guidance < 0:
+        raise ValueError(f"--guidance {args.guidance}: must be a number ≥ 0 (1 turns guidance off; 4–8 are usual)")
+    if args.seed is not None and not 0 <= args.seed <= 2**63 - 1:
+        raise ValueError(f"--seed {args.seed}: must be from 0 to {2**63 - 1} (leave it out for a random one)")
     if args.size is not None and (args.size < 8 or args.size % 8):
         raise ValueError(f"--size {args.size}: must be a positive multiple of 8; leave it out for the base model's native size")
     _check_device(args.device)
@@ -196,6 +233,7 @@ def _generate(args) -> int:
         if not os.path.isfile(path):
             raise FileNotFoundError(f"--embedding {path}: no such file")
     embeddings = _embeddings_of(args.embedding or [], (args.adapter or []) + [spec for specs in own for spec in specs])
+    hashes = _file_hashes((args.adapter or []) + [spec for specs in own for spec in specs], embeddings)
     pipe = load_base(args.base, device=args.device)
     blends = _load_blends(pipe, args.adapter or [], own)
     if embeddings:
@@ -221,7 +259,7 @@ def _generate(args) -> int:
             seed = first + i
             settings = {"prompt": prompt, "negative_prompt": args.negative_prompt, "seed": seed, "steps": args.steps,
                         "guidance": args.guidance, "size": size, "base": pipe._loldu_base_path, "adapters": blend,
-                        "embeddings": embeddings}
+                        "embeddings": embeddings, "hashes": {n: hashes[n] for n in list(blend) + embeddings}}
             same = _same_image(args.output, seed, json.dumps(settings))
             if same:  # the same settings and seed make the same image: do not write a copy
                 present.append(same)
@@ -240,6 +278,14 @@ def _generate(args) -> int:
         print(f"{len(present)} image(s) with these settings and seeds were already there ({', '.join(present)}); "
               "another --seed, or none, makes new ones")
     return 0
+
+
+def _file_hashes(specs: list[str], embeddings: list[str]) -> dict[str, str]:
+    """sha256 (first 12 hex digits, as A1111's LoRA hashes) of each adapter, by the name `_load_blends`
+    gives it, and of each embedding, by path: a retrained loldu_adapter.safetensors is another image."""
+    from .io import file_sha256
+
+    return {n: file_sha256(p)[:12] for p, n in _adapter_names(specs).items()} | {p: file_sha256(p)[:12] for p in embeddings}
 
 
 def _same_image(folder: str, seed: int, parameters: str) -> str | None:

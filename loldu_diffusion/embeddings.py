@@ -28,55 +28,67 @@ class EmbeddingFileError(ValueError):
     """A file that is not a token-embedding file for this text encoder."""
 
 
-def read_token_embeddings(path: str, encoders: list) -> dict[tuple[int, int], tuple[str, torch.Tensor]]:
-    """(text encoder k, token id) → (token, (width,) float32) of a checked file, for `encoders` [(tokenizer, width), …]:
-    `{token: (1, width)}` rows for the first table, or SDXL's layout `{"clip_l": (1, 768), "clip_g": (1, 1280)}` (its
-    token in the metadata, as the trainer writes it) for both."""
+def read_embedding_rows(path: str, num_encoders: int | None = None) -> list[tuple[int, str, torch.Tensor]]:
+    """[(text encoder k, token, row)] of a token-embedding file, checked as far as the file alone
+    allows (size, count, layout, dtype, finite, scale): before a base model loads. Errors name the file."""
     from safetensors import safe_open
 
-    name = os.path.basename(path)
     if not os.path.isfile(path):
-        raise EmbeddingFileError(f"--embedding {path}: no such file")
+        raise EmbeddingFileError(f"{path}: no such file")
     if os.path.getsize(path) > MAX_BYTES:
-        raise EmbeddingFileError(f"--embedding {name}: larger than {MAX_BYTES} bytes; a token-embedding file holds a few rows")
-    width = encoders[0][1]
+        raise EmbeddingFileError(f"{path}: larger than {MAX_BYTES} bytes; a token-embedding file holds a few rows")
     try:
         with safe_open(path, framework="pt") as f:
             keys, meta = list(f.keys()), f.metadata() or {}
             if not 0 < len(keys) <= MAX_TOKENS:
-                raise EmbeddingFileError(f"--embedding {name}: {len(keys)} tensors; expected 1 to {MAX_TOKENS} ({{token: (1, {width})}})")
+                raise EmbeddingFileError(f"{path}: {len(keys)} tensors; expected 1 to {MAX_TOKENS} ({{token: (1, width)}})")
             tensors = {k: f.get_tensor(k) for k in keys}
     except EmbeddingFileError:
         raise
     except Exception as e:
-        raise EmbeddingFileError(f"--embedding {name}: not a readable safetensors file ({str(e).splitlines()[0]})") from None
+        raise EmbeddingFileError(f"{path}: not a readable safetensors file ({str(e).splitlines()[0]})") from None
     if set(tensors) == set(SDXL_EMBEDDING_KEYS):
-        if len(encoders) != 2:
-            raise EmbeddingFileError(f"--embedding {name}: an SDXL embedding (clip_l, clip_g) for a base with two text encoders; "
-                                     "this base has one")
+        if num_encoders not in (None, 2):
+            raise EmbeddingFileError(f"{path}: an SDXL embedding (clip_l, clip_g) for a base with two text encoders; "
+                                     f"this base has {num_encoders}")
         token = meta.get("token")
         if not token:
-            raise EmbeddingFileError(f"--embedding {name}: an SDXL embedding without its token in the metadata ('token'); "
+            raise EmbeddingFileError(f"{path}: an SDXL embedding without its token in the metadata ('token'); "
                                      "this loader writes the rows of a word the tokenizer has")
         entries = [(k, token, tensors[key]) for k, key in enumerate(SDXL_EMBEDDING_KEYS)]
     else:
         entries = [(0, token, t) for token, t in tensors.items()]
+    for _, token, t in entries:
+        if t.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+            raise EmbeddingFileError(f"{path}: {token!r} is {t.dtype}, not a float tensor")
+        if t.dim() not in (1, 2) or (t.dim() == 2 and t.shape[0] != 1):
+            raise EmbeddingFileError(f"{path}: {token!r} has shape {tuple(t.shape)}; a token's row is (1, width)")
+        if not torch.isfinite(t).all() or float(t.float().norm()) > NORM_BOUND:
+            raise EmbeddingFileError(f"{path}: {token!r} has values that are not finite or far out of scale")
+    return entries
+
+
+def read_token_embeddings(path: str, encoders: list) -> dict[tuple[int, int], tuple[str, torch.Tensor]]:
+    """(text encoder k, token id) → (token, (width,) float32) of a checked file, for `encoders` [(tokenizer, width), …]:
+    `{token: (1, width)}` rows for the first table, or SDXL's layout `{"clip_l": (1, 768), "clip_g": (1, 1280)}` (its
+    token in the metadata, as the trainer writes it) for both."""
+    entries = read_embedding_rows(path, len(encoders))
     rows = {}
     for k, token, t in entries:
         tokenizer, width = encoders[k]
-        if t.dtype not in (torch.float32, torch.float16, torch.bfloat16):
-            raise EmbeddingFileError(f"--embedding {name}: {token!r} is {t.dtype}, not a float tensor")
-        if tuple(t.shape) not in ((width,), (1, width)):
-            raise EmbeddingFileError(f"--embedding {name}: {token!r} has shape {tuple(t.shape)}; this text encoder needs "
+        if t.shape[-1] != width:
+            raise EmbeddingFileError(f"{path}: {token!r} has shape {tuple(t.shape)}; this text encoder needs "
                                      f"(1, {width}) — an embedding trained on another base model?")
-        t = t.float().reshape(width)
-        if not torch.isfinite(t).all() or float(t.norm()) > NORM_BOUND:
-            raise EmbeddingFileError(f"--embedding {name}: {token!r} has values that are not finite or far out of scale")
         ids = tokenizer(token, add_special_tokens=False).input_ids
         if len(ids) != 1:
-            raise EmbeddingFileError(f"--embedding {name}: {token!r} is {len(ids)} tokens of this tokenizer, not one; "
+            raise EmbeddingFileError(f"{path}: {token!r} is {len(ids)} tokens of this tokenizer, not one; "
                                      "train with a one-token identifier (--placeholder_token)")
-        rows[(k, ids[0])] = (token, t)
+        if ids[0] in tokenizer.all_special_ids:  # e.g. <|endoftext|>, which ends and pads every prompt
+            raise EmbeddingFileError(f"{path}: {token!r} is a special token of the tokenizer; an embedding is for a word")
+        if (k, ids[0]) in rows:
+            raise EmbeddingFileError(f"{path}: {rows[(k, ids[0])][0]!r} and {token!r} are the same token of this tokenizer; "
+                                     "keep one of them")
+        rows[(k, ids[0])] = (token, t.float().reshape(width))
     return rows
 
 

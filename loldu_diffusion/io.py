@@ -20,6 +20,16 @@ def describe_os_error(e: OSError) -> str:
     return f"{what} ({hint})" if hint else what
 
 
+def file_sha256(path: str) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(2**20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
 def refuse_existing(path: str, overwrite: bool) -> None:
     if os.path.exists(path) and not overwrite:
         raise FileExistsError(f"{path} already exists: choose another name or pass overwrite=True (--overwrite)")
@@ -127,7 +137,25 @@ def save_png_with_settings(image, folder: str, seed: int, settings: dict) -> str
     info = PngInfo()
     info.add_text("parameters", json.dumps(settings))
     os.makedirs(folder, exist_ok=True)
-    k = 0
-    while os.path.exists(path := os.path.join(folder, f"{k:04d}_seed{seed}.png")):
-        k += 1
-    return atomic_write(path, lambda tmp: image.save(tmp, pnginfo=info), ".png")
+    fd, tmp = tempfile.mkstemp(prefix=TEMP_PREFIX, suffix=".png", dir=folder)  # unique: writers in other processes
+    os.close(fd)
+    try:
+        image.save(tmp, pnginfo=info)
+        os.chmod(tmp, 0o666 & ~_umask())
+        k = 0
+        while True:  # claim a name no one has (a rename would replace another writer's image)
+            path = os.path.join(folder, f"{k:04d}_seed{seed}.png")
+            try:
+                try:
+                    os.link(tmp, path)
+                except FileExistsError:
+                    raise
+                except OSError:  # a file system without hard links: reserve the name, then rename over it
+                    os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+                    os.replace(tmp, path)
+                return path
+            except FileExistsError:
+                k += 1
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)

@@ -294,7 +294,7 @@ def test_an_embedding_beside_its_adapter_loads_with_it_draws_as_the_library_does
     before = table.detach().clone()
     mine, other = studio.new_session(), studio.new_session()
     msg = mine.add_any(str(out / "loldu_adapter.safetensors"))
-    assert "embedding of `sks` from learned_embeds.safetensors" in msg and len(mine.embeddings) == 1
+    assert "embedding of `sks` from `learned_embeds.safetensors`" in msg and len(mine.embeddings) == 1
     other.add(str(adapter_dir / "dog.safetensors"))  # the same adapter, no embedding
     got = mine.generate(PROMPT, steps=2, seed=3, compare=True)
     plain = other.generate(PROMPT, steps=2, seed=3, compare=True)
@@ -358,7 +358,7 @@ def test_bad_embeddings_are_refused_and_a_token_loaded_again_replaces_the_older_
         session.add_any(str(tmp_path / "learned_embeds.safetensors"))
     assert [os.path.basename(e.path) for e in session.embeddings.values()] == ["sks_a.safetensors"]
     said = session.add_any(_embedding(tmp_path / "sks_b.safetensors", studio.pipe, seed=2))  # one token, one row: the newer
-    assert said.endswith("it replaces the embedding of `sks` from sks_a.safetensors (a token has one embedding at a time)")
+    assert said.endswith("it replaces the embedding of `sks` from `sks_a.safetensors` (a token has one embedding at a time)")
     assert [os.path.basename(e.path) for e in session.embeddings.values()] == ["sks_b.safetensors"]
 
 
@@ -375,7 +375,26 @@ def test_a_run_trained_with_the_preloaded_examples_trigger_replaces_it_in_the_pa
     studio = Studio(tiny_sd_path, str(example), preload=[str(example / "sks-heart.safetensors")])
     page = studio.new_session()
     said = page.add_any(str(run / "loldu_adapter.safetensors"), display_name="sks-dog")
-    assert said == ("loaded sks-dog with the embedding of `sks` from learned_embeds.safetensors; it replaces sks-heart and "
-                    "the embedding of `sks` from sks-heart.learned_embeds.safetensors (a token has one embedding at a time)")
+    assert said == ("loaded sks-dog with the embedding of `sks` from `learned_embeds.safetensors`; it replaces sks-heart and "
+                    "the embedding of `sks` from `sks-heart.learned_embeds.safetensors` (a token has one embedding at a time)")
     assert list(page.loaded) == ["sks-dog"] and [e.path for e in page.embeddings.values()] == [str(run / "learned_embeds.safetensors")]
     assert list(studio.new_session().loaded) == ["sks-heart"]  # other pages keep the example
+
+
+def test_a_strangers_text_stays_inside_its_code_span(session, adapter_dir, tmp_path):
+    import dataclasses
+
+    f = AdapterFile.read(str(adapter_dir / "dog.safetensors"))
+    evil = "sks` ![x](http://attacker.example/x.png) `\nline"
+    dataclasses.replace(f, metadata=dict(f.metadata, instance_prompt=evil, base_model="b`[link](http://attacker.example)")).save(
+        str(tmp_path / "evil.safetensors"))
+    text = session.add(str(tmp_path / "evil.safetensors")).describe()
+    assert text.count("`") == 4 and "\n" not in text  # two code spans: the trigger's and the base's
+
+
+def test_a_mistyped_adapters_folder_is_one_line_before_the_base_loads(tmp_path, monkeypatch):
+    from loldu_diffusion import app
+
+    monkeypatch.setattr(app, "Studio", None)  # never reached
+    with pytest.raises(ValueError, match=f"^--adapters {tmp_path}/typo: no such folder$"):
+        app.launch(adapters_dir=str(tmp_path / "typo"), outputs=str(tmp_path), block=False)

@@ -6,7 +6,7 @@ import pytest
 import torch
 from PIL import Image
 
-from loldu_diffusion import AdapterFile, LoLDUConfig, inject_loldu, load_adapter, loldu_parameters, save_adapter
+from loldu_diffusion import AdapterFile, AdapterFileError, LoLDUConfig, inject_loldu, load_adapter, loldu_parameters, save_adapter
 from loldu_diffusion.cli import main as loldu
 from loldu_diffusion.config import DEFAULT_TEXT_ENCODER_TARGETS
 
@@ -148,6 +148,45 @@ def test_generate_writes_pngs_with_settings(embedded, adapters, tmp_path, capsys
     seeds = [int(line.split()[1]) for line in said.splitlines() if line.startswith("seed ")]
     assert len(seeds) == 2 and seeds[0] != seeds[1] and len(os.listdir(out)) == 6
     assert f"0000_seed{seeds[1] + 1}.png" in os.listdir(out)
+
+
+def test_generate_tells_apart_adapters_of_one_file_name_and_checks_its_numbers(embedded, adapters, tmp_path, capsys):
+    import shutil
+
+    runs = []
+    for k, src in enumerate(("a", "b")):  # every trainer output is loldu_adapter.safetensors
+        (tmp_path / f"run{k}").mkdir()
+        runs.append(str(shutil.copy(adapters / f"{src}.safetensors", tmp_path / f"run{k}" / "loldu_adapter.safetensors")))
+    common = ["generate", "--base", embedded, "--prompt", "a photo of sks heart", "--steps", "2", "--num_images", "1", "--seed", "7",
+              "-o", str(tmp_path / "out")]
+    assert loldu(common + ["--adapter", runs[0]]) == 0 and loldu(common + ["--adapter", runs[1]]) == 0
+    assert sorted(os.listdir(tmp_path / "out")) == ["0000_seed7.png", "0001_seed7.png"]  # not "already there"
+    hashes = [json.loads(Image.open(tmp_path / "out" / f).text["parameters"])["hashes"]["loldu_adapter"]
+              for f in ("0000_seed7.png", "0001_seed7.png")]
+    assert hashes[0] != hashes[1] and len(hashes[0]) == 12
+    capsys.readouterr()
+    for flag, value, said in (("--guidance", "inf", "--guidance inf: must be a number"), ("--seed", str(2**64), f"--seed {2**64}: must be from 0")):
+        argv = [a for a in common if a not in ("--seed", "7")] + [flag, value]
+        argv[argv.index("--base") + 1] = "/nonexistent-base"  # the numbers are checked before anything loads
+        assert loldu(argv) == 2
+        err = capsys.readouterr().err
+        assert said in err and "nonexistent" not in err
+
+
+def test_inspect_prints_a_strangers_text_without_terminal_escapes(adapters, tmp_path, capsys):
+    import dataclasses
+
+    from loldu_diffusion.adapter_file import AdapterFile
+
+    a = AdapterFile.read(str(adapters / "a.safetensors"))
+    evil = "sks\x1b[2J\x1b]0;owned\x07\rloldu: adapter verified OK"
+    dataclasses.replace(a, metadata=dict(a.metadata, instance_prompt=evil)).save(str(tmp_path / "evil.safetensors"))
+    assert loldu(["inspect", str(tmp_path / "evil.safetensors")]) == 0
+    out = capsys.readouterr().out
+    assert "\x1b" not in out and "\r" not in out and "\\u001b[2J" in out
+    with pytest.raises(AdapterFileError, match="x.safetensors: metadata 'instance_prompt' must be a string"):
+        dataclasses.replace(a, metadata=dict(a.metadata, instance_prompt=["sks"])).save(str(tmp_path / "x.safetensors"))
+    assert not (tmp_path / "x.safetensors").exists()  # refused before writing, as the reader would refuse it
 
 
 def test_generate_loads_the_embedding_beside_an_adapter(embedded, tmp_path, capsys):

@@ -43,8 +43,10 @@ def test_the_row_is_written_and_only_that_row(pipe, tmp_path):
     ({"sks": torch.full((1, 128), 50.0)}, "not finite or far out of scale"),
     ({"sks": torch.zeros(1, 128, dtype=torch.int32)}, "not a float tensor"),
     ({"sks heart": torch.zeros(1, 128)}, "is 2 tokens of this tokenizer"),
+    ({"<|endoftext|>": torch.zeros(1, 128)}, "is a special token of the tokenizer"),  # it ends and pads every prompt
+    ({"sks": torch.zeros(1, 128), "SKS": torch.ones(1, 128)}, "'SKS' and 'sks' are the same token of this tokenizer"),
     ({"clip_l": torch.zeros(1, 128), "clip_g": torch.zeros(1, 256)}, r"an SDXL embedding \(clip_l, clip_g\) for a base with two text "
-                                                                      "encoders; this base has one"),
+                                                                      "encoders; this base has 1"),
 ])
 def test_bad_files_are_refused_by_name(pipe, tmp_path, tensors, match):
     path = str(tmp_path / "bad.safetensors")
@@ -78,3 +80,38 @@ def test_generate_uses_the_embedding(tmp_path, capsys):
     assert plain.tobytes() != with_emb.tobytes()
     assert loldu(common + ["--embedding", str(tmp_path / "missing.safetensors"), "-o", str(tmp_path / "x")]) == 2
     assert "--embedding" in capsys.readouterr().err and not os.path.exists(tmp_path / "x")
+
+
+def test_generate_checks_embeddings_before_the_base_loads_and_never_draws_one_token_two_ways(tmp_path, capsys):
+    import shutil
+
+    from loldu_diffusion.assets import bundled_adapters_dir
+
+    bundled = os.path.join(bundled_adapters_dir(), "sks-heart.safetensors")
+    runs = []
+    for k in range(2):  # two trainer outputs whose identifier is sks, each with its own row
+        (tmp_path / f"run{k}").mkdir()
+        runs.append(str(shutil.copy(bundled, tmp_path / f"run{k}" / "loldu_adapter.safetensors")))
+        save_file({"sks": torch.randn(1, 128) * 0.5}, str(tmp_path / f"run{k}" / "learned_embeds.safetensors"))
+    common = ["generate", "--base", "/nonexistent-base", "--prompt", "a photo of sks heart", "-o", str(tmp_path / "x")]
+    assert loldu(common + ["--adapter", runs[0], "--prompt", "a photo of sks heart", "--prompt_adapters", "none",
+                           "--prompt_adapters", runs[1]]) == 2
+    err = capsys.readouterr().err
+    assert "give `sks` different rows; a token has one per image" in err and "nonexistent" not in err
+    save_file({"sks": torch.zeros(1, 128, dtype=torch.int32)}, str(tmp_path / "run1" / "learned_embeds.safetensors"))
+    assert loldu(common + ["--adapter", runs[1]]) == 2  # a bad file found beside an adapter: said so, before the base loads
+    err = capsys.readouterr().err
+    assert f"the embedding beside {runs[1]}: {tmp_path}/run1/learned_embeds.safetensors: 'sks' is torch.int32" in err
+    assert "--embedding" not in err and "nonexistent" not in err
+    # an --embedding chooses the row: the file beside the adapter is left out, and that is said
+    from loldu_diffusion.toy import default_base_path
+
+    mine = str(tmp_path / "mine.safetensors")
+    save_file({"sks": torch.randn(1, 128) * 0.5}, mine)
+    argv = ["generate", "--base", default_base_path(), "--prompt", "a photo of sks heart", "--steps", "1", "--num_images", "1",
+            "--seed", "0", "--adapter", runs[0], "--embedding", mine, "-o", str(tmp_path / "out")]
+    assert loldu(argv) == 0
+    out = capsys.readouterr().out
+    assert f"the embedding beside {runs[0]} is not used: --embedding {mine} gives `sks` its row" in out
+    meta = json.loads(Image.open(tmp_path / "out" / "0000_seed0.png").text["parameters"])
+    assert meta["embeddings"] == [mine]

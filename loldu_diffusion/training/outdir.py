@@ -16,7 +16,7 @@ from .errors import TrainingError
 LOCK_FILE = ".loldu-train.lock"
 # what our atomic writes leave when killed: io.atomic_save_safetensors, report's *.tmp(.png),
 # checkpoint-N.tmp folders, io.atomic_save_dir's .tmp-NAME-* folders (.lora.tmp and unet.tmp before session 15)
-_TEMP_FILES = (".tmp-*.safetensors", "*.tmp.png", "*.tmp")
+_TEMP_FILES = (".tmp-*.safetensors", ".tmp-*.png", "*.tmp.png", "*.tmp")
 _TEMP_DIRS = ("checkpoint-*.tmp", ".tmp-*", ".lora.tmp", "unet.tmp")
 
 
