@@ -567,8 +567,10 @@ def build_ui(studio: Studio):
             path = session.export_lora(fmt)
         except Exception as e:  # noqa: BLE001
             return None, f"**error:** {_one_line(e)}"
-        warning = format_warning(fmt)
-        return path, f"exported the active blend as a {fmt} LoRA" + (f" · **warning:** {warning}" if warning else "")
+        warnings = [w for w in [format_warning(fmt)] if w] + [
+            f"the {e.describe()} is not part of a LoRA file: its subject needs it too (in A1111, put that file in "
+            "embeddings/ named after its token)" for e in session.embeddings.values()]
+        return path, f"exported the active blend as a {fmt} LoRA" + "".join(f" · **warning:** {w}" for w in warnings)
 
     # what a fresh page shows: the preloaded adapters of a new session (not a held one)
     first = Session(studio)
