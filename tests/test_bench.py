@@ -146,3 +146,11 @@ def test_merge_joins_processes_and_summarizes_relative_to_the_ceiling(tmp_path):
     json.dump(r, open(tmp_path / "merged.json", "w"))
     with pytest.raises(ValueError, match=r"1 run\(s\) appear in more than one file, e.g. \('loldu', 'sks', 0\)"):
         learning.merge([str(tmp_path / "merged.json"), paths[0]])
+
+
+def test_an_earlier_runs_results_are_kept_unless_overwrite_is_asked(tmp_path, capsys):
+    (tmp_path / "cost_quick.json").write_text("{}")  # measured earlier, maybe for hours
+    with pytest.raises(SystemExit) as e:
+        bench(["cost", "--quick", "--out", str(tmp_path)])
+    assert e.value.code == 2 and "cost_quick.json/.md/.png are already there" in capsys.readouterr().err
+    assert (tmp_path / "cost_quick.json").read_text() == "{}" and os.listdir(tmp_path) == ["cost_quick.json"]

@@ -7,6 +7,8 @@ import argparse
 import json
 import os
 
+from ..io import atomic_write, atomic_write_text
+
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="loldu bench", description=__doc__)
@@ -14,6 +16,7 @@ def main(argv=None) -> int:
     p.add_argument("--quick", action="store_true", help="a small configuration (seconds)")
     p.add_argument("--json", action="store_true", help="print the result as one JSON line, last")
     p.add_argument("--out", default="bench_results")
+    p.add_argument("--overwrite", action="store_true", help="replace the results already in --out")
     p.add_argument("--device", default=None)
     p.add_argument("--compile", default="inductor", choices=["inductor", "eager", "none"],
                    help="cost: the torch.compile backend of the compiled-vs-eager rows (none: skip them; inductor compiles "
@@ -33,6 +36,11 @@ def main(argv=None) -> int:
     p.add_argument("--base", default=None, metavar="PATH", help="learning: train and judge on this base (a diffusers folder of the "
                    "toy world, e.g. one made by `python -m loldu_diffusion.toy.identifier_rows`); default the embedded base")
     a = p.parse_args(argv)
+    name = f"{a.suite}{'_quick' if a.quick else ''}"
+    outputs = [os.path.join(a.out, f"{name}.{ext}") for ext in ("json", "md", "png")]
+    if not a.overwrite and any(map(os.path.exists, outputs)):  # before the run: a long one's results are not lost at its end
+        p.error(f"--out {a.out}: {name}.json/.md/.png are already there (an earlier run's results); "
+                "choose another --out or add --overwrite")
     os.makedirs(a.out, exist_ok=True)
     if a.suite == "cost":
         from . import cost as suite
@@ -52,13 +60,10 @@ def main(argv=None) -> int:
                                which="core" if a.core else "all", held_out=not a.no_held_out,
                                configs_only=a.configs.split(",") if a.configs else None,
                                subject_names=a.subject_names.split(",") if a.subject_names else None)
-    name = f"{a.suite}{'_quick' if a.quick else ''}"
-    with open(os.path.join(a.out, f"{name}.json"), "w") as f:
-        json.dump(result, f, indent=1)
     table = suite.markdown(result)
-    with open(os.path.join(a.out, f"{name}.md"), "w") as f:
-        f.write(table + "\n")
-    suite.plot(result, os.path.join(a.out, f"{name}.png"))
+    atomic_write_text(outputs[0], json.dumps(result, indent=1))
+    atomic_write_text(outputs[1], table + "\n")
+    atomic_write(outputs[2], lambda tmp: suite.plot(result, tmp), ".png")
     print(table)
     if a.json:
         print(json.dumps(result))
