@@ -56,6 +56,7 @@ class LoadedAdapter:
     file: AdapterFile
     key: str  # the file's content hash: its one copy on the shared base
     weight: float = 1.0
+    embedding: str | None = None  # the key of the embedding it came with (its subject needs it)
 
     def describe(self) -> str:
         m = self.file.metadata
@@ -87,6 +88,8 @@ class Drawn:
     shown: dict  # the names the session shows → weight
     text: str  # for captions: "dog:0.8, style:0.3 + embedding of sks"
     embeddings: list  # the token-embedding files in use
+    rows: dict  # their rows: (text encoder, token id) → (token, row)
+    embedding_keys: tuple  # their content hashes: requests with the same ones share pipeline calls
 
 
 def file_key(path: str) -> str:
@@ -263,16 +266,17 @@ class Session:
     def __deepcopy__(self, memo):  # Gradio deep-copies state values: a copy would copy the shared base
         return self
 
-    def _attach(self, path: str, f: AdapterFile, key: str, weight: float = 1.0, display_name: str | None = None):
+    def _attach(self, path: str, f: AdapterFile, key: str, weight: float = 1.0, display_name: str | None = None,
+                embedding: LoadedEmbedding | None = None):
         name = adapter_name_for(display_name or path, self.loaded)
-        self.loaded[name] = LoadedAdapter(name, path, f, key, weight)
+        self.loaded[name] = LoadedAdapter(name, path, f, key, weight, embedding.key if embedding else None)
         return self.loaded[name]
 
     def attach_preloaded(self, entry) -> None:
         key, _, f, path, emb = entry
-        self._attach(path, f, key)
+        self._attach(path, f, key, embedding=emb)
         if emb is not None:
-            self.embeddings[emb.key] = emb
+            self.embeddings = {**self.embeddings, emb.key: emb}
 
     def add(self, path: str, weight: float = 1.0, display_name: str | None = None) -> LoadedAdapter:
         """Validate and load an adapter file for this session; refused files change nothing. A
@@ -286,26 +290,30 @@ class Session:
         beside = embedding_beside(path)
         e = read_embedding(self.studio.pipe, beside, (), "") if beside else None  # checked before anything changes
         key, _, f = self.studio.acquire(path)
+        gone = self._take_embedding(e, keep=key) if e is not None else []  # before naming: the name may be free again
         a = next((a for a in self.loaded.values() if a.key == key), None)
         if a is not None:  # the same file twice (or the preloaded one again) loads once
             self.studio.release(key)
+            a.embedding = e.key if e is not None else a.embedding
         else:
-            a = self._attach(path, f, key, weight, display_name)
-        return a, e, self._take_embedding(e) if e is not None else []
+            a = self._attach(path, f, key, weight, display_name, e)
+        return a, e, gone
 
-    def _take_embedding(self, e: LoadedEmbedding) -> list[str]:
+    def _take_embedding(self, e: LoadedEmbedding, keep: str | None = None) -> list[str]:
         """Add `e`. The session's embeddings that give one of its tokens other values go, with the
-        adapters they came with (whose subject needs them): one token has one row at a time, and
-        the file loaded last is the one its user wants (a run just trained with the trigger `sks`
-        beside the preloaded `sks` example). Returns what went."""
-        gone = []
-        for other in [o for o in self.embeddings.values() if o.key != e.key and set(o.rows) & set(e.rows)]:
-            del self.embeddings[other.key]
-            came_with = [n for n, a in self.loaded.items() if embedding_beside(a.path) == os.path.abspath(other.path)]
+        adapters they came with (whose subject needs them; not the adapter file `keep` being
+        loaded): one token has one row at a time, and the file loaded last is the one its user
+        wants (a run just trained with the trigger `sks` beside the preloaded `sks` example).
+        Returns what went. The dict is replaced, not changed: a generation may be reading it."""
+        gone, embeddings = [], dict(self.embeddings)
+        for other in [o for o in embeddings.values() if o.key != e.key and set(o.rows) & set(e.rows)]:
+            del embeddings[other.key]
+            came_with = [n for n, a in self.loaded.items() if a.embedding == other.key and a.key != keep]
             for n in came_with:
                 self.remove(n)
             gone += came_with + [f"the {other.describe()}"]
-        self.embeddings[e.key] = e
+        embeddings[e.key] = e
+        self.embeddings = embeddings
         return gone
 
     def add_embedding(self, path: str) -> LoadedEmbedding:
@@ -339,9 +347,11 @@ class Session:
         self.embeddings = {}
 
     def close(self) -> None:
-        """The tab is gone: let go of its adapters (Gradio calls this when it drops the state)."""
+        """The tab is gone: let go of its adapters and its export (Gradio calls this when it drops the state)."""
         if not self.closed:
             self.clear()
+            if getattr(self, "export_dir", None):
+                shutil.rmtree(self.export_dir, ignore_errors=True)
             self.closed = True
 
     def set_weights(self, weights: dict[str, float]) -> float:
@@ -356,16 +366,22 @@ class Session:
         return time.perf_counter() - t0
 
     def blend_text(self) -> str:
-        return self.drawn().text
+        return self._read()[2]
 
-    def drawn(self) -> Drawn:
-        """What images drawn now would use (names and weights read once: sliders move from other threads)."""
+    def _read(self):
+        """(adapters [(name, key, weight)], embeddings, caption text), each read once: sliders move from other threads."""
         adapters = [(n, a.key, a.weight) for n, a in list(self.loaded.items()) if a.weight != 0]
         embeddings = list(self.embeddings.values())
         text = ", ".join(f"{n}:{w:g}" for n, _, w in adapters) or "no adapter"
         tokens = [t for e in embeddings for t in e.tokens()]
+        return adapters, embeddings, text + (f" + embedding of {', '.join(tokens)}" if tokens else "")
+
+    def drawn(self) -> Drawn:
+        """What images drawn now would use; under the studio's lock (names on the base)."""
+        adapters, embeddings, text = self._read()
         return Drawn(on_base={self.studio.on_base[k][0]: w for _, k, w in adapters}, shown={n: w for n, _, w in adapters},
-                     text=text + (f" + embedding of {', '.join(tokens)}" if tokens else ""), embeddings=[e.path for e in embeddings])
+                     text=text, embeddings=[e.path for e in embeddings],
+                     rows={i: r for e in embeddings for i, r in e.rows.items()}, embedding_keys=tuple(sorted(e.key for e in embeddings)))
 
     # ---- generation ---------------------------------------------------------------------
     def generate(self, prompt: str, negative_prompt: str = "", steps: int = 20, guidance: float = 4.0, seed: int = -1,
@@ -380,10 +396,8 @@ class Session:
                 drawn = self.drawn()
                 studio._activate(drawn, fuse)
                 studio.pipe.scheduler = scheduler
-                rows = self.token_rows()
-                studio.use_rows(rows)
-                out = self._generate(prompt, negative_prompt, steps, guidance, seed, num_images, size, compare, progress, drawn, rows,
-                                     sampler)
+                studio.use_rows(drawn.rows)
+                out = self._generate(prompt, negative_prompt, steps, guidance, seed, num_images, size, compare, progress, drawn, sampler)
             except BaseException:
                 studio._unfuse()  # the next user gets the exact base back, whatever failed
                 raise
@@ -421,9 +435,9 @@ class Session:
                         embeddings=drawn.embeddings if drawn else [])
         return self.studio.servable(save_png_with_settings(image, self.studio.outputs_dir, seed, settings)), caption
 
-    def _generate(self, prompt, negative_prompt, steps, guidance, seed, num_images, size, compare, progress, drawn, rows, sampler):
+    def _generate(self, prompt, negative_prompt, steps, guidance, seed, num_images, size, compare, progress, drawn, sampler):
         studio, pipe = self.studio, self.studio.pipe
-        beside = compare and (drawn.on_base or rows)  # a base image beside each: something of this session is on
+        beside = compare and (drawn.on_base or drawn.rows)  # a base image beside each: something of this session is on
         total = num_images * (2 if beside else 1) * steps
         done = [0]
 
@@ -450,7 +464,7 @@ class Session:
                 studio.use_rows({})
                 with loldu_disabled(pipe):
                     out.append(self.keep(run(s), s, f"{settings} · base model", None, png))
-                studio.use_rows(rows)
+                studio.use_rows(drawn.rows)
         return out
 
     def export_lora(self, fmt: str | None = None) -> str:

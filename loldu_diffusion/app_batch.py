@@ -69,19 +69,18 @@ def _run_group(studio, group: list[Request]) -> None:
     with studio.lock:
         studio._unfuse()  # per-sample blends need the unfused base
         samples = []  # (request, prompt, negative, seed, blend on the base, is the base image)
-        used, rows, files = {}, {}, {}  # by request, read once: what it draws with (captions and PNGs say what was drawn)
+        used = {id(r): r.session.drawn() for r in group}  # read once: what it draws with is what captions and PNGs say
         for r in group:
-            used[id(r)], rows[id(r)], files[id(r)] = r.session.drawn(), r.session.token_rows(), tuple(sorted(r.session.embeddings))
             blend = used[id(r)].on_base
             for i in range(r.num_images):
                 samples.append((r, r.prompt, r.negative_prompt, r.seed + i, blend, False))
-                if r.compare and (blend or rows[id(r)]):
+                if r.compare and (blend or used[id(r)].rows):
                     samples.append((r, r.prompt, r.negative_prompt, r.seed + i, {}, True))
         # token embeddings are rows of the one shared table: samples share a call only if they use the same rows
         by_rows: dict[tuple, list[int]] = {}
         for j, (r, *_, base) in enumerate(samples):
-            by_rows.setdefault(() if base else files[id(r)], []).append(j)
-        calls = [(idx[k : k + MAX_SAMPLES], {} if not key else rows[id(samples[idx[0]][0])])
+            by_rows.setdefault(() if base else used[id(r)].embedding_keys, []).append(j)
+        calls = [(idx[k : k + MAX_SAMPLES], {} if not key else used[id(samples[idx[0]][0])].rows)
                  for key, idx in by_rows.items() for k in range(0, len(idx), MAX_SAMPLES)]
         images, done = [None] * len(samples), [0]
         total = steps * len(calls)

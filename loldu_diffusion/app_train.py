@@ -59,9 +59,10 @@ class Run:
     def images(self) -> list[tuple[str, str]]:
         """(PNG, caption): the final images first when there are, then each validation step's,
         latest first, then the labelled grid and the loss plot."""
-        if not os.path.isdir(self.output_dir):
+        try:
+            names = set(os.listdir(self.output_dir))
+        except OSError:  # not there yet, or a cancelled run's folder being deleted
             return []
-        names = set(os.listdir(self.output_dir))
         at = lambda n: os.path.join(self.output_dir, n)  # noqa: E731
         steps = sorted((int(m.group(1)), n) for n in names if (m := re.fullmatch(r"validation_step_(\d+)\.png", n)))
         out = [(at("validation_after.png"), "after")] if "validation_after.png" in names else []
@@ -197,8 +198,8 @@ class Trainer:
         code = run.proc.wait()
         if run.state != "cancelled":
             run.state = "done" if code == 0 and os.path.isfile(run.adapter) else "failed"
-        if run.state != "done":  # no adapter: nothing to keep, and the photos are someone's
-            shutil.rmtree(run.output_dir, ignore_errors=True)
+        if run.state == "cancelled" or not os.path.isfile(run.adapter):  # nothing to keep, and the photos are someone's
+            shutil.rmtree(run.output_dir, ignore_errors=True)  # (a run that failed after writing its adapter keeps it)
         run.ended.set()
 
     @staticmethod
@@ -261,7 +262,13 @@ def build_train_tab(studio, session, folder, adapter_outputs, slot_updates) -> N
             yield f"**error:** {(str(e).splitlines() or [type(e).__name__])[0]}", [], "", gr.update(), gr.update(), *keep
             return
         def shown():  # copies for the page: the run's folder itself is not served
-            return [(studio.servable(p), c) for p, c in run.images() if os.path.isfile(p)]
+            out = []
+            for p, c in run.images():
+                try:
+                    out.append((studio.servable(p), c))
+                except OSError:  # deleted meanwhile (a cancelled run)
+                    pass
+            return out
 
         while not run.ended.wait(POLL_SECONDS):  # wakes at once when the run ends or is cancelled
             yield run.message(), shown(), _warnings(run), gr.update(), gr.update(interactive=False), *keep
@@ -270,7 +277,7 @@ def build_train_tab(studio, session, folder, adapter_outputs, slot_updates) -> N
             try:
                 said_load = session.add_any(run.adapter, display_name=run.name)
                 loaded = [said_load] + slot_updates(session)
-                said += f" · {said_load} in *Adapters*"
+                said += f" · in *Adapters*: {said_load}"
             except (ValueError, OSError) as e:  # e.g. the page already holds as many adapters as it can
                 loaded = [f"**error:** {(str(e).splitlines() or [''])[0]}"] + keep[1:]
                 said += f" · not loaded: {(str(e).splitlines() or [''])[0]}"

@@ -172,8 +172,8 @@ def _embeddings_of(given: list[str], specs: list[str]) -> list[str]:
             if not explicit and other_said.startswith("--embedding"):
                 print(f"{said} is not used: {other_said} gives `{t}` its row")
                 continue
-            raise EmbeddingFileError(f"{said} and {other_said} give `{t}` different rows; a token has one per image: "
-                                     "generate them in separate runs, or choose one with --embedding FILE")
+            choose = "keep one of the two" if explicit else "generate them in separate runs, or choose one with --embedding FILE"
+            raise EmbeddingFileError(f"{said} and {other_said} give `{t}` different rows; a token has one per image: {choose}")
         owner.update({t: (path, said, digest) for t in tokens})
         found.append(path)
     return found

@@ -92,8 +92,20 @@ def check_output_folder(path: str, overwrite: bool) -> None:
     target = os.path.abspath(path)
     if os.path.exists(target) and not os.path.isdir(target):
         raise NotADirectoryError(errno.ENOTDIR, "a file, not a folder: choose a folder name", path)
-    if os.path.exists(target) and os.path.commonpath([target, os.getcwd()]) == target:
+    if os.path.exists(target) and _holds_cwd(target):
         raise IsADirectoryError(errno.EISDIR, "the current folder or one above it: choose a new folder name", path)
+
+
+def _holds_cwd(folder: str) -> bool:
+    """Whether `folder` is the current folder or above it, by inode (symlinks, letter case and drives included)."""
+    st, p = os.stat(folder), os.getcwd()
+    while True:
+        if os.path.samestat(st, os.stat(p)):
+            return True
+        parent = os.path.dirname(p)
+        if parent == p:
+            return False
+        p = parent
 
 
 def atomic_save_dir(save, path: str, overwrite: bool = False) -> str:
@@ -111,20 +123,37 @@ def atomic_save_dir(save, path: str, overwrite: bool = False) -> str:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    old = None
-    if os.path.exists(target):
-        old = tempfile.mkdtemp(prefix=f"{TEMP_PREFIX}{name}-old-", dir=parent)
-        os.replace(target, os.path.join(old, name))
-    os.replace(tmp, target)
+    old = tempfile.mkdtemp(prefix=f"{TEMP_PREFIX}{name}-old-", dir=parent) if os.path.exists(target) else None
+    try:
+        if old is not None:
+            os.replace(target, os.path.join(old, name))
+        try:
+            os.replace(tmp, target)
+        except BaseException:
+            if old is not None:  # the old folder back where it was
+                os.replace(os.path.join(old, name), target)
+            raise
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if old is not None and not os.path.exists(os.path.join(old, name)):
+            shutil.rmtree(old, ignore_errors=True)
+        raise
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
     return path
 
 
-def _umask() -> int:
-    umask = os.umask(0)
+def _read_umask() -> int:
+    umask = os.umask(0)  # process-wide for an instant: read once, at import, before threads start
     os.umask(umask)
     return umask
+
+
+_UMASK = _read_umask()
+
+
+def _umask() -> int:
+    return _UMASK
 
 
 def save_png_with_settings(image, folder: str, seed: int, settings: dict) -> str:

@@ -364,7 +364,7 @@ def test_bad_embeddings_are_refused_and_a_token_loaded_again_replaces_the_older_
 
 def test_a_run_trained_with_the_preloaded_examples_trigger_replaces_it_in_the_page(tiny_sd_path, adapter_dir, tmp_path):
     # the app's Train tab defaults to the trigger `sks`, which the bundled example's embedding also defines
-    example, run = tmp_path / "adapters", tmp_path / "trained" / "sks-dog"
+    example, run = tmp_path / "adapters", tmp_path / "trained" / "sks-heart"
     example.mkdir()
     run.mkdir(parents=True)
     shutil.copy(adapter_dir / "dog.safetensors", example / "sks-heart.safetensors")
@@ -374,11 +374,17 @@ def test_a_run_trained_with_the_preloaded_examples_trigger_replaces_it_in_the_pa
     _embedding(run / "learned_embeds.safetensors", studio.pipe, seed=2)
     studio = Studio(tiny_sd_path, str(example), preload=[str(example / "sks-heart.safetensors")])
     page = studio.new_session()
-    said = page.add_any(str(run / "loldu_adapter.safetensors"), display_name="sks-dog")
-    assert said == ("loaded sks-dog with the embedding of `sks` from `learned_embeds.safetensors`; it replaces sks-heart and "
+    said = page.add_any(str(run / "loldu_adapter.safetensors"), display_name="sks-heart")
+    assert said == ("loaded sks-heart with the embedding of `sks` from `learned_embeds.safetensors`; it replaces sks-heart and "
                     "the embedding of `sks` from `sks-heart.learned_embeds.safetensors` (a token has one embedding at a time)")
-    assert list(page.loaded) == ["sks-dog"] and [e.path for e in page.embeddings.values()] == [str(run / "learned_embeds.safetensors")]
+    # the run keeps its name (the example it replaced gave it up first)
+    assert list(page.loaded) == ["sks-heart"] and page.loaded["sks-heart"].path == str(run / "loldu_adapter.safetensors")
+    assert [e.path for e in page.embeddings.values()] == [str(run / "learned_embeds.safetensors")]
     assert list(studio.new_session().loaded) == ["sks-heart"]  # other pages keep the example
+    # retrained in place (--overwrite) and loaded again: the new row replaces the old; the adapter stays
+    _embedding(run / "learned_embeds.safetensors", studio.pipe, seed=3)
+    said = page.add_any(str(run / "loldu_adapter.safetensors"), display_name="sks-heart")
+    assert list(page.loaded) == ["sks-heart"] and len(page.embeddings) == 1 and said.startswith("loaded sks-heart with")
 
 
 def test_a_strangers_text_stays_inside_its_code_span(session, adapter_dir, tmp_path):

@@ -209,7 +209,7 @@ def test_train_from_the_page_one_at_a_time_with_cancel(browser, app_url, concept
         assert a.locator("#train-gallery img").count() >= 3  # after, step 2, the grid, the loss
         a.screenshot(path=os.path.join(ARTIFACTS, "app_train.png"), full_page=True)
         a.get_by_role("tab", name="Generate").click()
-        assert a.get_by_text("weight of sks-heart").count() == 1
+        assert a.get_by_text("weight of sks-heart", exact=True).count() == 1
         a.locator("#folder input").click()
         assert a.get_by_role("option", name="sks-heart (trained here)").count() == 1
     finally:

@@ -523,7 +523,9 @@ def test_a_saved_folder_replaces_only_itself_and_never_the_folder_we_are_in(tmp_
 
     (tmp_path / "file").write_text("keep")
     monkeypatch.chdir(out)
-    for where, what in ((".", "the current folder"), (str(tmp_path), "the current folder"), (str(tmp_path / "file"), "a file")):
+    os.symlink(tmp_path, tmp_path.parent / f"{tmp_path.name}-link")  # the current folder by another path
+    for where, what in ((".", "the current folder"), (str(tmp_path), "the current folder"), (str(tmp_path / "file"), "a file"),
+                        (str(tmp_path.parent / f"{tmp_path.name}-link" / "model"), "the current folder")):
         with pytest.raises(OSError, match=what):
             atomic_save_dir(save("v3"), where, overwrite=True)
     assert (out / "model.txt").read_text() == "v2" and (tmp_path / "file").read_text() == "keep"
