@@ -89,9 +89,7 @@ class AdapterFile:
         `read` would refuse is refused here, before anything is written."""
         refuse_existing(path, overwrite)
         self.validate()
-        wrong = [k for k in _TEXT_FIELDS if not isinstance(self.metadata.get(k) or "", str)]
-        if wrong:
-            raise AdapterFileError(f"{os.path.basename(path)}: metadata {wrong[0]!r} must be a string")
+        _check_text_fields(self.metadata, os.path.basename(path))
         tensors = {}
         for comp in self.layers:
             d = self.d[comp].float()
@@ -139,9 +137,7 @@ class AdapterFile:
         version = meta.get("version")
         if type(version) is not int or version != VERSION:  # `true == 1` in Python: not a version
             raise AdapterFileError(f"{name}: adapter format version {version!r} is not supported (this loldu-diffusion reads version {VERSION}); upgrade loldu-diffusion")
-        for key in _TEXT_FIELDS:
-            if not isinstance(meta.get(key) or "", str):
-                raise AdapterFileError(f"{name}: metadata {key!r} must be a string")
+        _check_text_fields(meta, name)
         layers = _layer_list(meta.get("layers"), name)
 
         expected = {f"{c}.{k}" for c in layers for k in ("delta", "pivots", "d")}
@@ -245,6 +241,12 @@ class AdapterFile:
                     raise AdapterFileError(f"{name}: layer {layer_name} does not match this base model's weights; the adapter was trained on {base}")
                 found[(c, mod_path, target)] = factors
         return found
+
+
+def _check_text_fields(meta: dict, name: str) -> None:
+    for key in _TEXT_FIELDS:
+        if not isinstance(meta.get(key) or "", str):
+            raise AdapterFileError(f"{name}: metadata {key!r} must be a string")
 
 
 def _unique_keys(pairs):

@@ -92,6 +92,11 @@ class Drawn:
     embedding_keys: tuple  # their content hashes: requests with the same ones share pipeline calls
 
 
+def _rows(embeddings) -> dict:
+    """(text encoder, token id) → (token, row) of these embeddings."""
+    return {i: r for e in embeddings for i, r in e.rows.items()}
+
+
 def file_key(path: str) -> str:
     from .io import file_sha256
 
@@ -261,6 +266,7 @@ class Session:
         self.loaded: dict[str, LoadedAdapter] = {}
         self.embeddings: dict[str, LoadedEmbedding] = {}  # file key → its rows
         self.history: list[tuple[object, str]] = []  # (image or PNG path, caption), newest first
+        self.export_dir: str | None = None  # made at the first export, emptied at each
         self.closed = False
 
     def __deepcopy__(self, memo):  # Gradio deep-copies state values: a copy would copy the shared base
@@ -336,7 +342,7 @@ class Session:
 
     def token_rows(self) -> dict:
         """token id → (token, row) of this session's embeddings."""
-        return {i: r for e in self.embeddings.values() for i, r in e.rows.items()}
+        return _rows(self.embeddings.values())
 
     def remove(self, name: str) -> None:
         self.studio.release(self.loaded.pop(name).key)
@@ -350,7 +356,7 @@ class Session:
         """The tab is gone: let go of its adapters and its export (Gradio calls this when it drops the state)."""
         if not self.closed:
             self.clear()
-            if getattr(self, "export_dir", None):
+            if self.export_dir:
                 shutil.rmtree(self.export_dir, ignore_errors=True)
             self.closed = True
 
@@ -381,7 +387,7 @@ class Session:
         adapters, embeddings, text = self._read()
         return Drawn(on_base={self.studio.on_base[k][0]: w for _, k, w in adapters}, shown={n: w for n, _, w in adapters},
                      text=text, embeddings=[e.path for e in embeddings],
-                     rows={i: r for e in embeddings for i, r in e.rows.items()}, embedding_keys=tuple(sorted(e.key for e in embeddings)))
+                     rows=_rows(embeddings), embedding_keys=tuple(sorted(e.key for e in embeddings)))
 
     # ---- generation ---------------------------------------------------------------------
     def generate(self, prompt: str, negative_prompt: str = "", steps: int = 20, guidance: float = 4.0, seed: int = -1,
@@ -419,11 +425,10 @@ class Session:
         if size < 8 or size % 8:
             raise ValueError(f"size {size}: must be a positive multiple of 8")
         if seed is None or (seed == seed and float(seed) < 0):
-            return size, random.randint(0, 2**31 - 1), make_scheduler(sampler, studio.base_scheduler)
-        if seed != seed or not float(seed).is_integer() or int(seed) > MAX_SEED:  # also NaN
+            seed = random.randint(0, 2**31 - 1)
+        elif seed != seed or not float(seed).is_integer() or int(seed) > MAX_SEED:  # also NaN
             raise ValueError(f"the seed must be a whole number from 0 to {MAX_SEED} (or tick Random seed)")
-        seed = int(seed)
-        return size, seed, make_scheduler(sampler, studio.base_scheduler)
+        return size, int(seed), make_scheduler(sampler, studio.base_scheduler)
 
     def keep(self, image, seed: int, caption: str, drawn: Drawn | None, settings: dict):
         """(image, or the PNG written with its settings, caption) for the gallery; `drawn` None: the base alone."""
@@ -475,7 +480,7 @@ class Session:
             raise ValueError("load an adapter (with a non-zero weight) to export")
         fmt = fmt or default_format(self.studio.base_path)
         # one folder per session, emptied at each export: clicks do not pile files up
-        self.export_dir = getattr(self, "export_dir", None) or tempfile.mkdtemp(prefix="loldu-export-", dir=self.studio.shown_dir)
+        self.export_dir = self.export_dir or tempfile.mkdtemp(prefix="loldu-export-", dir=self.studio.shown_dir)
         for old in os.listdir(self.export_dir):
             os.unlink(os.path.join(self.export_dir, old))
         path = os.path.join(self.export_dir, f"blend_lora_{fmt}.safetensors")

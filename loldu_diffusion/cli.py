@@ -154,10 +154,10 @@ def _embeddings_of(given: list[str], specs: list[str]) -> list[str]:
 
     found, owner = [], {}  # paths; token → (path, what named it, its hash)
     candidates = [(os.path.abspath(p), f"--embedding {p}", True) for p in given]
-    for spec in specs:
-        beside = embedding_beside(parse_adapter_spec(spec)[0])
+    for adapter, _ in map(parse_adapter_spec, specs):
+        beside = embedding_beside(adapter)
         if beside:
-            candidates.append((beside, f"the embedding beside {parse_adapter_spec(spec)[0]}", False))
+            candidates.append((beside, f"the embedding beside {adapter}", False))
     for path, said, explicit in candidates:
         if path in found:
             continue
