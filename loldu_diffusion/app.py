@@ -158,6 +158,7 @@ class Studio:
         self.shown_dir = tempfile.mkdtemp(prefix="loldu-shown-")
         weakref.finalize(self, shutil.rmtree, self.shown_dir, True)
         self._shown: dict[tuple[str, int], str] = {}  # (path, mtime) → its link
+        self._shown_lock = threading.Lock()  # the Train tab's poll, the batch worker and the tabs' threads link and unlink
         self.preload, self.preload_errors = [], []  # loaded once, at start, for every session
         for p in preload:
             try:
@@ -180,14 +181,22 @@ class Studio:
     def servable(self, path: str) -> str:
         """A path Gradio may copy to a page: a link to `path` in this studio's private folder."""
         key = (path, os.stat(path).st_mtime_ns)  # the Train tab shows the same files every second
-        if key not in self._shown:
-            link = os.path.join(tempfile.mkdtemp(dir=self.shown_dir), os.path.basename(path))
-            try:
-                os.link(path, link)
-            except OSError:  # another file system
-                shutil.copyfile(path, link)
-            self._shown[key] = link
-        return self._shown[key]
+        with self._shown_lock:
+            if key not in self._shown:
+                link = os.path.join(tempfile.mkdtemp(dir=self.shown_dir), os.path.basename(path))
+                try:
+                    os.link(path, link)
+                except OSError:  # another file system
+                    shutil.copyfile(path, link)
+                self._shown[key] = link
+            return self._shown[key]
+
+    def unserve(self, links) -> None:
+        """Remove links no page will be sent again (Gradio has its own copy of what it showed)."""
+        gone = {link for link in links if isinstance(link, str)}
+        with self._shown_lock:
+            for key in [k for k, link in self._shown.items() if link in gone]:
+                shutil.rmtree(os.path.dirname(self._shown.pop(key)), ignore_errors=True)
 
     def folder_adapters(self) -> list[str]:
         return adapter_files(self.adapters_dir) + (self.trainer.trained() if self.trainer else [])
@@ -267,6 +276,7 @@ class Session:
         self.embeddings: dict[str, LoadedEmbedding] = {}  # file key → its rows
         self.history: list[tuple[object, str]] = []  # (image or PNG path, caption), newest first
         self.export_dir: str | None = None  # made at the first export, emptied at each
+        self.last_drawn: Drawn | None = None  # what its latest images were drawn with: the status line says it
         self.closed = False
 
     def __deepcopy__(self, memo):  # Gradio deep-copies state values: a copy would copy the shared base
@@ -356,6 +366,7 @@ class Session:
         """The tab is gone: let go of its adapters and its export (Gradio calls this when it drops the state)."""
         if not self.closed:
             self.clear()
+            self.clear_history()
             if self.export_dir:
                 shutil.rmtree(self.export_dir, ignore_errors=True)
             self.closed = True
@@ -370,9 +381,6 @@ class Session:
                 raise ValueError(f"the weight of {n} must be a number between -100 and 100")
             self.loaded[n].weight = w
         return time.perf_counter() - t0
-
-    def blend_text(self) -> str:
-        return self._read()[2]
 
     def _read(self):
         """(adapters [(name, key, weight)], embeddings, caption text), each read once: sliders move from other threads."""
@@ -399,7 +407,7 @@ class Session:
         size, seed, scheduler = self.check(prompt, size, seed, sampler)
         with studio.lock:
             try:
-                drawn = self.drawn()
+                drawn = self.last_drawn = self.drawn()
                 studio._activate(drawn, fuse)
                 studio.pipe.scheduler = scheduler
                 studio.use_rows(drawn.rows)
@@ -410,8 +418,18 @@ class Session:
             finally:
                 studio.use_rows({})
                 studio.pipe.scheduler = studio.base_scheduler
-        self.history = (out + self.history)[:MAX_HISTORY]
+        self.remember(out)
         return out
+
+    def remember(self, out: list) -> None:
+        """Put results at the top of the history; what falls off it is no longer linked for pages."""
+        self.history = out + self.history
+        self.studio.unserve(image for image, _ in self.history[MAX_HISTORY:])
+        del self.history[MAX_HISTORY:]
+
+    def clear_history(self) -> None:
+        self.studio.unserve(image for image, _ in self.history)
+        self.history = []
 
     def check(self, prompt: str, size, seed, sampler: str):
         """(size, seed, scheduler) for a generation's settings; one-line ValueError if they are not usable."""
@@ -575,10 +593,10 @@ def build_ui(studio: Studio):
         except Exception as e:  # noqa: BLE001 — the base has been restored
             return session.history, f"**error:** {_one_line(e)}"
         saved = f" · saved with their settings in `{studio.outputs_dir}`" if studio.outputs_dir else ""
-        return session.history, f"done: {session.blend_text()}{saved}"
+        return session.history, f"done: {session.last_drawn.text}{saved}"
 
     def clear_history(session):
-        session.history = []
+        session.clear_history()
         return [], "history cleared (saved files are kept)"
 
     def export(session, fmt):

@@ -116,14 +116,8 @@ def _run_group(studio, group: list[Request]) -> None:
         d = None if base else used[id(r)]
         outs[id(r)].append(r.session.keep(image, seed, f"{settings} · {d.text if d else 'base model'}", d, png))
     for r in group:
-        r.result = outs[id(r)]
-        r.session.history = (r.result + r.session.history)[: _max_history()]
-
-
-def _max_history() -> int:
-    from .app import MAX_HISTORY
-
-    return MAX_HISTORY
+        r.result, r.session.last_drawn = outs[id(r)], used[id(r)]
+        r.session.remember(r.result)
 
 
 class Batcher:

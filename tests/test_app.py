@@ -228,6 +228,22 @@ def test_results_are_saved_with_their_settings_and_kept_in_the_history(tiny_sd_p
     assert len(set(p for p, _ in s.history)) == 3 and len(os.listdir(tmp_path / "out")) == 3  # never one file over another
 
 
+def test_pages_links_go_with_the_history_and_the_pngs_stay(tiny_sd_path, tmp_path, monkeypatch):
+    import loldu_diffusion.app as app
+
+    monkeypatch.setattr(app, "MAX_HISTORY", 2)
+    studio = Studio(tiny_sd_path, outputs_dir=str(tmp_path / "out"))
+    s = studio.new_session()
+    made = [s.generate(PROMPT, steps=1, seed=i)[0][0] for i in range(3)]
+
+    def linked():
+        return sorted(os.path.join(r, f) for r, _, fs in os.walk(studio.shown_dir) for f in fs)
+
+    assert [p for p, _ in s.history] == made[:0:-1] and linked() == sorted(made[1:])  # the oldest fell off: unlinked
+    s.clear_history()
+    assert linked() == [] and len(os.listdir(tmp_path / "out")) == 3  # the saved PNGs are the user's
+
+
 def test_what_an_image_says_it_was_drawn_with_is_what_it_was_drawn_with(tiny_sd_path, adapter_dir, tmp_path):
     from PIL import Image
 
@@ -241,7 +257,7 @@ def test_what_an_image_says_it_was_drawn_with_is_what_it_was_drawn_with(tiny_sd_
         s.set_weights({"dog": -2})
 
     (path, caption), = s.generate(PROMPT, steps=2, seed=1, progress=moved)
-    assert caption.endswith("dog:1 + embedding of sks")
+    assert caption.endswith("dog:1 + embedding of sks") and s.last_drawn.text == "dog:1 + embedding of sks"  # the status line's
     with Image.open(path) as im:
         settings = json.loads(im.text["parameters"])
     assert settings["adapters"] == {"dog": 1.0} and settings["embeddings"] == [emb]  # reproducible with loldu generate
