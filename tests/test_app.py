@@ -420,3 +420,28 @@ def test_a_mistyped_adapters_folder_is_one_line_before_the_base_loads(tmp_path, 
     monkeypatch.setattr(app, "Studio", None)  # never reached
     with pytest.raises(ValueError, match=f"^--adapters {tmp_path}/typo: no such folder$"):
         app.launch(adapters_dir=str(tmp_path / "typo"), outputs=str(tmp_path), block=False)
+
+
+def test_a_closed_tab_lets_go_of_its_session(studio, adapter_dir):
+    """Gradio's own bookkeeping, as the server runs it: page load, an adapter added, the tab closed and expired
+    (Gradio calls delete_callback only for a State an event wrote: its value is a function, so page load writes it)."""
+    import asyncio
+
+    from gradio.state_holder import StateHolder
+
+    from loldu_diffusion.app import Session, build_ui
+
+    demo = build_ui(studio)
+    holder = StateHolder()
+    holder.set_blocks(demo)
+    page = holder["a-tab"]
+    on_load = [fn for fn in demo.fns.values() if any(t[1] == "load" for t in fn.targets)]  # Gradio writes the State there
+    for fn in on_load:
+        asyncio.run(demo.process_api(fn, [None] * len(fn.inputs), state=page))
+    session = next(v for v in page.state_data.values() if isinstance(v, Session))
+    session.add(str(adapter_dir / "dog.safetensors"))
+    key = session.loaded["dog"].key
+    assert studio.users[key] == 1
+    page.is_closed, page.STATE_TTL_WHEN_CLOSED = True, 0  # closed an hour ago
+    holder.delete_all_expired_state()
+    assert session.closed and key not in studio.users  # the adapter left the base with its last user
