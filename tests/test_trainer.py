@@ -197,16 +197,22 @@ def test_olora_export_is_exact_on_the_pristine_base(tiny_sd_path, tmp_path):
         assert torch.allclose(pipe.unet(x, t, c).sample, trained, atol=1e-4, rtol=1e-4)
 
 
-def test_full_finetuning_with_fira_writes_a_loadable_unet(tiny_sd_path, concept_dir, tmp_path):
+def test_full_finetuning_with_fira_writes_a_loadable_unet_and_resumes(tiny_sd_path, concept_dir, tmp_path):
     from diffusers import UNet2DConditionModel
 
-    out = tmp_path / "full"
-    run(common(tiny_sd_path, concept_dir, out) + ["--method", "full", "--optimizer", "fira", "--fira_rank", "4",
-                                                  "--max_train_steps", "2", "--learning_rate", "1e-3"])
+    out, resumed = tmp_path / "full", tmp_path / "resumed"
+    flags = ["--method", "full", "--optimizer", "fira", "--fira_rank", "4", "--max_train_steps", "4", "--learning_rate", "1e-3",
+             "--checkpointing_steps", "2", "--num_validation_images", "0", "--judge_images", "0"]
+    run(common(tiny_sd_path, concept_dir, out) + flags)
     tuned = UNet2DConditionModel.from_pretrained(str(out), subfolder="unet")
     base = UNet2DConditionModel.from_pretrained(tiny_sd_path, subfolder="unet")
     diffs = [(a - b).abs().max().item() for a, b in zip(tuned.state_dict().values(), base.state_dict().values())]
     assert max(diffs) > 0
+    # a run killed after step 2 resumes to the same UNet (weights, AdamW/Fira state and schedule from checkpoint-2)
+    shutil.copytree(out / "checkpoint-2", resumed / "checkpoint-2")
+    run(common(tiny_sd_path, concept_dir, resumed) + flags + ["--resume_from_checkpoint", "latest"])
+    again = UNet2DConditionModel.from_pretrained(str(resumed), subfolder="unet")
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(tuned.state_dict().values(), again.state_dict().values()))
 
 
 def test_sdxl_with_both_text_encoders(tiny_sdxl_path, concept_dir, tmp_path):

@@ -281,8 +281,8 @@ class FullMethod(Method):
             p.requires_grad_(True)
         return list(trained.values())
 
-    def trainable_state(self, models):
-        return {k: v.detach().clone() for k, v in self._trained(models).items()}
+    def trainable_state(self, models):  # views, not copies: a clone is the whole model (GBs on SD) at each checkpoint
+        return {k: v.detach() for k, v in self._trained(models).items()}
 
     def load_trainable_state(self, models, tensors):
         strict = not getattr(self.args, "full_targets", None)
