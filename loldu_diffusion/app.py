@@ -540,7 +540,7 @@ def build_ui(studio: Studio):
     import gradio as gr
 
     from .app_batch import MAX_REQUESTS, Batcher, Request
-    from .export import default_format, format_warning
+    from .export import default_format, embedding_warning, format_warning
 
     from .schedulers import NAMES as SAMPLERS
 
@@ -604,9 +604,7 @@ def build_ui(studio: Studio):
             path = session.export_lora(fmt)
         except Exception as e:  # noqa: BLE001
             return None, f"**error:** {_one_line(e)}"
-        warnings = [w for w in [format_warning(fmt)] if w] + [
-            f"the {e.describe()} is not part of a LoRA file: its subject needs it too (in A1111, put that file in "
-            "embeddings/ named after its token)" for e in session.embeddings.values()]
+        warnings = [w for w in [format_warning(fmt)] if w] + [embedding_warning(f"the {e.describe()}") for e in session.embeddings.values()]
         return path, f"exported the active blend as a {fmt} LoRA" + "".join(f" · **warning:** {w}" for w in warnings)
 
     # what a fresh page shows: the preloaded adapters of a new session (not a held one)

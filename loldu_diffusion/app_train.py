@@ -18,11 +18,11 @@ import threading
 import time
 from dataclasses import dataclass, field
 
+from .config import ADAPTER_FILE
 from .io import atomic_write_text
 
 MIN_PHOTOS, MAX_PHOTOS = 3, 10
 MAX_CONTEXT = 200
-ADAPTER_FILE = "loldu_adapter.safetensors"  # as the trainer's LoLDU method names it
 # the trainer's progress bar, e.g. "loldu training:  45%|####5     | 270/600 [...]"
 BAR = re.compile(r"training:\s+\d+%\|[^|]*\|\s*(\d+)/(\d+)")
 LOG_LINES = 200

@@ -101,8 +101,9 @@ def _blend(args) -> int:
 
 
 def _export_lora(args) -> int:
-    from .export import default_format, export_lora, format_warning
-    from .pipeline import load_adapter_specs, load_base
+    from .embeddings import embedding_beside
+    from .export import default_format, embedding_warning, export_lora, format_warning
+    from .pipeline import load_adapter_specs, load_base, parse_adapter_spec
 
     _check_specs(args.adapters)
     _check_output(args)
@@ -111,8 +112,10 @@ def _export_lora(args) -> int:
     load_adapter_specs(pipe, args.adapters)
     export_lora(pipe, args.output, fmt, overwrite=args.overwrite)
     print(f"wrote {args.output} ({fmt} LoRA, {os.path.getsize(args.output):,} bytes)")
-    if format_warning(fmt):
-        print(f"warning: {format_warning(fmt)}", file=sys.stderr)
+    beside = [embedding_beside(adapter) for adapter, _ in map(parse_adapter_spec, args.adapters)]
+    for w in [format_warning(fmt)] + [embedding_warning(f"the token embedding {b}") for b in dict.fromkeys(filter(None, beside))]:
+        if w:
+            print(f"warning: {w}", file=sys.stderr)
     return 0
 
 

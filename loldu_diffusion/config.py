@@ -7,6 +7,7 @@ INITS = ("lu", "uniform", "constant", "normal", "ones", "zeros")
 EXPORT_FORMATS = ("diffusers", "kohya")  # export.py: diffusers/PEFT LoRA keys; kohya/A1111/ComfyUI keys with ss_* metadata
 DEFAULT_UNET_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 DEFAULT_TEXT_ENCODER_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
+ADAPTER_FILE = "loldu_adapter.safetensors"  # the trainer's LoLDU output in its folder (beside learned_embeds.safetensors)
 
 
 @dataclass

@@ -15,6 +15,8 @@ import os
 
 import torch
 
+from .config import ADAPTER_FILE
+
 EMBEDDINGS_FILE = "learned_embeds.safetensors"  # what the trainer writes beside the adapter (diffusers' name)
 SDXL_EMBEDDING_KEYS = ("clip_l", "clip_g")  # SDXL's layout (diffusers' advanced script, kohya, A1111): a row per text encoder
 MAX_BYTES = 2**20  # a few rows of ≤ 1,280 floats; SD 1.5's width is 768
@@ -94,10 +96,11 @@ def read_token_embeddings(path: str, encoders: list) -> dict[tuple[int, int], tu
 
 def embedding_beside(adapter_path: str) -> str | None:
     """The identifier embedding that goes with an adapter file, if there is one: NAME.learned_embeds.safetensors
-    beside NAME.safetensors (a folder of several adapters, as the bundled one), else the trainer's
-    learned_embeds.safetensors in its output folder."""
+    beside NAME.safetensors (a folder of several adapters, as the bundled one), or the trainer's
+    learned_embeds.safetensors beside its loldu_adapter.safetensors (not beside any other adapter a
+    folder holds: that one run's token would be given to every file there)."""
     folder, name = os.path.split(os.path.abspath(adapter_path))
-    for candidate in (name.removesuffix(".safetensors") + "." + EMBEDDINGS_FILE, EMBEDDINGS_FILE):
+    for candidate in (name.removesuffix(".safetensors") + "." + EMBEDDINGS_FILE,) + ((EMBEDDINGS_FILE,) if name == ADAPTER_FILE else ()):
         if os.path.isfile(os.path.join(folder, candidate)):
             return os.path.join(folder, candidate)
     return None

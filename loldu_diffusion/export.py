@@ -1,6 +1,8 @@
 """LoLDU → standard LoRA, exactly: the update L̃ diag(δ) U_r has rank ≤ r, so
 
-    lora_up = L̃ diag(δ)   (out × r),   lora_down = U_r   (r × in),   alpha = r (scale 1)
+    lora_up = L̃ diag(δ) S   (out × r),   lora_down = S⁻¹ U_r   (r × in),   alpha = r (scale 1)
+
+(S diagonal: each rank-1 term's two factors at equal norm, for fp16 tools)
 
 reproduces it in any tool that only knows LoRA: diffusers' `load_lora_weights` (format
 "diffusers") or kohya / A1111 / ComfyUI (format "kohya", with `ss_*` metadata).
@@ -30,9 +32,15 @@ def lora_factors(model) -> list[tuple[str, str, str, torch.Tensor, torch.Tensor]
         if delta is None or not layer.enabled:
             continue
         r = delta.shape[0]
-        up = (layer.L[:, :r] * delta.detach()).float().cpu()
-        down = layer.U[:r].float().cpu()
-        rows.append((comp, mod, target, up, down))
+        up = (layer.L[:, :r] * delta.detach()).float().cpu()  # (out, r)
+        down = layer.U[:r].float().cpu()  # (r, in)
+        if not (torch.isfinite(up).all() and torch.isfinite(down).all()):
+            raise ValueError(f"{comp}.{mod}.{target}: the blend's update is not finite (inf or nan): nothing exported")
+        # the same product with each rank-1 term's two factors at equal norm: U_r's rows carry the pivots'
+        # inverse scale and can exceed fp16's range where tools cast a LoRA to the base's dtype
+        s = (down.norm(dim=1) / up.norm(dim=0)).sqrt()  # (r,)
+        s = torch.where(torch.isfinite(s) & (s > 0), s, torch.ones_like(s))  # δ_k = 0: that term is zero anyway
+        rows.append((comp, mod, target, up * s, down / s[:, None]))
     if not rows:
         raise ValueError("no active LoLDU adapter to export")
     return rows
@@ -52,13 +60,15 @@ def lora_state_dict(model, fmt: str = "diffusers", title: str | None = None) -> 
         raise ValueError(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}")
     rows = lora_factors(model)
     sdxl = any(c == "text_encoder_2" for c, *_ in rows) or _is_sdxl(model)
-    tensors, rank = {}, 0
+    tensors, rank = {}, max(up.shape[1] for _, _, _, up, _ in rows)
     for comp, mod, target, up, down in rows:
-        rank = max(rank, up.shape[1])
         if fmt == "diffusers":
+            # this format has no alpha: loaders scale each layer by alpha / r with one alpha (the first or the
+            # commonest rank), so every layer is written at the largest rank, zero-padded (the product is unchanged)
+            pad = rank - up.shape[1]
             key = f"{comp}.{mod}.{target}"
-            tensors[f"{key}.lora_A.weight"] = down
-            tensors[f"{key}.lora_B.weight"] = up
+            tensors[f"{key}.lora_A.weight"] = torch.cat([down, down.new_zeros(pad, down.shape[1])])
+            tensors[f"{key}.lora_B.weight"] = torch.cat([up, up.new_zeros(up.shape[0], pad)], dim=1)
         else:
             key = _kohya_name(comp, mod, target, sdxl)
             tensors[f"{key}.lora_down.weight"] = down
@@ -89,7 +99,8 @@ def kohya_labels(model, rank: int, title: str | None = None, timestamp: float | 
         labels["ss_sd_model_name"] = os.path.basename(os.path.normpath(base))
     spec = dict(fam["modelspec"], title=title or f"LoRA@{timestamp}", date=datetime.datetime.fromtimestamp(int(timestamp)).isoformat(),
                 implementation_version=f"loldu-diffusion/{__version__}",
-                description="a LoLDU adapter exported as an exact LoRA (lora_up = L diag(delta), lora_down = U_r, alpha = rank)")
+                description="a LoLDU adapter exported as an exact LoRA (lora_up = L diag(delta) S, lora_down = S^-1 U_r, "
+                            "S balancing each term's factors, alpha = rank)")
     labels.update({f"modelspec.{k}": v for k, v in spec.items()})
     return {k: v for k, v in labels.items() if v != ""}
 
@@ -152,3 +163,9 @@ def default_format(base: str | None) -> str:
 def format_warning(fmt: str) -> str | None:
     """The one-line warning an export in this format deserves, if any."""
     return DIFFUSERS_FORMAT_WARNING if fmt == "diffusers" else None
+
+
+def embedding_warning(what: str) -> str:
+    """The warning for a token embedding the exported subject needs (pivotal tuning): a LoRA file cannot hold it."""
+    return (f"{what} is not part of a LoRA file: its subject needs it too (in A1111, put that file in embeddings/ named "
+            "after its token; in diffusers, load_textual_inversion)")

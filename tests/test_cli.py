@@ -73,6 +73,41 @@ def test_export_lora_gives_the_same_unet_output_in_diffusers(embedded, adapters,
     assert loldu(["export-lora", str(adapters / "a.safetensors"), "--base", embedded, "-o", str(out)]) == 2
 
 
+def test_export_of_layers_at_other_ranks_is_exact_one_rank_and_warns_of_the_embedding(embedded, adapters, tmp_path, capsys):
+    """diffusers' format has no alpha: its loaders scale every layer by alpha / r with one alpha, so a blend whose
+    layers have other ranks (here 4 on to_k, 2 elsewhere) is written at one rank, zero-padded; each rank-1 term's
+    two factors are balanced (fp16 tools); and the subject's token embedding, which no LoRA file holds, is named."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from loldu_diffusion.pipeline import load_adapter_specs, load_base
+
+    pipe = load_base(embedded)
+    inject_loldu(pipe, LoLDUConfig(rank=4, init="uniform", unet_targets=("to_k",)))
+    torch.manual_seed(5)
+    with torch.no_grad():
+        for p in loldu_parameters(pipe):
+            p.add_(0.2 * torch.randn_like(p))
+    save_adapter(pipe, str(tmp_path / "k.safetensors"))
+    save_file({"sks": torch.zeros(1, pipe.text_encoder.config.hidden_size)}, str(tmp_path / "k.learned_embeds.safetensors"))
+    spec = [str(adapters / "b.safetensors"), str(tmp_path / "k.safetensors") + ":0.5"]
+    out = tmp_path / "mixed.safetensors"
+    assert loldu(["export-lora", *spec, "--base", embedded, "--format", "diffusers", "-o", str(out)]) == 0
+    assert f"warning: the token embedding {tmp_path / 'k.learned_embeds.safetensors'} is not part of a LoRA file" in capsys.readouterr().err
+    with safe_open(str(out), "pt") as f:
+        t = {k: f.get_tensor(k) for k in f.keys()}
+    assert {v.shape[0] for k, v in t.items() if k.endswith("lora_A.weight")} == {4}
+    down, up = next((t[k], t[k.replace("lora_A", "lora_B")]) for k in t if k.endswith("to_q.lora_A.weight"))
+    assert torch.equal(down[2:], torch.zeros_like(down[2:]))  # a rank-2 layer, padded
+    assert torch.allclose(down[:2].norm(dim=1), up[:, :2].norm(dim=0), rtol=1e-4)
+    ref = load_base(embedded)
+    load_adapter_specs(ref, spec)
+    lora = load_base(embedded)
+    lora.load_lora_weights(str(out))
+    a, b = unet_out(ref), unet_out(lora)
+    assert torch.allclose(a, b, rtol=1e-4, atol=1e-5 * a.abs().max())
+
+
 def test_blend_command_equals_runtime_blend(embedded, adapters, tmp_path, capsys):
     from loldu_diffusion.pipeline import load_adapter_specs, load_base
 

@@ -115,3 +115,16 @@ def test_generate_checks_embeddings_before_the_base_loads_and_never_draws_one_to
     assert f"the embedding beside {runs[0]} is not used: --embedding {mine} gives `sks` its row" in out
     meta = json.loads(Image.open(tmp_path / "out" / "0000_seed0.png").text["parameters"])
     assert meta["embeddings"] == [mine]
+
+
+def test_the_trainers_embedding_goes_with_the_trainers_adapter_only(tmp_path):
+    """learned_embeds.safetensors beside loldu_adapter.safetensors is one run's; other adapters copied into that
+    folder do not take its token; NAME.learned_embeds.safetensors goes with NAME.safetensors."""
+    from loldu_diffusion.embeddings import embedding_beside
+
+    for name in ("loldu_adapter.safetensors", "cat.safetensors", "learned_embeds.safetensors", "cat.learned_embeds.safetensors"):
+        (tmp_path / name).write_bytes(b"")
+    assert embedding_beside(str(tmp_path / "loldu_adapter.safetensors")) == str(tmp_path / "learned_embeds.safetensors")
+    assert embedding_beside(str(tmp_path / "cat.safetensors")) == str(tmp_path / "cat.learned_embeds.safetensors")
+    (tmp_path / "cat.learned_embeds.safetensors").unlink()
+    assert embedding_beside(str(tmp_path / "cat.safetensors")) is None

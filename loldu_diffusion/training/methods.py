@@ -23,12 +23,11 @@ import types
 import torch
 
 from ..adapter_file import load_adapter, save_adapter
-from ..config import LoLDUConfig
+from ..config import ADAPTER_FILE, LoLDUConfig
 from ..embeddings import EMBEDDINGS_FILE, SDXL_EMBEDDING_KEYS, encoder_pairs
 from ..io import atomic_save_safetensors
 from ..model import inject_loldu, loldu_parameters
 
-ADAPTER_FILE = "loldu_adapter.safetensors"
 LORA_FILE = "pytorch_lora_weights.safetensors"
 KOHYA_FILE = "pytorch_lora_weights_kohya.safetensors"  # --output_kohya_format, the name diffusers' SDXL script writes
 
