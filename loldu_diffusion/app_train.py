@@ -166,9 +166,9 @@ class Trainer:
             if steps:
                 argv += ["--max_train_steps", str(int(steps))]
             try:  # the trainer's own checks, before a process starts: one line in the page
+                _check_photos(photos_dir)  # first: its message speaks of dropped photos, not of trainer flags
                 args = resolve_defaults(parse_args(argv))
                 check_inputs(args)
-                _check_photos(photos_dir)
             except (ValueError, TrainingError) as e:
                 shutil.rmtree(output_dir, ignore_errors=True)
                 raise ValueError(str(e).splitlines()[0]) from None

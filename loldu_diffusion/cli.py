@@ -322,13 +322,7 @@ def _app(args) -> int:
     return 0
 
 
-def _bench(args) -> int:
-    from .bench import main as bench_main
-
-    return bench_main(args.bench_args)
-
-
-class _Help(argparse.ArgumentDefaultsHelpFormatter):
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """Descriptions with their defaults (none shown for flags and options without one)."""
 
     def _get_help_string(self, action):
@@ -344,11 +338,11 @@ OVERWRITE_HELP = "replace -o if it exists"
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="loldu", description="LoLDU adapters for Stable Diffusion: inspect, blend, export, fuse, "
-                                "generate, evaluate; `loldu COMMAND --help` describes each command", formatter_class=_Help)
+                                "generate, evaluate; `loldu COMMAND --help` describes each command", formatter_class=HelpFormatter)
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def command(name, help, **kw):
-        return sub.add_parser(name, help=help, description=help, formatter_class=_Help, **kw)
+        return sub.add_parser(name, help=help, description=help, formatter_class=HelpFormatter, **kw)
 
     s = command("inspect", "print an adapter file's metadata, layers, rank and size")
     s.add_argument("file", help="a .safetensors adapter file")
@@ -426,9 +420,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--compile", action="store_true", help="torch.compile the UNet (the first generations compile: minutes on a CPU)")
     s.set_defaults(func=_app)
 
-    s = command("bench", "benchmarks: loldu bench cost|learning [--quick] [--json]", add_help=False)
-    s.add_argument("bench_args", nargs=argparse.REMAINDER)
-    s.set_defaults(func=_bench)
+    command("bench", "benchmarks: loldu bench cost|learning [--quick] [--json]", add_help=False)  # listed here; main() hands it to bench's own parser
     return p
 
 
@@ -437,6 +429,11 @@ def main(argv=None) -> int:
     from .quiet import quiet_libraries
 
     quiet_libraries()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["bench"]:  # its own parser: `loldu bench --help` is that parser's help
+        from .bench import main as bench_main
+
+        return bench_main(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)

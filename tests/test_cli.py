@@ -365,3 +365,7 @@ def test_help_describes_every_option_with_its_default(capsys):
         loldu(["generate", "--help"])
     text = " ".join(capsys.readouterr().out.split())
     assert "sampling steps (default: 20)" in text and "(default: 4.0)" in text and "default: a random seed" in text
+    with pytest.raises(SystemExit) as e:  # bench's own parser answers (loldu's took --help as an unknown argument)
+        loldu(["bench", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert e.value.code == 0 and "usage: loldu bench" in text and "(default: bench_results)" in text

@@ -88,6 +88,13 @@ def test_bad_inputs_are_one_line_errors(tiny_sd_path, concept_dir, tmp_path, cap
     empty.mkdir()
     fails(common(tiny_sd_path, str(empty), tmp_path / "o2"), "--instance_data_dir .*: no image")
     fails(common(str(tmp_path), concept_dir, tmp_path / "o3"), "not a diffusers model folder")
+    badly_captioned = tmp_path / "badcap"
+    shutil.copytree(concept_dir, badly_captioned)
+    first = sorted(p for p in os.listdir(badly_captioned) if p.endswith(".png"))[0]
+    (badly_captioned / first.replace(".png", ".txt")).write_bytes(b"a photo of sks \xff heart")
+    fails(common(tiny_sd_path, str(badly_captioned), tmp_path / "o7"), "caption .*: not UTF-8 text")
+    # found before the output folder is made (and before any model loads)
+    assert not any((tmp_path / o).exists() for o in ("o1", "o2", "o3", "o7"))
     fails(common(tiny_sd_path, concept_dir, tmp_path / "o4") + ["--with_prior_preservation"], "needs --class_prompt")
     fails(common(tiny_sd_path, concept_dir, tmp_path / "o4") + ["--class_prompts_from_captions"], "add --with_prior_preservation")
     fails(common(tiny_sd_path, concept_dir, tmp_path / "o4") + ["--class_prompts_from_captions", "--no_prior_preservation"],

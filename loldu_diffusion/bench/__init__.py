@@ -11,13 +11,15 @@ from ..io import atomic_write, atomic_write_text
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="loldu bench", description=__doc__)
+    from ..cli import HelpFormatter
+
+    p = argparse.ArgumentParser(prog="loldu bench", description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("suite", choices=["cost", "learning"])
     p.add_argument("--quick", action="store_true", help="a small configuration (seconds)")
     p.add_argument("--json", action="store_true", help="print the result as one JSON line, last")
-    p.add_argument("--out", default="bench_results")
+    p.add_argument("--out", default="bench_results", help="folder for the results: JSON, a Markdown table, a PNG plot")
     p.add_argument("--overwrite", action="store_true", help="replace the results already in --out")
-    p.add_argument("--device", default=None)
+    p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     p.add_argument("--compile", default="inductor", choices=["inductor", "eager", "none"],
                    help="cost: the torch.compile backend of the compiled-vs-eager rows (none: skip them; inductor compiles "
                    "for minutes on a CPU the first time, then hits its cache)")

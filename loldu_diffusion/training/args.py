@@ -286,6 +286,7 @@ def check_inputs(args: argparse.Namespace) -> argparse.Namespace:
     """What can be checked before anything heavy loads (and before accelerate starts), so that
     a mistake costs seconds, not a model load. Returns a copy with `model_path`: the local
     folder --pretrained_model_name_or_path resolves to."""
+    from .data import DataError, caption_for, readable_images
     from .errors import TrainingError
     from .models import resolve_model_path
 
@@ -298,6 +299,13 @@ def check_inputs(args: argparse.Namespace) -> argparse.Namespace:
     folder = args.instance_data_dir
     if args.dataset_name is None and not args.concepts and not os.path.isdir(folder):
         raise TrainingError(f"--instance_data_dir {folder!r}: no such folder")
+    try:  # the photos and their captions, read once here: an empty folder or a bad caption costs no model load
+        for f, prompt in ([(c.instance_data_dir, c.instance_prompt) for c in args.concepts] if args.concepts
+                          else [] if args.dataset_name else [(folder, args.instance_prompt)]):
+            for path, _ in readable_images(f)[0]:
+                caption_for(path, prompt)
+    except DataError as e:
+        raise TrainingError(str(e)) from None
     if args.push_to_hub:
         from huggingface_hub import constants
 

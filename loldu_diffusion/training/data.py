@@ -75,6 +75,15 @@ def class_captions(instance_captions, instance_prompt: str, class_prompt: str) -
 RESAMPLE = {name: Image.Resampling[name.upper()] for name in INTERPOLATION}  # --image_interpolation_mode's choices
 
 
+def readable_images(folder: str, flag: str = "--instance_data_dir") -> tuple[list, list[str]]:
+    """read_images, or DataError naming the folder if none of its files is a readable image."""
+    found, skipped = read_images(folder, flag)
+    if not found:
+        what = "no readable image" if skipped else f"no image ({', '.join(sorted(IMAGE_EXTENSIONS))})"
+        raise DataError(f"{flag} {folder!r}: {what} found; add 3–10 photos of the subject")
+    return found, skipped
+
+
 def resize_shorter(img: Image.Image, size: int, resample: str | None = None) -> torch.Tensor:
     """Shorter side to `size` (bicubic unless --image_interpolation_mode), as a (3, H, W) tensor in [-1, 1]."""
     w, h = img.size
@@ -94,12 +103,9 @@ class ImageSet:
 
     @classmethod
     def from_folder(cls, folder, prompt, resolution, flag="--instance_data_dir", warn=print, resample=None) -> "ImageSet":
-        found, skipped = read_images(folder, flag)
+        found, skipped = readable_images(folder, flag)
         if skipped:
             warn(f"{flag} {folder}: skipped {len(skipped)} unreadable file(s): {', '.join(skipped)}")
-        if not found:
-            what = "no readable image" if skipped else f"no image ({', '.join(sorted(IMAGE_EXTENSIONS))})"
-            raise DataError(f"{flag} {folder!r}: {what} found; add 3–10 photos of the subject")
         return cls([resize_shorter(im, resolution, resample) for _, im in found], [caption_for(p, prompt) for p, _ in found],
                    [p for p, _ in found])
 

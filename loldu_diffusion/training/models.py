@@ -37,10 +37,17 @@ def resolve_model_path(args) -> str:
         raise TrainingError(f"{flag} {given}: a file, not a diffusers model folder (a folder with model_index.json) "
                             "or a single-file checkpoint (.safetensors / .ckpt)")
     if os.path.isdir(given):
+        if not os.path.isfile(os.path.join(given, "model_index.json")):
+            raise TrainingError(not_a_model(given))
         return given
     if not HUB_ID.match(given):
         raise TrainingError(f"{flag} {given}: no such folder")
     return hub_snapshot(given, args)
+
+
+def not_a_model(given: str) -> str:
+    return (f"--pretrained_model_name_or_path {given}: not a diffusers model folder (no model_index.json) or a single-file "
+            "checkpoint (.safetensors / .ckpt)")
 
 
 def hub_snapshot(repo_id: str, args) -> str:
@@ -160,8 +167,7 @@ def load_models(args, path: str | None = None):
     folder = single._loldu_config if single else path  # a single file's: the shipped configs of its family (the scheduler)
     index_path = os.path.join(folder, "model_index.json")
     if not os.path.isfile(index_path):
-        raise TrainingError(f"--pretrained_model_name_or_path {args.pretrained_model_name_or_path}: not a diffusers model folder "
-                            "(no model_index.json) or a single-file checkpoint (.safetensors / .ckpt)")
+        raise TrainingError(not_a_model(args.pretrained_model_name_or_path))
     with open(index_path) as f:
         index = json.load(f)
     family = family_of(index)
