@@ -127,12 +127,15 @@ def _fuse(args) -> int:
     _check_specs(args.adapters)
     _check_output(args)
     check_output_folder(args.output, args.overwrite)  # before the base loads: a file, or the folder we are in
+    embeddings = _embeddings_of(args.embedding or [], args.adapters)
     pipe = load_base(args.base)
     load_adapter_specs(pipe, args.adapters)
+    tokens = _use_embeddings(pipe, embeddings)  # their rows go into the model's own token table: the folder draws the subject
     fuse_loldu(pipe)
     remove_loldu(pipe, keep_fused=True)
     atomic_save_dir(pipe.save_pretrained, args.output, overwrite=args.overwrite)
-    print(f"wrote {args.output}: {os.path.basename(os.path.normpath(pipe._loldu_base_path))} with {', '.join(args.adapters)} fused in")
+    with_rows = f", and the trained embedding of {', '.join(tokens)} in its text encoder" if tokens else ""
+    print(f"wrote {args.output}: {os.path.basename(os.path.normpath(pipe._loldu_base_path))} with {', '.join(args.adapters)} fused in{with_rows}")
     return 0
 
 
@@ -146,6 +149,18 @@ def _prompt_specs(args) -> list[list[str]]:
     return [[] if text.strip().lower() == "none" else [x.strip() for x in text.split(",") if x.strip()] for text in args.prompt_adapters]
 
 
+def _use_embeddings(pipe, paths: list[str]) -> list[str]:
+    """Write the files' rows into the pipeline's token tables, saying which tokens; the tokens."""
+    from .embeddings import load_token_embeddings
+
+    tokens = []
+    for path in paths:
+        these = load_token_embeddings(pipe, path)
+        print(f"{path}: token embedding for {', '.join(these)}")
+        tokens += these
+    return tokens
+
+
 def _embeddings_of(given: list[str], specs: list[str]) -> list[str]:
     """--embedding files, then the identifier embedding beside each adapter (pivotal tuning writes
     it there, and the adapter without it draws the class, not the subject), each once, checked
@@ -155,6 +170,9 @@ def _embeddings_of(given: list[str], specs: list[str]) -> list[str]:
     from .io import file_sha256
     from .pipeline import parse_adapter_spec
 
+    for p in given:
+        if not os.path.isfile(p):
+            raise FileNotFoundError(f"--embedding {p}: no such file")
     found, owner = [], {}  # paths; token → (path, what named it, its hash)
     candidates = [(os.path.abspath(p), f"--embedding {p}", True) for p in given]
     for adapter, _ in map(parse_adapter_spec, specs):
@@ -232,18 +250,11 @@ def _generate(args) -> int:
     own = _prompt_specs(args)
     _check_specs((args.adapter or []) + [spec for specs in own for spec in specs])
     _check_output(args, folder=True)
-    for path in args.embedding or []:
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"--embedding {path}: no such file")
     embeddings = _embeddings_of(args.embedding or [], (args.adapter or []) + [spec for specs in own for spec in specs])
     hashes = _file_hashes((args.adapter or []) + [spec for specs in own for spec in specs], embeddings)
     pipe = load_base(args.base, device=args.device)
     blends = _load_blends(pipe, args.adapter or [], own)
-    if embeddings:
-        from .embeddings import load_token_embeddings
-
-        for path in embeddings:
-            print(f"{path}: token embedding for {', '.join(load_token_embeddings(pipe, path))}")
+    _use_embeddings(pipe, embeddings)
     if args.compile:
         from .compile import compile_unet
 
@@ -334,6 +345,8 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 BASE_HELP = "diffusers model folder or single-file .safetensors / .ckpt (SD 1.x/2.x/SDXL); default: the embedded base"
 SPEC_HELP = "adapter file, optionally with its weight after a colon (a.safetensors:0.7; default weight 1)"
 OVERWRITE_HELP = "replace -o if it exists"
+EMBEDDING_HELP = ("a token-embedding file to use with the adapters (learned_embeds.safetensors from --train_text_encoder_ti or "
+                  "--method ti; {token: (1, width)}); repeat for several")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -369,6 +382,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("adapters", nargs="+", metavar="ADAPTER[:WEIGHT]", help=SPEC_HELP)
     s.add_argument("--base", default=None, help=BASE_HELP)
     s.add_argument("-o", "--output", required=True, help="the model folder to write (its parent folder must exist)")
+    s.add_argument("--embedding", action="append", default=None, metavar="FILE",
+                   help=EMBEDDING_HELP + "; its rows are written into the model's text encoder (as is the embedding beside each adapter)")
     s.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     s.set_defaults(func=_fuse)
 
@@ -381,9 +396,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the adapters of one prompt, comma-separated ('none': only --adapter); one per --prompt, in order. Prompts "
                    "with different adapters are generated in one batch")
     s.add_argument("--batch_size", type=int, default=8, help="images per pipeline call")
-    s.add_argument("--embedding", action="append", default=None, metavar="FILE",
-                   help="a token-embedding file to use with the adapters (learned_embeds.safetensors from --train_text_encoder_ti "
-                        "or --method ti; {token: (1, width)}); repeat for several")
+    s.add_argument("--embedding", action="append", default=None, metavar="FILE", help=EMBEDDING_HELP)
     s.add_argument("--compile", action="store_true", help="torch.compile the UNet (slow first call; pays off over many images)")
     s.add_argument("--negative_prompt", default=None, help="what the images should not show")
     s.add_argument("--steps", type=int, default=20, help="sampling steps")

@@ -1,6 +1,7 @@
 """Each `loldu` command on tiny models, with its errors."""
 import json
 import os
+import shutil
 
 import pytest
 import torch
@@ -151,7 +152,7 @@ def test_blend_compares_d_and_architecture_not_only_pivots(adapters, tmp_path, c
     assert "different architectures" in capsys.readouterr().err and not (tmp_path / "x.safetensors").exists()
 
 
-def test_fuse_writes_a_model_folder_with_the_adapter_baked_in(embedded, adapters, tmp_path):
+def test_fuse_writes_a_model_folder_with_the_adapter_and_its_embedding_baked_in(embedded, adapters, tmp_path):
     from loldu_diffusion.pipeline import load_adapter_specs, load_base
 
     out = tmp_path / "fused"
@@ -162,6 +163,19 @@ def test_fuse_writes_a_model_folder_with_the_adapter_baked_in(embedded, adapters
     assert torch.allclose(unet_out(fused), unet_out(ref), atol=1e-5)
     assert not any("processor" in k for k in fused.unet.state_dict())
     assert loldu(["fuse", str(adapters / "a.safetensors"), "--base", embedded, "-o", str(out)]) == 2  # exists
+    # a pivotal-tuning run's embedding, beside its adapter, goes into the fused model's own token table
+    from safetensors.torch import save_file
+
+    run = tmp_path / "run"
+    run.mkdir()
+    shutil.copy(adapters / "a.safetensors", run / "loldu_adapter.safetensors")
+    row = torch.randn(1, ref.text_encoder.config.hidden_size, generator=torch.Generator().manual_seed(0)) * 0.5
+    save_file({"sks": row}, str(run / "learned_embeds.safetensors"))
+    assert loldu(["fuse", str(run / "loldu_adapter.safetensors"), "--base", embedded, "-o", str(tmp_path / "with_row")]) == 0
+    with_row = load_base(str(tmp_path / "with_row"))
+    sks = with_row.tokenizer.convert_tokens_to_ids("sks</w>")
+    assert torch.equal(with_row.text_encoder.get_input_embeddings().weight[sks], row[0])
+    assert torch.allclose(unet_out(with_row), unet_out(ref), atol=1e-5)
 
 
 def test_generate_writes_pngs_with_settings(embedded, adapters, tmp_path, capsys):
