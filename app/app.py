@@ -1,4 +1,4 @@
-"""loldu-diffusion web app: python app/app.py [--base PATH] [--adapters DIR] [--preload FILE] [--outputs DIR] [--host H] [--port P] [--auth USER:PASSWORD] [--compile]"""
+"""loldu-diffusion web app: python app/app.py [--base PATH] [--adapters DIR] [--preload FILE] [--outputs DIR] [--train-args='ARGS'] [--host H] [--port P] [--auth USER:PASSWORD] [--compile]"""
 import argparse
 import os
 import sys

@@ -137,7 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
     a("--full_targets", type=_csv, default=None, help="for --method full: train only these modules' weights (e.g. to_q,to_k,to_v,to_out.0); default: the whole UNet")
     a("--judge_images", type=int, default=None, help="on the embedded base, with a toy-world subject (subject.json beside the images): "
       "judge this many images per prompt kind after training and report subject/ceiling and drift (default 48; 0 = off)")
-    a("--placeholder_token", default=None, help="for --method ti: the token whose embedding trains (default: the instance prompt's identifier)")
+    a("--placeholder_token", default=None, help="for --method ti and --train_text_encoder_ti: the token whose embedding trains (default: the instance prompt's identifier)")
     a("--optimizer", default="adamw", type=str.lower, choices=["adamw", "prodigy", "fira"],
       help="adamw; prodigy (pip install prodigyopt; use --learning_rate 1.0); fira for --method full")
     a("--compile", action="store_true", help="torch.compile the UNet's forward for training (the first steps pay the compilation)")

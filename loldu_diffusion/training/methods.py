@@ -480,7 +480,7 @@ def placeholder_token(args) -> str:
         return args.placeholder_token
     token = identifier_of(args.instance_prompt, args.class_prompt)
     if token is None:
-        raise ValueError("--method ti needs --placeholder_token (the identifier word of --instance_prompt)")
+        raise ValueError("--method ti and --train_text_encoder_ti need --placeholder_token (the identifier word of --instance_prompt)")
     return token
 
 
