@@ -18,6 +18,7 @@ image b equals generating it alone with its blend and seed (to floating-point to
 from __future__ import annotations
 
 import math
+import numbers
 from contextlib import contextmanager
 
 import torch
@@ -38,7 +39,7 @@ def _check_blends(model, blends) -> list[dict[str, float]]:
         unknown = sorted(set(b) - known)
         if unknown:
             raise KeyError(f"per-sample adapters: sample {i} names unknown adapter(s) {unknown}; loaded: {sorted(known)}")
-        bad = {n: w for n, w in b.items() if not isinstance(w, (int, float)) or not math.isfinite(w)}
+        bad = {n: w for n, w in b.items() if not isinstance(w, numbers.Real) or not math.isfinite(w)}  # numpy floats are Real
         if bad:
             raise ValueError(f"per-sample adapters: sample {i} has weights that are not finite numbers: {bad}")
         out.append({n: float(w) for n, w in b.items()})
@@ -58,11 +59,26 @@ def set_sample_weights(model, blends: list[dict[str, float]] | None) -> None:
 
 @contextmanager
 def per_sample_adapters(model, blends: list[dict[str, float]]):
-    """Within the block, sample b of every call uses blends[b] ({} = the base model)."""
+    """Within the block, sample b of every call uses blends[b] ({} = the base model). A UNet call
+    of other than S or 2S rows (S samples, with or without guidance) is refused: diffusers lays out
+    num_images_per_prompt > 1 as [p0, p0, p1, p1], which row j mod S would give the wrong blends."""
     set_sample_weights(model, blends)
+    unet = getattr(model, "unet", model)
+    n = len(blends)
+
+    def one_row_per_sample(module, args, kwargs):
+        sample = args[0] if args else kwargs.get("sample")
+        rows = getattr(sample, "shape", (None,))[0]
+        if rows is not None and rows not in (n, 2 * n):
+            raise ValueError(f"per-sample adapters: a UNet batch of {rows} rows for {n} blends; give one blend per image "
+                             "(num_images_per_prompt=1; repeat a prompt for more images)")
+
+    hook = unet.register_forward_pre_hook(one_row_per_sample, with_kwargs=True) if isinstance(unet, torch.nn.Module) else None
     try:
         yield model
     finally:
+        if hook is not None:
+            hook.remove()
         set_sample_weights(model, None)
 
 
@@ -79,7 +95,7 @@ def generate(pipe, prompts: list[str], adapters: list[dict[str, float]] | None =
         raise ValueError(f"generate: {n} prompts but {len(adapters)} adapter blends (one per prompt)")
     if kwargs.get("num_images_per_prompt", 1) != 1:
         raise ValueError("generate: repeat a prompt for more images (num_images_per_prompt must be 1)")
-    seeds = [seeds] * n if isinstance(seeds, int) else (list(seeds) if seeds is not None else None)
+    seeds = [seeds] * n if isinstance(seeds, numbers.Integral) else (list(seeds) if seeds is not None else None)
     if seeds is not None and len(seeds) != n:
         raise ValueError(f"generate: {n} prompts but {len(seeds)} seeds")
     if seeds is not None:

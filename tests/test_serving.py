@@ -67,8 +67,13 @@ def test_bad_input_is_one_clear_error(pipe):
         generate(pipe, PROMPTS[:2], BLENDS[:2], 0, num_images_per_prompt=2, **KW)
     with pytest.raises(ValueError, match="2 prompts but 3 adapter blends"):
         generate(pipe, PROMPTS[:2], BLENDS[:3], 0, **KW)
-    with per_sample_adapters(pipe, BLENDS[:3]), pytest.raises(ValueError, match="a batch of 4 rows for 3 per-sample"):
+    with per_sample_adapters(pipe, BLENDS[:3]), pytest.raises(ValueError, match="a UNet batch of 4 rows for 3 blends"):
         pipe.unet(torch.zeros(4, 4, 16, 16), 10, torch.zeros(4, 77, pipe.unet.config.cross_attention_dim))
+    # diffusers lays num_images_per_prompt=2 out as [p0, p0, p1, p1]: row j mod S would draw p0's second image with p1's blend
+    with per_sample_adapters(pipe, BLENDS[:2]), pytest.raises(ValueError, match="a UNet batch of 8 rows for 2 blends.*num_images_per_prompt=1"):
+        pipe(PROMPTS[:2], num_images_per_prompt=2, **KW)
+    np_weights = generate(pipe, PROMPTS[:1], [{"a": np.float32(1.0)}], np.int64(3), **KW)  # numpy numbers are numbers
+    np.testing.assert_allclose(np_weights[0], alone(pipe, PROMPTS[0], {"a": 1.0}, 3), atol=2e-4)
     set_adapter_weights(pipe, {"a": 1.0})
     fuse_loldu(pipe)
     try:
