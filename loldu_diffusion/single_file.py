@@ -193,11 +193,20 @@ def _v_prediction(path: str, global_step: int | None) -> bool:
         try:
             with open(beside) as f:
                 params = yaml.safe_load(f)["model"]["params"]
+            if not isinstance(params, dict):
+                raise TypeError(type(params).__name__)
         except Exception:  # noqa: BLE001 — not YAML, or not an LDM config
             raise SingleFileError(f"{beside}: not an LDM model config (no model.params); fix it or remove it (it sets SD 2's "
                                   "prediction type: parameterization: \"v\" for 768-v models)") from None
         return params.get("parameterization") == "v"
-    return global_step != SD2_BASE_GLOBAL_STEP
+    if global_step == SD2_BASE_GLOBAL_STEP:
+        return False
+    import warnings
+
+    warnings.warn(f"{path}: an SD 2.x checkpoint taken as v-prediction (768-v) by diffusers' rule, since no {os.path.basename(beside)} "
+                  "beside it says otherwise; for a 2.x-base (512 px, epsilon) model put the LDM config it was released with there "
+                  "(v2-inference.yaml), or images come out wrong", stacklevel=2)
+    return True
 
 
 def checkpoint_family(path: str) -> str:
