@@ -48,19 +48,25 @@ def adapters(embedded, tmp_path_factory):
     return d
 
 
-@pytest.mark.parametrize("fmt", ["diffusers", "kohya"])
-def test_export_lora_gives_the_same_unet_output_in_diffusers(embedded, adapters, tmp_path, fmt):
+def same_unet_as_diffusers_lora(base, spec, lora_file):
+    """(the base with the adapters, the base with diffusers' load_lora_weights of the export), after checking their UNets agree."""
     from loldu_diffusion.pipeline import load_adapter_specs, load_base
 
+    ref = load_base(base)
+    load_adapter_specs(ref, spec)
+    lora = load_base(base)
+    lora.load_lora_weights(str(lora_file))
+    a, b = unet_out(ref), unet_out(lora)
+    assert torch.allclose(a, b, rtol=1e-4, atol=1e-5 * a.abs().max())
+    return ref, lora
+
+
+@pytest.mark.parametrize("fmt", ["diffusers", "kohya"])
+def test_export_lora_gives_the_same_unet_output_in_diffusers(embedded, adapters, tmp_path, fmt):
     out = tmp_path / f"lora_{fmt}.safetensors"
     spec = [str(adapters / "a.safetensors") + ":0.8", str(adapters / "b.safetensors") + ":-0.5"]  # a blend
     assert loldu(["export-lora", *spec, "--base", embedded, "--format", fmt, "-o", str(out)]) == 0
-    ref = load_base(embedded)
-    load_adapter_specs(ref, spec)
-    lora = load_base(embedded)
-    lora.load_lora_weights(str(out))
-    a, b = unet_out(ref), unet_out(lora)
-    assert torch.allclose(a, b, rtol=1e-4, atol=1e-5 * a.abs().max())
+    ref, lora = same_unet_as_diffusers_lora(embedded, spec, out)
     ids = ref.tokenizer(["a photo of sks heart"], padding="max_length", max_length=ref.tokenizer.model_max_length, return_tensors="pt").input_ids
     with torch.no_grad():
         assert torch.allclose(ref.text_encoder(ids)[0], lora.text_encoder(ids)[0], atol=1e-4)
@@ -81,7 +87,7 @@ def test_export_of_layers_at_other_ranks_is_exact_one_rank_and_warns_of_the_embe
     from safetensors import safe_open
     from safetensors.torch import save_file
 
-    from loldu_diffusion.pipeline import load_adapter_specs, load_base
+    from loldu_diffusion.pipeline import load_base
 
     pipe = load_base(embedded)
     inject_loldu(pipe, LoLDUConfig(rank=4, init="uniform", unet_targets=("to_k",)))
@@ -101,12 +107,7 @@ def test_export_of_layers_at_other_ranks_is_exact_one_rank_and_warns_of_the_embe
     down, up = next((t[k], t[k.replace("lora_A", "lora_B")]) for k in t if k.endswith("to_q.lora_A.weight"))
     assert torch.equal(down[2:], torch.zeros_like(down[2:]))  # a rank-2 layer, padded
     assert torch.allclose(down[:2].norm(dim=1), up[:, :2].norm(dim=0), rtol=1e-4)
-    ref = load_base(embedded)
-    load_adapter_specs(ref, spec)
-    lora = load_base(embedded)
-    lora.load_lora_weights(str(out))
-    a, b = unet_out(ref), unet_out(lora)
-    assert torch.allclose(a, b, rtol=1e-4, atol=1e-5 * a.abs().max())
+    same_unet_as_diffusers_lora(embedded, spec, out)
 
 
 def test_blend_command_equals_runtime_blend(embedded, adapters, tmp_path, capsys):
