@@ -81,6 +81,10 @@ def configs(quick: bool, which: str = "all"):
         dict(name="olora-r4", method="olora", lr=1e-3, args=["--rank", "4"]),
         dict(name="full-adamw", method="full", lr=5e-5),
         dict(name="full-attention-only", method="full", lr=5e-5, args=["--full_targets", "to_q,to_k,to_v,to_out.0"]),
+        # issue 11's fairness check proper (fine-tuning only the attention projections against the whole UNet): at the whole
+        # UNet's lr the attention weights alone reached 0.38 where the whole UNet reached 0.94 — each at its own lr
+        dict(name="full-attention-only-lr2e-4", method="full", lr=2e-4, args=["--full_targets", "to_q,to_k,to_v,to_out.0"]),
+        dict(name="full-attention-only-lr5e-4", method="full", lr=5e-4, args=["--full_targets", "to_q,to_k,to_v,to_out.0"]),
         dict(name="full-fira-r16", method="full", lr=5e-5, args=["--optimizer", "fira", "--fira_rank", "16"]),
         dict(name="loldu-cosine", method="loldu", lr=lr, args=["--lr_scheduler", "cosine"]),
         dict(name="loldu-lr3e-3", method="loldu", lr=3e-3),
