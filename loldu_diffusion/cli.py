@@ -446,18 +446,20 @@ def main(argv=None) -> int:
     if argv[:1] == ["bench"]:  # its own parser: `loldu bench --help` is that parser's help
         from .bench import main as bench_main
 
-        return bench_main(argv[1:])
-    args = build_parser().parse_args(argv)
+        command, run = "bench", lambda: bench_main(argv[1:])
+    else:
+        args = build_parser().parse_args(argv)
+        command, run = args.command, lambda: args.func(args)
     try:
-        return args.func(args)
+        return run()
     except (AdapterFileError, FileExistsError, FileNotFoundError, ValueError, KeyError) as e:
         msg = str(e).strip("'\"")
-        print(f"loldu {args.command}: error: {msg}", file=sys.stderr)
+        print(f"loldu {command}: error: {msg}", file=sys.stderr)
         return 2
     except OSError as e:  # a read-only folder, a full disk: one sentence naming the path
         from .io import describe_os_error
 
-        print(f"loldu {args.command}: error: {describe_os_error(e)}", file=sys.stderr)
+        print(f"loldu {command}: error: {describe_os_error(e)}", file=sys.stderr)
         return 2
 
 

@@ -384,3 +384,6 @@ def test_help_describes_every_option_with_its_default(capsys):
         loldu(["bench", "--help"])
     text = " ".join(capsys.readouterr().out.split())
     assert e.value.code == 0 and "usage: loldu bench" in text and "(default: bench_results)" in text
+    with pytest.raises(SystemExit) as e:
+        loldu(["bench", "learning", "--plan", "no_such_plan.json"])
+    assert e.value.code == 2 and "--plan no_such_plan.json: no such file" in capsys.readouterr().err
