@@ -211,7 +211,7 @@ def test_the_shipped_configs_are_the_real_models():
         assert [t.pad_token_id for t in toks.values()] == [49407 if p != "!" else 0 for p in pads]
 
 
-def test_bad_files_are_one_line_naming_the_file(singles, tmp_path, capsys):
+def test_bad_files_are_one_line_naming_the_file(singles, concept_dir, tmp_path, capsys):
     from loldu_diffusion.cli import main as loldu
     from loldu_diffusion.training import TrainingError, parse_args, train
 
@@ -247,7 +247,7 @@ def test_bad_files_are_one_line_naming_the_file(singles, tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert err.startswith(f"loldu generate: error: --base {evil}: this checkpoint needs Python code") and "\n" not in err
     with pytest.raises(TrainingError, match=f"^--pretrained_model_name_or_path {re.escape(evil)}: this checkpoint needs Python code"):
-        train(parse_args(["--pretrained_model_name_or_path", evil, "--instance_data_dir", str(tmp_path), "--instance_prompt", "a sks dog",
+        train(parse_args(["--pretrained_model_name_or_path", evil, "--instance_data_dir", concept_dir, "--instance_prompt", "a sks dog",
                           "--output_dir", str(tmp_path / "o")]))
 
 
