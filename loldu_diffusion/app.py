@@ -277,6 +277,7 @@ class Session:
         self.history: list[tuple[object, str]] = []  # (image or PNG path, caption), newest first
         self.export_dir: str | None = None  # made at the first export, emptied at each
         self.last_drawn: Drawn | None = None  # what its latest images were drawn with: the status line says it
+        self._dropped: list = []  # page links that left the history, unlinked at the next drop
         self.closed = False
 
     def __deepcopy__(self, memo):  # Gradio deep-copies state values: a copy would copy the shared base
@@ -367,6 +368,7 @@ class Session:
         if not self.closed:
             self.clear()
             self.clear_history()
+            self._release([])
             if self.export_dir:
                 shutil.rmtree(self.export_dir, ignore_errors=True)
             self.closed = True
@@ -424,12 +426,17 @@ class Session:
     def remember(self, out: list) -> None:
         """Put results at the top of the history; what falls off it is no longer linked for pages."""
         self.history = out + self.history
-        self.studio.unserve(image for image, _ in self.history[MAX_HISTORY:])
+        self._release(self.history[MAX_HISTORY:])
         del self.history[MAX_HISTORY:]
 
     def clear_history(self) -> None:
-        self.studio.unserve(image for image, _ in self.history)
+        self._release(self.history)
         self.history = []
+
+    def _release(self, dropped: list) -> None:
+        """Unlink what was dropped one round late: a gallery just returned may still be copied by Gradio."""
+        self.studio.unserve(self._dropped)
+        self._dropped = [image for image, _ in dropped]
 
     def check(self, prompt: str, size, seed, sampler: str):
         """(size, seed, scheduler) for a generation's settings; one-line ValueError if they are not usable."""

@@ -1,6 +1,7 @@
 """--concepts_list: K subjects in one run equal K separate runs (issue 16, item 3)."""
 import json
 import os
+import re
 
 import pytest
 import torch
@@ -93,6 +94,14 @@ def test_concepts_list_errors(subjects, tmp_path):
         assert words in error(["--concepts_list", str(bad)])
     bad.write_text(json.dumps([{k: v for k, v in entries[0].items() if k != "class_prompt"}]))
     assert "class_prompt is missing" in error(["--concepts_list", str(bad), "--with_prior_preservation"])
+    # a subject without photos is named, before any model loads
+    from loldu_diffusion.training import TrainingError
+    from loldu_diffusion.training.args import check_inputs
+
+    (tmp_path / "empty").mkdir()
+    bad.write_text(json.dumps([entries[0] | {"instance_data_dir": str(tmp_path / "empty")}]))
+    with pytest.raises(TrainingError, match=rf"--concepts_list {re.escape(str(bad))}: subject 'dog': instance_data_dir .*empty.*: no image"):
+        check_inputs(resolve_defaults(parse_args(["--concepts_list", str(bad), "--pretrained_model_name_or_path", "/nowhere"])))
 
 
 def test_killed_concepts_run_resumes_and_writes_each_subject(tiny_sd_path, subjects, tmp_path):

@@ -300,9 +300,10 @@ def check_inputs(args: argparse.Namespace) -> argparse.Namespace:
     if args.dataset_name is None and not args.concepts and not os.path.isdir(folder):
         raise TrainingError(f"--instance_data_dir {folder!r}: no such folder")
     try:  # the photos and their captions, read once here: an empty folder or a bad caption costs no model load
-        for f, prompt in ([(c.instance_data_dir, c.instance_prompt) for c in args.concepts] if args.concepts
-                          else [] if args.dataset_name else [(folder, args.instance_prompt)]):
-            for path, _ in readable_images(f)[0]:
+        for f, prompt, flag in ([(c.instance_data_dir, c.instance_prompt, f"--concepts_list {args.concepts_list}: subject {c.name!r}: "
+                                  "instance_data_dir") for c in args.concepts] if args.concepts
+                                else [] if args.dataset_name else [(folder, args.instance_prompt, "--instance_data_dir")]):
+            for path, _ in readable_images(f, flag)[0]:
                 caption_for(path, prompt)
     except DataError as e:
         raise TrainingError(str(e)) from None
