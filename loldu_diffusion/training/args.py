@@ -299,10 +299,13 @@ def check_inputs(args: argparse.Namespace) -> argparse.Namespace:
     folder = args.instance_data_dir
     if args.dataset_name is None and not args.concepts and not os.path.isdir(folder):
         raise TrainingError(f"--instance_data_dir {folder!r}: no such folder")
-    try:  # the photos and their captions, read once here: an empty folder or a bad caption costs no model load
-        for f, prompt, flag in ([(c.instance_data_dir, c.instance_prompt, f"--concepts_list {args.concepts_list}: subject {c.name!r}: "
-                                  "instance_data_dir") for c in args.concepts] if args.concepts
-                                else [] if args.dataset_name else [(folder, args.instance_prompt, "--instance_data_dir")]):
+    if args.concepts:
+        photo_folders = [(c.instance_data_dir, c.instance_prompt, f"--concepts_list {args.concepts_list}: subject {c.name!r}: instance_data_dir")
+                         for c in args.concepts]
+    else:  # a --dataset_name is read by the datasets library, after the model loads
+        photo_folders = [] if args.dataset_name else [(folder, args.instance_prompt, "--instance_data_dir")]
+    try:  # the photos and their captions, read here too: an empty folder or a bad caption costs no model load
+        for f, prompt, flag in photo_folders:
             for path, _ in readable_images(f, flag)[0]:
                 caption_for(path, prompt)
     except DataError as e:
