@@ -112,6 +112,8 @@ def read_keys(path: str) -> tuple[dict, int | None]:
             with safe_open(name, "pt") as f:
                 keys = {k: torch.empty(f.get_slice(k).get_shape(), device="meta") for k in f.keys() if k != "global_step"}
                 step = int(f.get_tensor("global_step").item()) if "global_step" in f.keys() else None
+        except OSError as e:  # a folder, a vanished file, no permission: the file may be fine
+            raise _unreadable(name, e) from None
         except Exception:  # noqa: BLE001 — safetensors has its own error types for a bad header
             raise SingleFileError(f"{name}: not a readable safetensors file (truncated or corrupt?); download it again") from None
         return keys, step
@@ -135,12 +137,20 @@ def load_torch_checkpoint(path: str):
     try:
         with _weights_only_reads():
             return torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
+    except OSError as e:
+        raise _unreadable(path, e) from None
     except Exception as e:  # noqa: BLE001 — a refused global, a truncated zip, not a torch file at all, …
         needs = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
         if needs:
             raise SingleFileError(f"{path}: this checkpoint needs Python code to load (pickled {needs.group(1)}), which is never run "
                                   "here; use the model's .safetensors release, or convert it to .safetensors where you trust the file") from None
         raise SingleFileError(f"{path}: not a readable PyTorch checkpoint (truncated or corrupt?); download it again") from None
+
+
+def _unreadable(path, e: OSError) -> SingleFileError:
+    """The system refused to read the file (permissions, a folder, gone): saying "corrupt,
+    download it again" would send the user after the wrong fix."""
+    return SingleFileError(f"{path}: cannot be read ({e.strerror or _first_line(e)}); check that it is a file you may read")
 
 
 def _what_else(keys) -> str:

@@ -251,6 +251,24 @@ def test_bad_files_are_one_line_naming_the_file(singles, concept_dir, tmp_path, 
                           "--output_dir", str(tmp_path / "o")]))
 
 
+def test_a_file_the_system_will_not_read_is_not_called_corrupt(tmp_path, monkeypatch):
+    """Permissions, a folder under a model's name: "download it again" would be the wrong fix."""
+    from loldu_diffusion.single_file import read_keys
+
+    for name in ("folder.safetensors", "folder.ckpt"):
+        (tmp_path / name).mkdir()
+        with pytest.raises(SingleFileError, match=f"^{re.escape(str(tmp_path / name))}: cannot be read \\(.+\\); check that it is a file"):
+            read_keys(str(tmp_path / name))
+    torch.save({"w": torch.ones(1)}, str(tmp_path / "locked.ckpt"))
+
+    def refuse(*a, **k):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(torch, "load", refuse)  # (the tests run as root here, where chmod refuses nothing)
+    with pytest.raises(SingleFileError, match=r"locked.ckpt: cannot be read \(Permission denied\)"):
+        read_keys(str(tmp_path / "locked.ckpt"))
+
+
 def test_the_trainer_cli_and_app_take_a_single_file(singles, tiny_configs, concept_dir, tmp_path, capsys):
     from safetensors import safe_open
 
