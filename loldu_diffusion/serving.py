@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import weakref
 from contextlib import contextmanager
 
 import torch
@@ -57,29 +58,44 @@ def set_sample_weights(model, blends: list[dict[str, float]] | None) -> None:
         layer.sample_weights = blends
 
 
+# the blocks open on each UNet, innermost last: only the innermost block's hook checks a call
+_OPEN_BLOCKS: "weakref.WeakKeyDictionary[torch.nn.Module, list]" = weakref.WeakKeyDictionary()
+
+
 @contextmanager
 def per_sample_adapters(model, blends: list[dict[str, float]]):
-    """Within the block, sample b of every call uses blends[b] ({} = the base model). A UNet call
-    of other than S or 2S rows (S samples, with or without guidance) is refused: diffusers lays out
-    num_images_per_prompt > 1 as [p0, p0, p1, p1], which row j mod S would give the wrong blends."""
+    """Within the block, sample b of every call uses blends[b] ({} = the base model); on leaving
+    it, what held before comes back (an enclosing block's blends, or the shared blend). A UNet
+    call of other than S or 2S rows (S samples, with or without guidance) is refused: diffusers
+    lays out num_images_per_prompt > 1 as [p0, p0, p1, p1], which row j mod S would give the
+    wrong blends."""
+    layers = [layer for *_, layer in iter_layers(model)]
+    before = [layer.sample_weights for layer in layers]
     set_sample_weights(model, blends)
     unet = getattr(model, "unet", model)
-    n = len(blends)
+    n, block = len(blends), object()
 
     def one_row_per_sample(module, args, kwargs):
+        if _OPEN_BLOCKS[module][-1] is not block:  # an inner block's blends hold
+            return
         sample = args[0] if args else kwargs.get("sample")
         rows = getattr(sample, "shape", (None,))[0]
         if rows is not None and rows not in (n, 2 * n):
             raise ValueError(f"per-sample adapters: a UNet batch of {rows} rows for {n} blends; give one blend per image "
                              "(num_images_per_prompt=1; repeat a prompt for more images)")
 
-    hook = unet.register_forward_pre_hook(one_row_per_sample, with_kwargs=True) if isinstance(unet, torch.nn.Module) else None
+    hook = None
+    if isinstance(unet, torch.nn.Module):
+        _OPEN_BLOCKS.setdefault(unet, []).append(block)
+        hook = unet.register_forward_pre_hook(one_row_per_sample, with_kwargs=True)
     try:
         yield model
     finally:
         if hook is not None:
             hook.remove()
-        set_sample_weights(model, None)
+            _OPEN_BLOCKS[unet].remove(block)
+        for layer, weights in zip(layers, before):
+            layer.sample_weights = weights
 
 
 def generate(pipe, prompts: list[str], adapters: list[dict[str, float]] | None = None, seeds=None,

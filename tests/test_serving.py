@@ -146,3 +146,30 @@ def test_per_sample_rows_follow_batch_shapes_and_edits():
         assert (edited[1] - first[1]).abs().max() > 1e-3
         torch.testing.assert_close(edited[1], alone("b", 1), atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(edited[0], alone("a", 0), atol=1e-5, rtol=1e-5)
+
+
+def test_nested_blocks_restore_the_enclosing_blends():
+    """An inner per-sample block (e.g. a library call inside a server's batch) checks its own row
+    count, and leaving it brings back the outer block's blends, not the shared blend."""
+    from tiny import tiny_unet, unet_inputs
+
+    unet = tiny_unet()
+    for name in ("a", "b"):
+        inject_loldu(unet, LoLDUConfig(rank=4, init="uniform"), adapter_name=name)
+    with torch.no_grad():
+        for p in loldu_parameters(unet):
+            p.mul_(1 + 0.5 * torch.randn_like(p))
+            p.requires_grad_(False)
+    x, _, c = unet_inputs(unet, batch=3)
+    t = torch.tensor([10, 500, 900])
+    with torch.no_grad():
+        with per_sample_adapters(unet, [{"a": 1.0}, {"b": 1.0}, {}]):
+            outer = unet(x, t, c).sample
+            with per_sample_adapters(unet, [{"b": 1.0}, {"a": 1.0}]):  # 2 blends: a 2-row call, which the outer block refuses
+                inner = unet(x[:2], t[:2], c[:2]).sample
+            after = unet(x, t, c).sample
+        set_adapter_weights(unet, {"b": 1.0})
+        b_alone = unet(x[:1], t[:1], c[:1]).sample
+    torch.testing.assert_close(after, outer, atol=0, rtol=0)
+    torch.testing.assert_close(inner[0], b_alone[0], atol=1e-5, rtol=1e-5)
+    assert all(layer.sample_weights is None for *_, layer in iter_layers(unet))
