@@ -81,7 +81,9 @@ def test_cost_suite_quick(tmp_path, capsys):
                 "unfused_infer_s", "blend1_infer_s", "blend4_infer_s", "blend16_infer_s", "batch16_base_infer_s",
                 "batch16_same_infer_s", "batch16_hetero_infer_s", "attach_s", "file_kb", "lora_file_kb", "device"):
         assert key in r, key
-    assert set(r["ratios"]) >= {"blend4_vs_blend1", "blend16_vs_blend1", "hetero16_vs_same16"} and "compile_s" not in r
+    assert set(r["ratios"]) >= {"blend4_vs_blend1", "blend16_vs_blend1", "hetero16_vs_same16", "subjects8_vs_8_runs",
+                                "subjects8_floor_bound"} and "compile_s" not in r
+    assert set(r["multi_subject"]["floor_rows_s"]) == set(r["multi_subject"]["together_s"]) == {"1", "4", "8"}
     assert set(r["peak_mb"]) == {"floor", "loldu", "lora", "olora", "authors"}
     # the cached blend's Python work per forward does not grow with the number of adapters (guard.py)
     assert r["blend16_py_calls"] == r["blend4_py_calls"] == r["blend1_py_calls"] == r["unfused_py_calls"]

@@ -387,3 +387,9 @@ def test_help_describes_every_option_with_its_default(capsys):
     with pytest.raises(SystemExit) as e:
         loldu(["bench", "learning", "--plan", "no_such_plan.json"])
     assert e.value.code == 2 and "--plan no_such_plan.json: no such file" in capsys.readouterr().err
+    for argv, said in ((["learning", "--plan", "p.json", "--merge", "a.json"], "--plan runs a plan and --merge merges finished results: give one"),
+                       (["cost", "--merge", "a.json"], "--merge is for the learning suite"),
+                       (["learning", "--merge", __file__, "no_such_result.json"], "--merge no_such_result.json: no such file")):
+        with pytest.raises(SystemExit) as e:
+            loldu(["bench", *argv])
+        assert e.value.code == 2 and said in capsys.readouterr().err, argv

@@ -93,6 +93,9 @@ def test_prodigy_trains_and_kohya_format_is_written_beside(tiny_sd_path, concept
     assert "warning: --optimizer prodigy estimates one step size for all parameters: --text_encoder_lr 0.5 is ignored" in said
     assert "warning: --optimizer prodigy with the inversion phase (--ti_only_steps 1)" in said
     assert "pytorch_lora_weights_kohya.safetensors" in summary["outputs"]
+    # the kohya LoRA cannot hold the trained embedding, which the subject needs: said, with where it is
+    assert ("note: --output_kohya_format: the token embedding learned_embeds.safetensors is not part of a LoRA file: its subject "
+            "needs it too (in A1111, put that file in embeddings/") in said
     keys = load_file(str(out / "pytorch_lora_weights_kohya.safetensors"))
     assert keys and all(k.startswith("lora_unet_") for k in keys)
 

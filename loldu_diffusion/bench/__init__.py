@@ -38,9 +38,13 @@ def main(argv=None) -> int:
     p.add_argument("--base", default=None, metavar="PATH", help="learning: train and judge on this base (a diffusers folder of the "
                    "toy world, e.g. one made by `python -m loldu_diffusion.toy.identifier_rows`); default the embedded base")
     a = p.parse_args(argv)
-    for path in [a.plan] if a.plan else a.merge or []:
+    if a.plan and a.merge:
+        p.error("--plan runs a plan and --merge merges finished results: give one of them")
+    if (a.plan or a.merge) and a.suite != "learning":
+        p.error(f"--{'plan' if a.plan else 'merge'} is for the learning suite: loldu bench learning --{'plan' if a.plan else 'merge'} …")
+    for flag, path in [("--plan", a.plan)] * bool(a.plan) + [("--merge", m) for m in a.merge or []]:
         if not os.path.isfile(path):
-            p.error(f"{'--plan' if a.plan else '--merge'} {path}: no such file")
+            p.error(f"{flag} {path}: no such file")
     name = f"{a.suite}{'_quick' if a.quick else ''}"
     outputs = [os.path.join(a.out, f"{name}.{ext}") for ext in ("json", "md", "png")]
     if not a.overwrite and any(map(os.path.exists, outputs)):  # before the run: a long one's results are not lost at its end

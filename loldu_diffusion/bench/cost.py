@@ -279,7 +279,26 @@ def multi_subject_cost(steps: int, ks=(1, 4, 8)) -> dict:
             t0 = time.perf_counter()
             train(parse_args(common + ["--concepts_list", path, "--output_dir", os.path.join(tmp, f"together-{k}")]))
             out["together_s"][k] = time.perf_counter() - t0
+    out["floor_rows_s"] = frozen_rows_cost(rows=4, ks=ks)  # 4: the embedded base's --train_batch_size
     return out
+
+
+def frozen_rows_cost(rows: int, ks, warmup: int = 2, iters: int = 5) -> dict:
+    """{K: seconds} of the embedded base's frozen UNet, forward and backward to its input, on
+    K × `rows` rows: the arithmetic every K-subject step must do whatever the adapters cost.
+    floor[K] / (K · floor[1]) is about the ratio K subjects in one run reach over many steps
+    when that arithmetic is most of a step (per-step Python work, shared by the K subjects, can
+    take them a little below it): on a CPU a batch of 32 rows costs several times one of 4, and
+    no trainer gets under that."""
+    from diffusers import UNet2DConditionModel
+
+    from ..assets import default_base_path
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # where the trainer above ran (accelerate's choice)
+    unet = UNet2DConditionModel.from_pretrained(default_base_path(), subfolder="unet").to(device).eval().requires_grad_(False)
+    tokens = 24  # the embedded tokenizer's model_max_length
+    return {k: train_step_cost(unet, [], inputs(unet, unet.config.sample_size, device, torch.float32, batch=k * rows, tokens=tokens),
+                               device, warmup, iters)[0] for k in ks}
 
 
 def run(quick: bool = False, device: str | None = None, iters: int | None = None, latent: int | None = None,
@@ -397,6 +416,7 @@ def run(quick: bool = False, device: str | None = None, iters: int | None = None
         "hetero16_vs_same16": r["batch16_hetero_infer_s"] / r["batch16_same_infer_s"],
         "lora_params_vs_loldu": r["lora_params"] / r["loldu_params"],
         "subjects8_vs_8_runs": ms["together_s"][8] / sum(ms["separate_s"][:8]),
+        "subjects8_floor_bound": ms["floor_rows_s"][8] / (8 * ms["floor_rows_s"][1]),
     }
     return r
 
@@ -445,6 +465,12 @@ def markdown(r: dict) -> str:
             out.append(f"| one --concepts_list run, K = {k} | {secs:.1f} | {secs / int(k):.1f} | {secs / alone:.3f} |")
         out.append(f"| one run per subject (mean of {len(ms['separate_s'])}) | {statistics.mean(ms['separate_s']):.1f} | "
                    f"{statistics.mean(ms['separate_s']):.1f} | 1.000 |")
+        if "floor_rows_s" in ms:  # runs before session 17 did not measure it
+            f = ms["floor_rows_s"]
+            out += ["", "| frozen embedded UNet, forward + backward, K × 4 rows (the arithmetic of one step) | s/step | "
+                    "×K steps of 4 rows |", "|---|---|---|"]
+            one = f[1] if 1 in f else f["1"]  # keys are strings once read back from the JSON
+            out += [f"| K = {k} ({int(k) * 4} rows) | {secs:.4f} | {secs / (int(k) * one):.3f} |" for k, secs in f.items()]
     return "\n".join(out)
 
 
@@ -456,11 +482,25 @@ def plot(r: dict, path: str) -> None:
 
     names = ["floor", "loldu", "lora", "olora", "authors"]
     secs = [r[f"{n}_s"] for n in names]
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.2))
+    ms = r.get("multi_subject") or {}
+    fig, axes = plt.subplots(1, 3 if ms else 2, figsize=(13.5 if ms else 9, 3.2))
     axes[0].bar(names, secs, color=["gray", "C0", "C1", "C2", "C3"])
     axes[0].set_ylabel("s / training step")
     axes[1].bar(names, [r["peak_mb"][n] for n in names], color=["gray", "C0", "C1", "C2", "C3"])
     axes[1].set_ylabel("MB")
+    if ms:  # K subjects in one run against K runs, and what the UNet's arithmetic alone allows
+        ks = [int(k) for k in ms["together_s"]]
+        axes[2].plot(ks, [secs / sum(ms["separate_s"][:k]) for k, secs in zip(ks, ms["together_s"].values())], "o-",
+                     label="one --concepts_list run")
+        if "floor_rows_s" in ms:
+            f = {int(k): v for k, v in ms["floor_rows_s"].items()}
+            axes[2].plot(list(f), [v / (k * f[1]) for k, v in f.items()], "s--", color="gray", label="frozen UNet arithmetic")
+        axes[2].axhline(1.0, color="black", lw=0.5)
+        axes[2].axhline(0.25, color="C3", ls=":", label="issue 16's target at K = 8")
+        axes[2].set_xlabel("subjects K")
+        axes[2].set_ylabel("time / K separate runs")
+        axes[2].set_ylim(0, 1.2)
+        axes[2].legend(fontsize=8)
     fig.suptitle(f"training step cost, {r['config']} UNet on {r['device']}")
     fig.tight_layout()
     fig.savefig(path, dpi=100)

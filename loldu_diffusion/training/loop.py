@@ -18,6 +18,8 @@ import torch
 
 from ..adapter_file import AdapterFileError
 from ..compile import compile_unet, uncompile_unet
+from ..embeddings import EMBEDDINGS_FILE
+from ..export import embedding_warning
 from ..quiet import quiet_libraries
 from . import compat, report
 from .args import check_inputs, recipe_note, resolve_defaults, settle_schedule
@@ -445,6 +447,8 @@ def finish(args, method, models, summary, history, before, during, validation, a
     if args.output_kohya_format:
         summary["outputs"] += [os.path.relpath(p, args.output_dir) for p in method.save_kohya(models, args.output_dir)]
         report.write_json(os.path.join(args.output_dir, "train_summary.json"), summary)
+        for embedding in (o for o in summary["outputs"] if os.path.basename(o) == EMBEDDINGS_FILE):
+            say(f"note: --output_kohya_format: {embedding_warning(f'the token embedding {embedding}')}")
     for s in subjects:  # each subject's card lists the outputs in its own folder
         own = [os.path.relpath(os.path.join(args.output_dir, o), s.output_dir) for o in summary["outputs"]]
         report.model_card(s, summary | {"outputs": [o for o in own if not o.startswith("..")]}, grids if not args.concepts else {})
