@@ -129,6 +129,30 @@ def test_the_loss_is_instance_mse_plus_weighted_prior_mse():
     assert with_prior == pytest.approx(expected.item())
 
 
+def test_adamw_is_torchs_fused_one_and_updates_as_the_per_tensor_one():
+    """An adapter is hundreds of tiny vectors (K times that for K subjects): AdamW runs them in one
+    fused kernel, not a Python pass per tensor, with the same update to floating point."""
+    from loldu_diffusion.training.methods import make_optimizer
+
+    args = types.SimpleNamespace(method="loldu", optimizer="adamw", use_8bit_adam=False, adam_beta1=0.9, adam_beta2=0.999,
+                                 adam_weight_decay=1e-2, adam_epsilon=1e-8)
+    torch.manual_seed(0)
+    init = [torch.randn(8) for _ in range(6)] + [torch.randn(()) for _ in range(6)]
+    grads = [[torch.randn_like(t) for t in init] for _ in range(20)]
+    params = [torch.nn.Parameter(t.clone()) for t in init]
+    opt = make_optimizer(args, [{"params": params[:6]}, {"params": params[6:], "lr": 5e-3}], 1e-2)
+    assert isinstance(opt, torch.optim.AdamW) and opt.defaults["fused"] is True
+    ref = [torch.nn.Parameter(t.clone()) for t in init]
+    ref_opt = torch.optim.AdamW([{"params": ref[:6]}, {"params": ref[6:], "lr": 5e-3}], 1e-2, weight_decay=1e-2, foreach=False)
+    for g in grads:
+        for p, q, gg in zip(params, ref, g):
+            p.grad, q.grad = gg.clone(), gg.clone()
+        opt.step()
+        ref_opt.step()
+    for p, q in zip(params, ref):
+        torch.testing.assert_close(p, q, atol=1e-6, rtol=1e-6)
+
+
 def test_min_snr_weighting_caps_the_easy_timesteps():
     from diffusers.training_utils import compute_snr
 
