@@ -268,6 +268,13 @@ def multi_subject_cost(steps: int, ks=(1, 4, 8)) -> dict:
             folder = os.path.join(tmp, "data", s.identifier)
             render_subject(s, folder)
             entries.append({"name": s.identifier, "instance_prompt": s.instance_prompt, "instance_data_dir": folder})
+        with open(os.path.join(tmp, "warm-up.json"), "w") as f:
+            json.dump(entries[:2], f)
+        # and the first --concepts_list run's own first uses (the per-sample path), untimed too
+        train(parse_args(common + ["--max_train_steps", "1", "--concepts_list", os.path.join(tmp, "warm-up.json"),
+                                   "--output_dir", os.path.join(tmp, "warm-up-concepts")]))
+        for s, e in zip(subjects, entries):
+            folder = e["instance_data_dir"]
             t0 = time.perf_counter()
             train(parse_args(common + ["--instance_data_dir", folder, "--instance_prompt", s.instance_prompt,
                                        "--output_dir", os.path.join(tmp, "alone", s.identifier)]))
