@@ -375,6 +375,22 @@ def test_resume_latest_without_checkpoint_does_not_replace_an_adapter(tiny_sd_pa
     assert (tmp_path / "loldu_adapter.safetensors").read_bytes() == b"a finished run's adapter"
 
 
+def test_a_failed_run_lets_go_of_the_output_dir_while_its_error_is_still_held(tiny_sd_path, concept_dir, tmp_path):
+    """The folder's lock is released when train() ends, not when its frame is collected: an error's
+    traceback (held by a caller, a notebook, a test runner) keeps that frame alive, and the next
+    run in the same process was refused as 'in use by another training run'."""
+    from loldu_diffusion.training import TrainingError, parse_args, train
+    from loldu_diffusion.training.outdir import lock_output_dir
+
+    fast = ["--num_validation_images", "0", "--report_to", "none", "--checkpointing_steps", "1", "--max_train_steps", "1"]
+    train(parse_args(trainer_argv(tiny_sd_path, concept_dir, tmp_path) + fast))
+    with pytest.raises(TrainingError, match="--resume_from_checkpoint") as failed:  # fails after the lock is taken
+        train(parse_args(trainer_argv(tiny_sd_path, concept_dir, tmp_path) + fast + ["--max_train_steps", "2", "--rank", "3",
+                                                                                    "--resume_from_checkpoint", "checkpoint-1"]))
+    assert failed.value.__traceback__ is not None  # the error, and the frames it holds, are still alive here
+    lock_output_dir(str(tmp_path)).close()  # raised "in use by another training run" before
+
+
 def test_resume_with_other_trained_values_is_one_line(tiny_sd_path, concept_dir, tmp_path, capsys):
     """A checkpoint made without pivotal tuning, resumed with it (or with another rank): one line naming what differs,
     before anything is loaded (it was a KeyError traceback, or silently ignored keys for PEFT's methods)."""

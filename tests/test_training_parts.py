@@ -151,6 +151,27 @@ def test_adamw_is_torchs_fused_one_and_updates_as_the_per_tensor_one():
         ref_opt.step()
     for p, q in zip(params, ref):
         torch.testing.assert_close(p, q, atol=1e-6, rtol=1e-6)
+    # fp16 mixed precision: not fused (a fused step hides GradScaler's skipped steps from the schedule)
+    assert not make_optimizer(args, [torch.nn.Parameter(torch.ones(2))], 1e-2, "fp16").defaults["fused"]
+
+
+def test_a_resumed_adamw_keeps_this_runs_fused_choice_not_the_checkpoints():
+    """load_state_dict takes `fused` from the checkpoint: one written unfused would slow the resumed run down."""
+    from loldu_diffusion.training.methods import keep_fused_choice
+
+    params = [torch.nn.Parameter(torch.ones(3)), torch.nn.Parameter(torch.ones(()))]
+    old = torch.optim.AdamW(params, 1e-2, foreach=False)  # a checkpoint from before fusing
+    for p in params:
+        p.grad = torch.ones_like(p)
+    old.step()
+    new = torch.optim.AdamW(params, 1e-2, fused=True)
+    new.load_state_dict(old.state_dict())
+    assert not new.param_groups[0]["fused"]
+    keep_fused_choice(new)
+    assert new.param_groups[0]["fused"] is True
+    before = [p.detach().clone() for p in params]
+    new.step()  # the fused kernel runs with the restored step counts
+    assert all((p - b).abs().max() > 0 for p, b in zip(params, before)) and new.state[params[0]]["step"].item() == 2
 
 
 def test_min_snr_weighting_caps_the_easy_timesteps():

@@ -28,7 +28,7 @@ from .checkpoints import (TRAINABLE_FILE, check_resume_matches, checkpoint_step,
                           phase_change_note, resolve_resume, write_checkpoint)
 from .data import DataError, ImageSet, check_identifier, class_caption, class_captions, step_generator
 from .errors import TrainingError
-from .methods import make_method, make_optimizer, optimizer_warnings, param_groups
+from .methods import keep_fused_choice, make_method, make_optimizer, optimizer_warnings, param_groups
 from .models import (PromptEncoder, cast_frozen, ensure_class_images, frozen_modules, generate, load_models, native_resolution,
                      text_encoders_of, validation_pipeline)
 from .outdir import claim_output_dir, refuse_to_replace
@@ -174,9 +174,6 @@ def subjects_of(args) -> list:
 # ---- the run ---------------------------------------------------------------------------------
 def train(args) -> dict:
     quiet_libraries()  # before diffusers imports its pipelines
-    from accelerate.utils import set_seed
-    from safetensors.torch import load_file, save_file
-
     t_start = time.time()
     try:
         args = resolve_defaults(args)
@@ -189,8 +186,20 @@ def train(args) -> dict:
 
     report_to, tracker_warning = choose_tracker(args.report_to)
     accelerator = start_accelerator(args, report_to)
+    lock = claim_output_dir(args, accelerator, resume_path, found_outputs)
+    try:
+        return train_in_claimed_dir(args, accelerator, resume_path, report_to, tracker_warning, t_start)
+    finally:  # now, not when the frame is collected: an error's traceback keeps the frame (and the lock) alive
+        if lock is not None:
+            lock.close()
+
+
+def train_in_claimed_dir(args, accelerator, resume_path, report_to, tracker_warning, t_start) -> dict:
+    """train() once the arguments are settled and the output folder is locked: the run itself."""
+    from accelerate.utils import set_seed
+    from safetensors.torch import load_file, save_file
+
     is_main, say = accelerator.is_main_process, accelerator.print
-    lock = claim_output_dir(args, accelerator, resume_path, found_outputs)  # noqa: F841 — held until train() returns
     if tracker_warning:
         say(f"warning: {tracker_warning}")
     for line in compat.notes(args):
@@ -281,7 +290,8 @@ def train(args) -> dict:
             cast_frozen(mod, weight_dtype)
     if args.gradient_checkpointing:
         m.unet.enable_gradient_checkpointing()
-    optimizer = make_optimizer(args, param_groups(args, params, text_encoders_of(m), method.text_side_parameters()), args.optimizer_lr)
+    optimizer = make_optimizer(args, param_groups(args, params, text_encoders_of(m), method.text_side_parameters()), args.optimizer_lr,
+                               accelerator.mixed_precision)
     lr_scheduler = make_lr_scheduler(args, optimizer, accelerator.num_processes)
     text_encoders = text_encoders_of(m) if method.trains_text_encoder else []
     # DDP wraps only an encoder with trained weights of its own; pivotal tuning's embedding is a tensor outside every module
@@ -324,6 +334,7 @@ def train(args) -> dict:
     if resume_path:
         check_resume_matches(resume_path, method.trainable_state(models))
         accelerator.load_state(resume_path)
+        keep_fused_choice(optimizer)
         global_step, history = checkpoint_step(resume_path), load_history(resume_path)
         earlier, before, during = load_run_state(resume_path)
         say(f"resumed from {resume_path} at step {global_step}")

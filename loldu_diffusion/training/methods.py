@@ -578,9 +578,10 @@ def optimizer_warnings(args) -> list[str]:
     return out
 
 
-def make_optimizer(args, params, lr: float):
+def make_optimizer(args, params, lr: float, mixed_precision: str = "no"):
     """AdamW, Prodigy or (full fine-tuning) Fira over `params` (a list, or groups) at `lr`, the
-    settled learning rate (--learning_rate, times the batch under --scale_lr)."""
+    settled learning rate (--learning_rate, times the batch under --scale_lr); `mixed_precision`
+    is the accelerator's."""
     if args.method == "full" and args.optimizer == "fira":
         from ..fira import Fira
 
@@ -604,11 +605,32 @@ def make_optimizer(args, params, lr: float):
     # torch's fused AdamW: one kernel for all tensors instead of a Python pass per tensor, which
     # an adapter's hundreds of (r,) vectors (K times that for K subjects) spend most of a step's
     # optimizer time on: 45 → 7 ms for 1,280 of them on a CPU core. Same update to 1 ulp.
-    fused = {"fused": True} if cls is torch.optim.AdamW and _fused_adamw_runs_on(params) else {}
+    fused = {"fused": True} if cls is torch.optim.AdamW and fused_adamw_runs_on(params, mixed_precision) else {}
     return cls(params, lr=lr, betas=(args.adam_beta1, args.adam_beta2),
                weight_decay=args.adam_weight_decay, eps=args.adam_epsilon, **fused)
 
 
-def _fused_adamw_runs_on(params) -> bool:
+def fused_adamw_runs_on(params, mixed_precision: str = "no") -> bool:
+    """Whether torch's fused AdamW takes these parameters. Not under fp16 mixed precision: a fused
+    step skips an overflowed update inside its kernel, so accelerate cannot see the skip and
+    would advance the learning-rate schedule on the GradScaler's first, overflowing steps."""
+    devices = {"cuda"} | ({"cpu"} if torch.__version__ >= "2.4" else set())  # fused CPU AdamW came in torch 2.4
     tensors = [p for g in params for p in (g["params"] if isinstance(g, dict) else [g])]
-    return all(p.device.type in ("cpu", "cuda") and p.dtype in (torch.float32, torch.float16, torch.bfloat16) for p in tensors)
+    return mixed_precision != "fp16" and all(p.device.type in devices and p.dtype in (torch.float32, torch.float16, torch.bfloat16)
+                                             for p in tensors)
+
+
+def keep_fused_choice(optimizer) -> None:
+    """After resuming: `load_state_dict` takes each group's settings from the checkpoint, `fused`
+    too, so a checkpoint written by an unfused AdamW would silently slow the run down (and a fused
+    one would fail where fusing is not available). Put back what this run chose."""
+    opt = getattr(optimizer, "optimizer", optimizer)  # accelerate's wrapper
+    if type(opt) is not torch.optim.AdamW:
+        return
+    fused = opt.defaults.get("fused")
+    for group in opt.param_groups:
+        group["fused"] = fused
+        for p in group["params"]:
+            state = opt.state.get(p, {})
+            if fused and torch.is_tensor(state.get("step")):  # the fused kernel reads the step count where the values are
+                state["step"] = state["step"].to(p.device, torch.float32)
