@@ -65,7 +65,8 @@ _OPEN_BLOCKS: "weakref.WeakKeyDictionary[torch.nn.Module, list]" = weakref.WeakK
 @contextmanager
 def per_sample_adapters(model, blends: list[dict[str, float]]):
     """Within the block, sample b of every call uses blends[b] ({} = the base model); on leaving
-    it, what held before comes back (an enclosing block's blends, or the shared blend). A UNet
+    it, what held before comes back (an enclosing block's blends, or the shared blend: nested
+    blocks close innermost first, as `with` blocks do). A UNet
     call of other than S or 2S rows (S samples, with or without guidance) is refused: diffusers
     lays out num_images_per_prompt > 1 as [p0, p0, p1, p1], which row j mod S would give the
     wrong blends."""
@@ -76,7 +77,7 @@ def per_sample_adapters(model, blends: list[dict[str, float]]):
     n, block = len(blends), object()
 
     def one_row_per_sample(module, args, kwargs):
-        if _OPEN_BLOCKS[module][-1] is not block:  # an inner block's blends hold
+        if (_OPEN_BLOCKS.get(module) or [None])[-1] is not block:  # an inner block's blends hold (or a copy of the UNet)
             return
         sample = args[0] if args else kwargs.get("sample")
         rows = getattr(sample, "shape", (None,))[0]

@@ -150,6 +150,8 @@ def load_torch_checkpoint(path: str):
 def _unreadable(path, e: OSError) -> SingleFileError:
     """The system refused to read the file (permissions, a folder, gone): saying "corrupt,
     download it again" would send the user after the wrong fix."""
+    if os.path.isdir(path):
+        return SingleFileError(f"{path}: a folder, not a model file; pass the checkpoint file itself")
     return SingleFileError(f"{path}: cannot be read ({e.strerror or _first_line(e)}); check that it is a file you may read")
 
 
