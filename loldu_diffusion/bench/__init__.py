@@ -23,6 +23,7 @@ def main(argv=None) -> int:
     p.add_argument("--compile", default="inductor", choices=["inductor", "eager", "none"],
                    help="cost: the torch.compile backend of the compiled-vs-eager rows (none: skip them; inductor compiles "
                    "for minutes on a CPU the first time, then hits its cache)")
+    p.add_argument("--no_subjects", action="store_true", help="cost: skip the many-subjects rows (13 short trainer runs on the embedded base)")
     p.add_argument("--steps", type=int, default=None, help="learning: training steps per run (default 300, judged at 50, 100, 200, 300)")
     p.add_argument("--subjects", type=int, default=None, help="learning: how many bench subjects (default all five; 1 = the bundled one)")
     p.add_argument("--seeds", type=int, default=None, help="learning: training seeds per subject (default 2)")
@@ -54,7 +55,8 @@ def main(argv=None) -> int:
     if a.suite == "cost":
         from . import cost as suite
 
-        result = suite.run(quick=a.quick, device=a.device, compile_backend=None if a.compile == "none" else a.compile)
+        result = suite.run(quick=a.quick, device=a.device, compile_backend=None if a.compile == "none" else a.compile,
+                           subjects=not a.no_subjects)
     else:
         from . import learning as suite
 
