@@ -32,6 +32,20 @@ BLENDS = [{"a": 1.0}, {"b": 1.0, "c": -0.7}, {}, {"a": 0.5, "b": 0.5, "c": 1.0}]
 KW = dict(num_inference_steps=3, guidance_scale=4.0, output_type="np", height=64, width=64)
 
 
+def tiny_unet_with_two_adapters():
+    """A tiny UNet with frozen adapters "a" and "b" (rank 4) that change its output."""
+    from tiny import tiny_unet
+
+    unet = tiny_unet()
+    for name in ("a", "b"):
+        inject_loldu(unet, LoLDUConfig(rank=4, init="uniform"), adapter_name=name)
+    with torch.no_grad():
+        for p in loldu_parameters(unet):
+            p.mul_(1 + 0.5 * torch.randn_like(p))
+            p.requires_grad_(False)
+    return unet
+
+
 def alone(pipe, prompt, blend, seed):
     set_adapter_weights(pipe, blend)
     return pipe(prompt, generator=torch.Generator("cpu").manual_seed(seed), **KW).images[0]
@@ -117,15 +131,9 @@ def test_per_sample_blends_train_each_samples_own_adapter():
 def test_per_sample_rows_follow_batch_shapes_and_edits():
     """The per-row layout of the samples' δ is built once per batch shape and reused by later
     calls; a guidance-sized batch (2 S rows) and an in-place edit of an adapter still read right."""
-    from tiny import tiny_unet, unet_inputs
+    from tiny import unet_inputs
 
-    unet = tiny_unet()
-    for name in ("a", "b"):
-        inject_loldu(unet, LoLDUConfig(rank=4, init="uniform"), adapter_name=name)
-    with torch.no_grad():
-        for p in loldu_parameters(unet):
-            p.mul_(1 + 0.5 * torch.randn_like(p))
-            p.requires_grad_(False)
+    unet = tiny_unet_with_two_adapters()
     x, t, c = unet_inputs(unet, batch=2)
 
     def alone(name, b):
@@ -151,15 +159,9 @@ def test_per_sample_rows_follow_batch_shapes_and_edits():
 def test_nested_blocks_restore_the_enclosing_blends():
     """An inner per-sample block (e.g. a library call inside a server's batch) checks its own row
     count, and leaving it brings back the outer block's blends, not the shared blend."""
-    from tiny import tiny_unet, unet_inputs
+    from tiny import unet_inputs
 
-    unet = tiny_unet()
-    for name in ("a", "b"):
-        inject_loldu(unet, LoLDUConfig(rank=4, init="uniform"), adapter_name=name)
-    with torch.no_grad():
-        for p in loldu_parameters(unet):
-            p.mul_(1 + 0.5 * torch.randn_like(p))
-            p.requires_grad_(False)
+    unet = tiny_unet_with_two_adapters()
     x, _, c = unet_inputs(unet, batch=3)
     t = torch.tensor([10, 500, 900])
     with torch.no_grad():
