@@ -79,7 +79,7 @@ def test_cost_suite_quick(tmp_path, capsys):
     r = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     for key in ("floor_s", "loldu_s", "lora_s", "olora_s", "authors_s", "peak_mb", "base_infer_s", "fused_infer_s",
                 "unfused_infer_s", "blend1_infer_s", "blend4_infer_s", "blend16_infer_s", "batch16_base_infer_s",
-                "batch16_same_infer_s", "batch16_hetero_infer_s", "attach_s", "file_kb", "lora_file_kb", "device"):
+                "batch16_same_infer_s", "batch16_hetero_infer_s", "attach_s", "load_adapter_s", "file_kb", "lora_file_kb", "device"):
         assert key in r, key
     assert set(r["ratios"]) >= {"blend4_vs_blend1", "blend16_vs_blend1", "hetero16_vs_same16", "subjects8_vs_8_runs",
                                 "subjects8_floor_bound"} and "compile_s" not in r

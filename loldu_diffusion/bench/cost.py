@@ -355,8 +355,12 @@ def run(quick: bool = False, device: str | None = None, iters: int | None = None
         path = os.path.join(tmp, "a.safetensors")
         save_adapter(unet, path, adapter_name="default")
         r["file_kb"] = os.path.getsize(path) / 1000
+        sync(device)
+        t0 = time.perf_counter()
         for n in range(16):  # 16 loaded adapters, blended
             load_adapter(unet, path, adapter_name=f"b{n}", weight=0.1)
+        sync(device)
+        r["load_adapter_s"] = (time.perf_counter() - t0) / 16  # read, validate against the base, attach
     with torch.no_grad():  # 16 different adapters, not 16 copies
         for *_, layer in iter_layers(unet):
             for n in range(16):
@@ -461,6 +465,9 @@ def markdown(r: dict) -> str:
                 f"| compiled | {r['loldu_compiled_s']:.4f} | {r['loldu_compiled_s'] / r['loldu_eager_s']:.3f} |",
                 "", f"First compiled step (forward and backward): {r['compile_train_s']:.1f} s."]
     out += ["", f"Attach (decompose all {r['layers']} layers at r={r['rank']}): {r['attach_s']:.3f} s."]
+    if "load_adapter_s" in r:  # runs before session 17 did not time it
+        out += ["", f"Load an adapter file onto the base (read, check every tensor against the base, attach; mean of 16): "
+                f"{r['load_adapter_s'] * 1000:.1f} ms."]
     ms = r.get("multi_subject")
     if ms:
         out += ["", f"| training K subjects on the embedded base, {ms['steps']} steps (whole run, in-process) | seconds | per subject | "
