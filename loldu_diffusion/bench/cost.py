@@ -290,13 +290,14 @@ def multi_subject_cost(steps: int, ks=(1, 4, 8)) -> dict:
     return out
 
 
-def frozen_rows_cost(rows: int, ks, warmup: int = 2, iters: int = 5) -> dict:
+def frozen_rows_cost(rows: int, ks, warmup: int = 2, rounds: int = 15) -> dict:
     """{K: seconds} of the embedded base's frozen UNet, forward and backward to its input, on
     K × `rows` rows: the arithmetic every K-subject step must do whatever the adapters cost.
     floor[K] / (K · floor[1]) is about the ratio K subjects in one run reach over many steps
     when that arithmetic is most of a step (per-step Python work, shared by the K subjects, can
     take them a little below it): on a CPU a batch of 32 rows costs several times one of 4, and
-    no trainer gets under that."""
+    no trainer gets under that. The K's are timed in interleaved rounds (median per K), so a
+    machine that speeds up or slows down during the run sways them alike."""
     from diffusers import UNet2DConditionModel
 
     from ..assets import default_base_path
@@ -304,8 +305,19 @@ def frozen_rows_cost(rows: int, ks, warmup: int = 2, iters: int = 5) -> dict:
     device = "cuda" if torch.cuda.is_available() else "cpu"  # where the trainer above ran (accelerate's choice)
     unet = UNet2DConditionModel.from_pretrained(default_base_path(), subfolder="unet").to(device).eval().requires_grad_(False)
     tokens = 24  # the embedded tokenizer's model_max_length
-    return {k: train_step_cost(unet, [], inputs(unet, unet.config.sample_size, device, torch.float32, batch=k * rows, tokens=tokens),
-                               device, warmup, iters)[0] for k in ks}
+    batches = {k: inputs(unet, unet.config.sample_size, device, torch.float32, batch=k * rows, tokens=tokens) for k in ks}
+
+    def step(k):
+        x, t, c = batches[k]
+        unet(x.detach().requires_grad_(True), t, c).sample.float().pow(2).mean().backward()
+
+    times = {k: [] for k in ks}
+    for rnd in range(warmup + rounds):
+        for k in ks:
+            secs = timed(lambda: step(k), device, 0, 1)
+            if rnd >= warmup:
+                times[k].append(secs)
+    return {k: statistics.median(v) for k, v in times.items()}
 
 
 def run(quick: bool = False, device: str | None = None, iters: int | None = None, latent: int | None = None,
