@@ -293,11 +293,11 @@ def multi_subject_cost(steps: int, ks=(1, 4, 8)) -> dict:
 def frozen_rows_cost(rows: int, ks, warmup: int = 2, rounds: int = 15) -> dict:
     """{K: seconds} of the embedded base's frozen UNet, forward and backward to its input, on
     K × `rows` rows: the arithmetic every K-subject step must do whatever the adapters cost.
-    floor[K] / (K · floor[1]) is about the ratio K subjects in one run reach over many steps
-    when that arithmetic is most of a step (per-step Python work, shared by the K subjects, can
-    take them a little below it): on a CPU a batch of 32 rows costs several times one of 4, and
-    no trainer gets under that. The K's are timed in interleaved rounds (median per K), so a
-    machine that speeds up or slows down during the run sways them alike."""
+    floor[K] / (K · floor[1]) is the ratio K subjects in one run tend to when that arithmetic is
+    all a step costs; other per-step work (model load, adapters, the optimizer) is shared by
+    the K subjects and takes a joint run below it. On a CPU a batch of 32 rows costs several
+    times one of 4. The K's are timed in interleaved rounds (median per K), so a machine that
+    speeds up or slows down during the run sways them alike."""
     from diffusers import UNet2DConditionModel
 
     from ..assets import default_base_path

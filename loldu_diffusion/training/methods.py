@@ -632,5 +632,5 @@ def keep_fused_choice(optimizer) -> None:
         group["fused"] = fused
         for p in group["params"]:
             state = opt.state.get(p, {})
-            if fused and torch.is_tensor(state.get("step")):  # the fused kernel reads the step count where the values are
-                state["step"] = state["step"].to(p.device, torch.float32)
+            if torch.is_tensor(state.get("step")):  # the fused kernel reads the step count where the values are, the others on the CPU
+                state["step"] = state["step"].to(p.device if fused else "cpu", torch.float32)
