@@ -43,6 +43,22 @@ def resolve_submodule(component: nn.Module, path: str) -> nn.Module:
     raise AttributeError(f"no submodule {path!r}")
 
 
+def base_modules(component: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    """(path, module) as `named_modules()` gives them, without descending into what LoLDU added
+    (processors, layers and their adapters' vectors): those grow with every loaded adapter, so a
+    full walk made each load slower than the last (86 → 180 ms at SD size after 40 adapters)."""
+    seen, stack = set(), [("", component)]
+    while stack:
+        path, m = stack.pop()
+        if id(m) in seen:
+            continue
+        seen.add(id(m))
+        yield path, m
+        children = [(f"{path}.{name}" if path else name, child) for name, child in m._modules.items()
+                    if child is not None and not isinstance(child, (LoLDUAttnProcessor, LoLDULayer))]
+        stack.extend(reversed(children))  # pre-order, children in registration order: named_modules' order
+
+
 def _submodule_or_none(component: nn.Module, path: str) -> nn.Module | None:
     try:
         return resolve_submodule(component, path)
@@ -70,7 +86,8 @@ class AttentionSites:
 
     @staticmethod
     def attentions(component: nn.Module) -> dict[str, nn.Module]:
-        return {name: m for name, m in component.named_modules() if hasattr(m, "set_processor") and hasattr(m, "processor")}
+        return {name: m for name, m in base_modules(component)
+                if getattr(type(m), "set_processor", None) is not None and hasattr(m, "processor")}
 
     def adaptable(self, component) -> set[tuple[str, str]]:
         return {(p, t) for p, attn in self.attentions(component).items() for t in self.targets if projection(attn, t) is not None}
@@ -141,7 +158,7 @@ class AttentionSites:
 
     def snapshot(self, component) -> Callable[[], None]:
         """A function that puts the processors and their layers back as they are now."""
-        procs = dict(component.attn_processors)
+        procs = {f"{path}.processor": attn.processor for path, attn in self.attentions(component).items()}  # attn_processors' keys
         kept = {id(p): (p, p.targets, set(p.layers)) for p in procs.values() if isinstance(p, LoLDUAttnProcessor)}
 
         def undo():
@@ -176,7 +193,7 @@ class LinearSites:
 
     def adaptable(self, component) -> set[tuple[str, str]]:
         found = set()
-        for path, m in component.named_modules():
+        for path, m in base_modules(component):
             parent, _, leaf = path.rpartition(".")
             if isinstance(m, nn.Linear) and ".loldu" not in path:
                 found.add((canonical_path(self.comp_name, parent), leaf))
@@ -184,7 +201,7 @@ class LinearSites:
 
     def find(self, component, targets: tuple[str, ...]) -> list[tuple[str, str]]:
         found = []
-        for path, m in component.named_modules():
+        for path, m in base_modules(component):
             parent, _, leaf = path.rpartition(".")
             if leaf in targets and isinstance(m, nn.Linear):
                 found.append((canonical_path(self.comp_name, parent), leaf))
@@ -215,7 +232,7 @@ class LinearSites:
         return linear.loldu
 
     def layers(self, component) -> Iterator[tuple[str, str, LoLDULayer]]:
-        for path, m in component.named_modules():
+        for path, m in base_modules(component):
             if isinstance(getattr(m, "loldu", None), LoLDULayer):
                 parent, _, leaf = path.rpartition(".")
                 yield canonical_path(self.comp_name, parent), leaf, m.loldu
