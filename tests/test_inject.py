@@ -297,8 +297,8 @@ def test_a_rank_above_a_layers_full_rank_stops_at_it_and_round_trips(tmp_path):
 
 def test_finding_sites_does_not_walk_the_loaded_adapters():
     """Loading the N-th adapter looked for attentions and projections with a walk over every
-    module, LoLDU's own included, which grow with each adapter loaded (at SD size 86 → 180 ms
-    per load after 40 adapters). The walk skips them: same paths, in named_modules' order, and
+    module, LoLDU's own included, which grow with each adapter loaded (at SD size 69 → 191 ms
+    per load over 60 adapters). The walk skips them: same paths, in named_modules' order, and
     as many however many adapters are loaded."""
     from loldu_diffusion.config import DEFAULT_TEXT_ENCODER_TARGETS
     from loldu_diffusion.pipeline import load_base
