@@ -238,17 +238,17 @@ class LinearSites:
                 yield canonical_path(self.comp_name, parent), leaf, m.loldu
 
     def snapshot(self, component) -> Callable[[], None]:
-        hooked = {id(m) for m in component.modules() if isinstance(getattr(m, "loldu", None), LoLDULayer)}
+        hooked = {id(m) for _, m in base_modules(component) if isinstance(getattr(m, "loldu", None), LoLDULayer)}
 
         def undo():
-            for m in component.modules():
+            for _, m in list(base_modules(component)):
                 if isinstance(getattr(m, "loldu", None), LoLDULayer) and id(m) not in hooked:
                     self._unhook(m)
 
         return undo
 
     def remove(self, component) -> None:
-        for m in component.modules():
+        for _, m in list(base_modules(component)):
             if isinstance(getattr(m, "loldu", None), LoLDULayer):
                 self._unhook(m)
 
