@@ -195,7 +195,7 @@ class LinearSites:
         found = set()
         for path, m in base_modules(component):
             parent, _, leaf = path.rpartition(".")
-            if isinstance(m, nn.Linear) and ".loldu" not in path:
+            if isinstance(m, nn.Linear):  # (base_modules never enters a LoLDULayer)
                 found.add((canonical_path(self.comp_name, parent), leaf))
         return found
 
@@ -231,26 +231,29 @@ class LinearSites:
             linear._loldu_hook = linear.register_forward_hook(_hook)
         return linear.loldu
 
+    @staticmethod
+    def _hooked(component) -> list[tuple[str, nn.Linear]]:
+        """(path, linear) of every projection carrying a LoLDULayer, listed before any is unhooked."""
+        return [(path, m) for path, m in base_modules(component) if isinstance(getattr(m, "loldu", None), LoLDULayer)]
+
     def layers(self, component) -> Iterator[tuple[str, str, LoLDULayer]]:
-        for path, m in base_modules(component):
-            if isinstance(getattr(m, "loldu", None), LoLDULayer):
-                parent, _, leaf = path.rpartition(".")
-                yield canonical_path(self.comp_name, parent), leaf, m.loldu
+        for path, m in self._hooked(component):
+            parent, _, leaf = path.rpartition(".")
+            yield canonical_path(self.comp_name, parent), leaf, m.loldu
 
     def snapshot(self, component) -> Callable[[], None]:
-        hooked = {id(m) for _, m in base_modules(component) if isinstance(getattr(m, "loldu", None), LoLDULayer)}
+        hooked = {id(m) for _, m in self._hooked(component)}
 
         def undo():
-            for _, m in list(base_modules(component)):
-                if isinstance(getattr(m, "loldu", None), LoLDULayer) and id(m) not in hooked:
+            for _, m in self._hooked(component):
+                if id(m) not in hooked:
                     self._unhook(m)
 
         return undo
 
     def remove(self, component) -> None:
-        for _, m in list(base_modules(component)):
-            if isinstance(getattr(m, "loldu", None), LoLDULayer):
-                self._unhook(m)
+        for _, m in self._hooked(component):
+            self._unhook(m)
 
     @staticmethod
     def _unhook(m) -> None:
