@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import torch
 
 from .io import atomic_save_safetensors, refuse_existing
-from .layer import LoLDUVector
+from .layer import LoadedDelta
 from .model import adapter_name_from_path, all_or_nothing, attach_layer, check_adapter_name, components, install_processors, iter_layers
 from .sites import sites_for
 
@@ -406,8 +406,8 @@ def load_adapter(model, path_or_file, adapter_name: str | None = None, weight: f
     comps = components(model)
     vectors = {}
     for c, rows in f.layers.items():
-        device = next(comps[c].parameters()).device  # built where the layers are: add_adapter's .to() keeps the views
-        vectors.update(zip([(c, m, t) for m, t in rows], LoLDUVector.fixed_rows(f.delta[c].to(device), f.row_ranks(c).tolist())))
+        device = next(comps[c].parameters()).device  # built where the layers are: one table for all of them
+        vectors.update(zip([(c, m, t) for m, t in rows], LoadedDelta.rows(f.delta[c].to(device), f.row_ranks(c).tolist())))
     with all_or_nothing(model, adapter_name):
         for c, rows in f.layers.items():
             install_processors(comps[c], c, [m for m, _ in rows])

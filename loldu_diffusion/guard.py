@@ -4,8 +4,8 @@ Each LoLDU layer caches its blended δ and must notice when adapters, weights or
 (layer.py). Checked inside every layer's forward, that costs a Python pass over every active
 adapter's values in every layer: adapters × layers reads of version counters on each UNet call,
 which a blend of 16 adapters pays in full. `BlendGuard` checks once, when its component (a UNet,
-a text encoder) is called: a loaded adapter's values are views of two tensors
-(LoLDUVector.fixed_rows), so one version counter per loaded adapter says whether any was edited;
+a text encoder) is called: a loaded adapter's rows are one tensor per component
+(layer.DeltaTable), so one version counter per loaded adapter says whether any was edited;
 requires_grad flags are read only where gradients are recorded. If nothing changed the layers
 keep their cached blends, and the layers it covers skip their own check while the component runs. A layer called any other way (a direct call, a
 recomputation in backward under gradient checkpointing, a layer the guard has not seen yet)
@@ -25,13 +25,12 @@ class BlendGuard:
         self.depth = 0  # > 0 while the component runs (nested calls count)
         self.generation = 0  # bumped when the covered layers are looked up again
         self.layers: list | None = None  # None: look them up at the next call
-        self.values: list | None = None  # every covered layer's active adapter values; None: collect again
-        self.versions: list = []  # tensors whose version counters cover those values (one per loaded adapter)
+        self.values: list | None = None  # the tensors of every covered layer's active adapters; None: collect again
         self.key = None
         self.handles = []
 
     def __getstate__(self):  # a copy (deepcopy, pickle) of the component looks its layers up again
-        return self.__dict__ | {"depth": 0, "layers": None, "values": None, "versions": [], "key": None}
+        return self.__dict__ | {"depth": 0, "layers": None, "values": None, "key": None}
 
     def install(self, component: nn.Module) -> "BlendGuard":
         self.handles = [component.register_forward_pre_hook(self.enter),
@@ -70,10 +69,9 @@ class BlendGuard:
             self.values = None
         if self.values is None:
             vectors = {id(v): v for layer in self.layers for v in layer.plan_vectors()}.values()
-            self.values = [t for v in vectors for t in (v.z, v.sigma)]
-            self.versions = list({id(t): t for v in vectors for t in v.version_sources()}.values())
+            self.values = list({id(t): t for v in vectors for t in v.tensors()}.values())
             self.key = None
-        key = [t._version for t in self.versions]
+        key = [t._version for t in self.values]
         if torch.is_grad_enabled():  # whether a value trains matters only where gradients are recorded
             key += [t.requires_grad for t in self.values]
         if key != self.key:

@@ -51,9 +51,7 @@ def initial_z(d: torch.Tensor, init: str) -> torch.Tensor:
 
 
 class LoLDUVector(nn.Module):
-    """One adapter's values on one layer: δ = σ z − σ₀ z₀ (r + 1 trainable numbers).
-
-    A loaded adapter is stored as z = δ, σ = 1, z₀ = 0, σ₀ = 0, so the same δ formula holds."""
+    """One adapter's values on one layer: δ = σ z − σ₀ z₀ (r + 1 trainable numbers)."""
 
     def __init__(self, z0: torch.Tensor, sigma0: float, trainable: bool):
         super().__init__()
@@ -70,41 +68,121 @@ class LoLDUVector(nn.Module):
     def delta(self) -> torch.Tensor:  # (r,)
         return self.sigma * self.z - self.sigma0 * self.z0
 
+    def tensors(self) -> tuple[torch.Tensor, ...]:
+        """What δ is computed from that may train or be edited in place (version counters)."""
+        return self.z, self.sigma
+
     @classmethod
     def fixed(cls, delta: torch.Tensor) -> "LoLDUVector":
-        return cls(delta, 1.0, trainable=False)._zero_reference()
+        """A vector of given δ that does not train (z = δ, σ = 1, z₀ = 0, σ₀ = 0)."""
+        v = cls(delta, 1.0, trainable=False)
+        v.z0.zero_()
+        v.sigma0.zero_()
+        return v
+
+
+class DeltaTable:
+    """A loaded adapter's δ on every layer of one component: (layers, r), one row per layer.
+    One tensor, so one version counter says whether any row was edited in place (guard.py
+    checks a loaded adapter once per call, not once per layer) and one move (`.to()`) takes
+    every row."""
+
+    __slots__ = ("z", "_applied")
+
+    def __init__(self, z: torch.Tensor):
+        self.z = z  # (layers, r) float32
+        self._applied = None
+
+    def apply(self, fn) -> None:
+        """A module's `.to()` / `.half()` / … function, applied once per pass: every layer that
+        holds a row of this table passes the same function on."""
+        if self._applied is not fn:
+            self.z, self._applied = fn(self.z), fn
+
+    def __getstate__(self):  # (a closure of .to() does not pickle)
+        return {"z": self.z}
+
+    def __setstate__(self, state):
+        self.z, self._applied = state["z"], None
+
+
+class LoadedDelta:
+    """A loaded adapter on one layer: the first `rank` entries of row `row` of its DeltaTable.
+    Not a module: a server holding thousands of adapters keeps 128 of these per SD 1.5 adapter,
+    and a module's own bookkeeping (a dozen dicts, four tensors) was ~3 KB each, 30× its numbers,
+    and most of a load's time."""
+
+    __slots__ = ("table", "row", "rank")
+
+    def __init__(self, table: DeltaTable, row: int, rank: int):
+        self.table, self.row, self.rank = table, row, rank
 
     @classmethod
-    def fixed_rows(cls, deltas: torch.Tensor, ranks: list[int] | None = None) -> list["LoLDUVector"]:
-        """One fixed vector per row of `deltas` (layers, r), the first ranks[i] entries of row i, for a
-        loaded adapter. Their values are views of two tensors (every z, every σ), so one version
-        counter says whether any of them was edited in place: guard.py checks a loaded adapter once
-        per call, not once per layer."""
-        z = deltas.detach().to(torch.float32).clone()  # (layers, r)
-        sigma = torch.ones(z.shape[0], device=z.device)  # (layers,)
-        ranks = ranks or [z.shape[1]] * z.shape[0]
-        vectors = []
-        for i in range(z.shape[0]):
-            v = cls.fixed(z[i, : ranks[i]])
-            v.z = nn.Parameter(z[i, : ranks[i]], requires_grad=False)  # (ranks[i],) a view of z
-            v.sigma = nn.Parameter(sigma[i], requires_grad=False)  # () a view of sigma
-            v.shared = (z, sigma)
-            vectors.append(v)
-        return vectors
+    def rows(cls, deltas: torch.Tensor, ranks: list[int]) -> list["LoadedDelta"]:
+        """One per row of `deltas` (layers, r), row i holding its first ranks[i] entries."""
+        table = DeltaTable(deltas.detach().to(dtype=torch.float32, copy=True))
+        return [cls(table, i, rank) for i, rank in enumerate(ranks)]
 
-    def version_sources(self) -> list[torch.Tensor]:
-        """Tensors whose version counters cover this vector's values: the shared tensors its
-        values are still views of (fixed_rows), else the values themselves (.to() to another
-        device or dtype makes them tensors of their own)."""
-        shared = getattr(self, "shared", None)
-        if shared is not None and all(t.untyped_storage().data_ptr() == s.untyped_storage().data_ptr() and t.device == s.device
-                                      for t, s in zip((self.z, self.sigma), shared)):
-            return list(shared)
-        return [self.z, self.sigma]
+    @property
+    def z(self) -> torch.Tensor:  # (rank,) a view: an in-place edit changes the table
+        return self.table.z[self.row, : self.rank]
 
-    def _zero_reference(self) -> "LoLDUVector":
-        self.z0.zero_()
-        self.sigma0.zero_()
+    def delta(self) -> torch.Tensor:  # (rank,)
+        return self.z
+
+    def tensors(self) -> tuple[torch.Tensor, ...]:
+        return (self.table.z,)
+
+
+class AdapterDict(nn.ModuleDict):
+    """A layer's adapters by name, in the order added: LoLDUVector modules (their values train
+    and are in the state dict, under `adapters.<name>`) and LoadedDelta rows (no module each);
+    moving the layer moves both."""
+
+    def __init__(self):
+        super().__init__()
+        self._entries: dict[str, LoLDUVector | LoadedDelta] = {}
+
+    def __getitem__(self, name: str):
+        return self._entries[name]
+
+    def __setitem__(self, name: str, value) -> None:
+        self._modules.pop(name, None)
+        if isinstance(value, nn.Module):
+            self.add_module(name, value)
+        self._entries[name] = value
+
+    def __delitem__(self, name: str) -> None:
+        del self._entries[name]
+        self._modules.pop(name, None)
+
+    def __contains__(self, name) -> bool:
+        return name in self._entries
+
+    def __iter__(self):
+        return iter(self._entries)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def keys(self):
+        return self._entries.keys()
+
+    def values(self):
+        return self._entries.values()
+
+    def items(self):
+        return self._entries.items()
+
+    def clear(self) -> None:
+        self._entries.clear()
+        self._modules.clear()
+
+    def _apply(self, fn, *args, **kwargs):
+        super()._apply(fn, *args, **kwargs)
+        for v in self._entries.values():
+            if isinstance(v, LoadedDelta):
+                v.table.apply(fn)
         return self
 
 
@@ -114,7 +192,7 @@ class LoLDULayer(nn.Module):
     def __init__(self, base: nn.Linear, rank: int, factors=None):
         super().__init__()
         self._base = [base]  # a plain reference: the base weight stays where the base model keeps it
-        self.adapters = nn.ModuleDict()
+        self.adapters = AdapterDict()
         self._weights: dict[str, float] = {}  # adapter name → blend weight; absent = inactive
         self.enabled = True
         self.fused_delta: torch.Tensor | None = None
@@ -198,10 +276,14 @@ class LoLDULayer(nn.Module):
         assert torch.equal(f.pivots[: self.rank].to(self.pivots.device), self.pivots)
         return f.pivots, f.d
 
-    def add_adapter(self, name: str, vector: LoLDUVector, weight: float = 1.0) -> None:
+    def add_adapter(self, name: str, vector: LoLDUVector | LoadedDelta, weight: float = 1.0) -> None:
         if vector.rank > self.rank:
             self.ensure_rank(vector.rank)
-        self.adapters[name] = vector.to(self.L.device)
+        if isinstance(vector, LoLDUVector):
+            vector = vector.to(self.L.device)
+        elif vector.table.z.device != self.L.device:  # a layer placed apart from the others (device_map): a row of its own
+            vector = LoadedDelta(DeltaTable(vector.z.to(self.L.device, copy=True)[None]), 0, vector.rank)
+        self.adapters[name] = vector
         self._weights[name] = float(weight)
         self._invalidate()
 
@@ -234,11 +316,11 @@ class LoLDULayer(nn.Module):
             active = self._active(self._weights)
             samples = None if self._sample_weights is None else [self._active(b) for b in self._sample_weights]
             vecs = {id(v): v for a in [active] + (samples or []) for v, _ in a}.values()
-            values = [t for v in vecs for t in (v.z, v.sigma)]
+            values = [t for v in vecs for t in v.tensors()]
             self._plan = (active, samples, values, list(vecs))
             self._cache_key = None
 
-    def plan_vectors(self) -> list[LoLDUVector]:
+    def plan_vectors(self) -> list[LoLDUVector | LoadedDelta]:
         """The adapter vectors the cached blends are computed from."""
         self._ensure_plan()
         return self._plan[3]
@@ -272,7 +354,7 @@ class LoLDULayer(nn.Module):
     def _stack(self, samples) -> torch.Tensor | None:
         if not any(samples):
             return None
-        vecs = [a[0][0] for a in samples if len(a) == 1 and a[0][1] == 1.0]
+        vecs = [a[0][0] for a in samples if len(a) == 1 and a[0][1] == 1.0 and isinstance(a[0][0], LoLDUVector)]
         if len(vecs) == len(samples) and len({v.rank for v in vecs}) == 1:
             # one adapter per sample, as K subjects training together: a few stacked ops (and as
             # many autograd nodes) instead of ~4 per sample; the same values bit for bit as delta()

@@ -145,11 +145,11 @@ def inject_loldu(model, config: LoLDUConfig | None = None, adapter_name: str = "
 
 def loldu_parameters(model) -> list[nn.Parameter]:
     """The trainable z and σ tensors, nothing else."""
-    params = []
+    params = {}  # (a loaded adapter's table, made to train by hand, is one tensor for all its layers)
     for *_, layer in iter_layers(model):
         for vec in layer.adapters.values():
-            params += [p for p in (vec.z, vec.sigma) if p.requires_grad]
-    return params
+            params.update({id(p): p for p in vec.tensors() if p.requires_grad})
+    return list(params.values())
 
 
 def adapter_names(model) -> list[str]:

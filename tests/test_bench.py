@@ -89,6 +89,8 @@ def test_cost_suite_quick(tmp_path, capsys):
     assert r["blend16_py_calls"] == r["blend4_py_calls"] == r["blend1_py_calls"] == r["unfused_py_calls"]
     assert r["loldu_params"] == r["layers"] * (r["rank"] + 1) and r["lora_params"] > r["loldu_params"]
     assert r["file_kb"] < r["lora_file_kb"]
+    # a loaded adapter holds a few times its file's bytes (a module per layer held ~30 times)
+    assert r["file_kb"] < r["loaded_adapter_kb"] < 5 * r["file_kb"] and r["load_adapter_many_s"] > 0
     assert sorted(os.listdir(tmp_path)) == ["cost_quick.json", "cost_quick.md", "cost_quick.png"]
 
 

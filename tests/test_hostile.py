@@ -246,7 +246,7 @@ def test_app_restores_the_base_when_a_fused_generation_fails(tiny_sd_path, good,
 
 def test_a_blend_of_16_adapters_uses_the_cached_delta(tiny_sd_path, good, tmp_path, monkeypatch):
     from loldu_diffusion import AdapterFile, set_adapter_weights
-    from loldu_diffusion.layer import LoLDUVector
+    from loldu_diffusion.layer import LoadedDelta
     from loldu_diffusion.pipeline import load_base
 
     pipe = load_base(tiny_sd_path)
@@ -256,8 +256,8 @@ def test_a_blend_of_16_adapters_uses_the_cached_delta(tiny_sd_path, good, tmp_pa
         f.delta["unet"] = f.delta["unet"] * (1 + 0.1 * torch.randn_like(f.delta["unet"]))
         load_adapter(pipe, f, adapter_name=f"a{k}", weight=1 / 16)
     calls = []
-    real = LoLDUVector.delta
-    monkeypatch.setattr(LoLDUVector, "delta", lambda self: calls.append(1) or real(self))
+    real = LoadedDelta.delta
+    monkeypatch.setattr(LoadedDelta, "delta", lambda self: calls.append(1) or real(self))
     first = unet_out(pipe)
     layers = [layer for *_, layer in iter_layers(pipe)]
     assert len(calls) == 16 * len(layers)  # computed once per layer
@@ -267,16 +267,16 @@ def test_a_blend_of_16_adapters_uses_the_cached_delta(tiny_sd_path, good, tmp_pa
     assert calls == []  # never per forward
     # the live computation (as while training: values that train, gradients recorded) gives the
     # same output, bit for bit; under no_grad a value that could train still uses the cache
-    for layer in layers:
-        for vec in layer.adapters.values():
-            vec.z.requires_grad_(True)
+    tables = {id(t): t for layer in layers for vec in layer.adapters.values() for t in vec.tensors()}.values()
+    assert len(tables) == 16  # one per loaded adapter (and component: these adapt the UNet alone)
+    for t in tables:
+        t.requires_grad_(True)
     assert torch.equal(unet_out(pipe), first) and calls == []
     g = torch.Generator().manual_seed(0)
     x, c = torch.randn(1, 4, 8, 8, generator=g), torch.randn(1, 7, pipe.unet.config.cross_attention_dim, generator=g)
     assert torch.equal(pipe.unet(x, torch.tensor([400]), c).sample.detach(), first) and len(calls) > 0
-    for layer in layers:
-        for vec in layer.adapters.values():
-            vec.z.requires_grad_(False)
+    for t in tables:
+        t.requires_grad_(False)
     # new weights and in-place edits of an adapter's values are seen
     calls.clear()
     set_adapter_weights(pipe, {"a0": 1.0})
@@ -287,10 +287,48 @@ def test_a_blend_of_16_adapters_uses_the_cached_delta(tiny_sd_path, good, tmp_pa
     assert not torch.equal(unet_out(pipe), only)
 
 
+def test_a_loaded_adapter_is_one_tensor_per_component_not_a_module_per_layer(tiny_sd_path, good):
+    """What a server holding thousands of adapters needs: each file loaded adds one (layers, r)
+    tensor per component and a small row object per layer (no module, nothing in the model's
+    state dict), holding the file's δ; moving the model moves that tensor once, and the model
+    still pickles."""
+    import gc
+    import pickle
+    import weakref
+
+    from loldu_diffusion import AdapterFile, delete_adapter, set_adapter_weights
+    from loldu_diffusion.pipeline import load_base
+
+    pipe = load_base(tiny_sd_path)
+    load_adapter(pipe, good, adapter_name="a0")
+    modules, keys = len(list(pipe.unet.modules())), set(pipe.unet.state_dict())
+    load_adapter(pipe, good, adapter_name="a1", weight=0.0)
+    assert len(list(pipe.unet.modules())) == modules and set(pipe.unet.state_dict()) == keys
+    f = AdapterFile.read(good)
+    layers = {(path, target): layer for _, path, target, layer in iter_layers(pipe.unet)}
+    rows = [layers[m, t].adapters["a1"] for m, t in f.layers["unet"]]
+    assert all(row.table is rows[0].table for row in rows) and rows[0].table.z.shape == f.delta["unet"].shape
+    for i, (row, rank) in enumerate(zip(rows, f.row_ranks("unet").tolist())):
+        assert torch.equal(row.delta(), f.delta["unet"][i, :rank])
+    set_adapter_weights(pipe, {"a1": 1.0})
+    one = unet_out(pipe)
+    pipe.unet.to("cpu")  # a move: the table's last move is remembered (a closure) and must not stop a pickle
+    twin = pickle.loads(pickle.dumps(pipe.unet))
+    with torch.no_grad():
+        g = torch.Generator().manual_seed(0)
+        x, c = torch.randn(1, 4, 8, 8, generator=g), torch.randn(1, 7, twin.config.cross_attention_dim, generator=g)
+        torch.testing.assert_close(twin(x, torch.tensor([400]), c).sample, one, atol=1e-6, rtol=1e-6)  # (new addresses)
+    table = weakref.ref(rows[0].table.z)
+    del rows, row, twin
+    delete_adapter(pipe, "a1")  # and nothing else holds it: a server can load and drop adapters all day
+    gc.collect()
+    assert table() is None
+
+
 def test_the_per_call_check_of_a_blend_does_not_grow_with_layers(tiny_sd_path, good):
-    """The UNet's guard reads one version counter per loaded adapter's z's and one for its σ's
-    (views of two tensors), whatever the number of layers; a copy of the values made by .to()
-    is checked value by value, so an edit is still seen."""
+    """The UNet's guard reads one version counter per loaded adapter (the rows of all its layers
+    are one tensor), whatever the number of layers, also after .to() moved them; an edit of one
+    layer's values is seen."""
     from loldu_diffusion import set_adapter_weights
     from loldu_diffusion.pipeline import load_base
 
@@ -300,12 +338,15 @@ def test_the_per_call_check_of_a_blend_does_not_grow_with_layers(tiny_sd_path, g
     before = unet_out(pipe)
     guard = pipe.unet.__dict__["_loldu_guard"]
     layers = [layer for *_, layer in iter_layers(pipe.unet)]
-    assert len(guard.layers) == len(layers) > 4 and len(guard.versions) == 4 * 2
-    pipe.unet._apply(torch.clone)  # as .to() to another device does: new tensors, no longer views of the shared ones
+    assert len(guard.layers) == len(layers) > 4 and len(guard.values) == 4
+    tables = [layer.adapters["a0"].table.z for layer in layers]
+    pipe.unet._apply(torch.clone)  # as .to() to another device does: new tensors
+    moved = [layer.adapters["a0"].table.z for layer in layers]
+    assert all(t is moved[0] for t in moved) and moved[0] is not tables[0]  # the table moved once, for every layer
     set_adapter_weights(pipe, {f"a{k}": 0.25 for k in range(4)})
     after = unet_out(pipe)  # (equal up to rounding: kernels may sum differently at new addresses)
     torch.testing.assert_close(after, before, atol=1e-6, rtol=1e-6)
-    assert len(guard.versions) == 4 * 2 * len(layers)
+    assert len(guard.values) == 4
     with torch.no_grad():
         layers[-1].adapters["a3"].z.mul_(3)
     edited = unet_out(pipe)

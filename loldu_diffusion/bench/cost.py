@@ -244,6 +244,40 @@ def lora_unet(cfg, device, dtype, init):
     return unet, [p for p in unet.parameters() if p.requires_grad]
 
 
+def many_adapters_cost(unet, path: str, device: str, loaded: int, n: int = 16) -> dict:
+    """What a server holding many adapters pays per file: bytes one more loaded adapter holds
+    (Python objects, by tracemalloc, plus its tensors), and the time to load one when `loaded`
+    are loaded already. The extra adapters are deleted after."""
+    import gc
+    import tracemalloc
+
+    from .. import delete_adapter, load_adapter
+    from ..model import iter_layers
+
+    names = [f"many{k}" for k in range(loaded + n)]
+    gc.collect()
+    tracemalloc.start()
+    before = tracemalloc.get_traced_memory()[0]
+    for name in names[:n]:
+        load_adapter(unet, path, adapter_name=name, weight=0.0)
+    gc.collect()
+    held = tracemalloc.get_traced_memory()[0] - before
+    tracemalloc.stop()
+    tensors = {id(t): t for *_, layer in iter_layers(unet) for name in names[:n] for t in layer.adapters[name].tensors()}
+    held += sum(t.nbytes for t in tensors.values())
+    for name in names[n:loaded]:
+        load_adapter(unet, path, adapter_name=name, weight=0.0)
+    sync(device)
+    t0 = time.perf_counter()
+    for name in names[loaded:]:
+        load_adapter(unet, path, adapter_name=name, weight=0.0)
+    sync(device)
+    secs = (time.perf_counter() - t0) / n
+    for name in names:
+        delete_adapter(unet, name)
+    return {"loaded_adapter_kb": held / n / 1000, "adapters_loaded_before": loaded, "load_adapter_many_s": secs}
+
+
 def multi_subject_cost(steps: int, ks=(1, 4, 8)) -> dict:
     """Wall time of the real trainer on the embedded base: one --concepts_list run of K subjects
     against K runs of one subject each (same flags, in this process, so the separate runs do
@@ -373,6 +407,7 @@ def run(quick: bool = False, device: str | None = None, iters: int | None = None
             load_adapter(unet, path, adapter_name=f"b{n}", weight=0.1)
         sync(device)
         r["load_adapter_s"] = (time.perf_counter() - t0) / 16  # read, validate against the base, attach
+        r.update(many_adapters_cost(unet, path, device, loaded=200))
     with torch.no_grad():  # 16 different adapters, not 16 copies
         for *_, layer in iter_layers(unet):
             for n in range(16):
@@ -480,6 +515,10 @@ def markdown(r: dict) -> str:
     if "load_adapter_s" in r:  # runs before session 17 did not time it
         out += ["", f"Load an adapter file onto the base (read, check every tensor against the base, attach; mean of 16): "
                 f"{r['load_adapter_s'] * 1000:.1f} ms."]
+    if "loaded_adapter_kb" in r:  # runs before session 18 did not measure it
+        out += [f"With {r['adapters_loaded_before']} adapters loaded already: {r['load_adapter_many_s'] * 1000:.1f} ms. "
+                f"Memory one loaded adapter holds (Python objects and its δ table): {r['loaded_adapter_kb']:.1f} KB "
+                f"(its file: {r['file_kb']:.1f} KB)."]
     ms = r.get("multi_subject")
     if ms:
         out += ["", f"| training K subjects on the embedded base, {ms['steps']} steps (whole run, in-process) | seconds | per subject | "
