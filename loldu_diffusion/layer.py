@@ -84,26 +84,30 @@ class LoLDUVector(nn.Module):
 class DeltaTable:
     """A loaded adapter's δ on every layer of one component: (layers, r), one row per layer.
     One tensor, so one version counter says whether any row was edited in place (guard.py
-    checks a loaded adapter once per call, not once per layer) and one move (`.to()`) takes
-    every row."""
+    checks a loaded adapter once per call, not once per layer) and a move (`.to()`) of the
+    component copies it once."""
 
-    __slots__ = ("z", "_applied")
+    __slots__ = ("z", "_moved")
 
     def __init__(self, z: torch.Tensor):
         self.z = z  # (layers, r) float32
-        self._applied = None
+        self._moved = None  # (fn, the table it gave): the other rows of the same pass take that one
 
-    def apply(self, fn) -> None:
-        """A module's `.to()` / `.half()` / … function, applied once per pass: every layer that
-        holds a row of this table passes the same function on."""
-        if self._applied is not fn:
-            self.z, self._applied = fn(self.z), fn
+    def moved(self, fn) -> "DeltaTable":
+        """This table under a module's `.to()` / `.half()` / … function: a new table, made once per
+        pass (every layer of a moved component passes the same function on), so the layers of one
+        pass share it, and layers the pass did not reach keep this one where it is."""
+        if self._moved is None or self._moved[0] is not fn:
+            with torch.no_grad():  # as Module._apply: a copy, not a step of the autograd graph
+                z = fn(self.z).requires_grad_(self.z.requires_grad)
+            self._moved = (fn, DeltaTable(z))
+        return self._moved[1]
 
     def __getstate__(self):  # (a closure of .to() does not pickle)
         return {"z": self.z}
 
     def __setstate__(self, state):
-        self.z, self._applied = state["z"], None
+        self.z, self._moved = state["z"], None
 
 
 class LoadedDelta:
@@ -124,11 +128,11 @@ class LoadedDelta:
         return [cls(table, i, rank) for i, rank in enumerate(ranks)]
 
     @property
-    def z(self) -> torch.Tensor:  # (rank,) a view: an in-place edit changes the table
+    def z(self) -> torch.Tensor:  # (rank,) a new view at each read: an in-place edit changes the table
         return self.table.z[self.row, : self.rank]
 
-    def delta(self) -> torch.Tensor:  # (rank,)
-        return self.z
+    def delta(self) -> torch.Tensor:  # (rank,) a copy: a layer's cached blend must not alias the adapter
+        return self.z.clone()
 
     def tensors(self) -> tuple[torch.Tensor, ...]:
         return (self.table.z,)
@@ -182,8 +186,12 @@ class AdapterDict(nn.ModuleDict):
         super()._apply(fn, *args, **kwargs)
         for v in self._entries.values():
             if isinstance(v, LoadedDelta):
-                v.table.apply(fn)
+                v.table = v.table.moved(fn)
         return self
+
+    def extra_repr(self) -> str:
+        loaded = [n for n, v in self._entries.items() if isinstance(v, LoadedDelta)]
+        return f"loaded={loaded}" if loaded else ""
 
 
 class LoLDULayer(nn.Module):

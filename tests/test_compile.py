@@ -1,15 +1,19 @@
 """torch.compile of a UNet with LoLDU processors: one graph, no breaks, the eager outputs, and
 no stale blend after weights, per-sample blends or adapter values change."""
+import os
+import tempfile
+
 import torch
 from tiny import tiny_unet, unet_inputs
 
-from loldu_diffusion import LoLDUConfig, inject_loldu, iter_layers, set_adapter_weights
+from loldu_diffusion import LoLDUConfig, inject_loldu, iter_layers, load_adapter, save_adapter, set_adapter_weights
 from loldu_diffusion.compile import compile_unet, is_compiled, uncompile_unet
 from loldu_diffusion.serving import per_sample_adapters
 
 
 def small_unet():
-    """One cross-attention block per level (and the mid block): tracing stays a few seconds."""
+    """One cross-attention block per level (and the mid block): tracing stays a few seconds.
+    Adapters "a" and "b" injected, "c" loaded from a file (rows of one table, as a server holds)."""
     unet = tiny_unet(block_out_channels=(32,), down_block_types=("CrossAttnDownBlock2D",), up_block_types=("CrossAttnUpBlock2D",))
     for name, rank in (("a", 4), ("b", 2)):
         inject_loldu(unet, LoLDUConfig(rank=rank, init="uniform"), adapter_name=name)
@@ -18,13 +22,17 @@ def small_unet():
         for v in layer.adapters.values():
             v.z.requires_grad_(False).mul_(1 + torch.randn_like(v.z))  # adapters that change the output
             v.sigma.requires_grad_(False)
+    with tempfile.TemporaryDirectory() as tmp:
+        save_adapter(unet, os.path.join(tmp, "c.safetensors"), adapter_name="a")
+        load_adapter(unet, os.path.join(tmp, "c.safetensors"), adapter_name="c")
+    next(layer for *_, layer in iter_layers(unet)).adapters["c"].table.z.mul_(-0.5)  # (not a copy of "a")
     return unet
 
 
 def test_unet_with_loldu_traces_as_one_graph_without_breaks():
     unet = small_unet()
     x, t, c = unet_inputs(unet)
-    set_adapter_weights(unet, {"a": 1.0, "b": 0.5})
+    set_adapter_weights(unet, {"a": 1.0, "b": 0.5, "c": 0.7})
     with torch.no_grad():
         unet(x, t, c)  # eager: the cached blends exist, as compile_unet's pre-hook makes sure
         shared = torch._dynamo.explain(unet)(x, t, c)
@@ -45,12 +53,19 @@ def test_compiled_unet_equals_eager_and_sees_every_change():
         yield "new weights"
         first.adapters["a"].z.mul_(2.0)  # an in-place edit of an adapter's values
         yield "edited values"
+        set_adapter_weights(unet, {"c": 1.0, "b": 0.3})
+        yield "a loaded adapter"
+        first.adapters["c"].z.mul_(2.0)  # and of a loaded one's (a view of its table)
+        yield "edited loaded values"
         with per_sample_adapters(unet, [{"b": 1.0}, {"a": 1.0}]):
             yield "per-sample"
+        with per_sample_adapters(unet, [{"c": 1.0}, {"a": 0.5, "c": 0.5}]):
+            yield "per-sample, loaded"
 
     with torch.no_grad():
         eager = {name: unet(x, t, c).sample for name in states()}
         first.adapters["a"].z.div_(2.0)  # (exact: a power of two)
+        first.adapters["c"].z.div_(2.0)
         compile_unet(unet, backend="eager")  # dynamo's tracing and guards; inductor's codegen is torch's to test
         assert is_compiled(unet)
         compiled = {name: unet(x, t, c).sample for name in states()}

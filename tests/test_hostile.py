@@ -325,6 +325,36 @@ def test_a_loaded_adapter_is_one_tensor_per_component_not_a_module_per_layer(tin
     assert table() is None
 
 
+def test_moving_some_layers_moves_their_rows_of_a_loaded_adapter_only():
+    """A loaded adapter's rows share one table, yet a move of part of a model (one block to
+    another device or dtype) takes only the moved layers' rows: the others keep working and
+    keep seeing in-place edits; a table made to train stays a leaf; a layer's cached δ is never
+    the adapter's own memory."""
+    from torch import nn
+
+    from loldu_diffusion.layer import LoadedDelta, LoLDULayer
+
+    torch.manual_seed(0)
+    layers = nn.ModuleList([LoLDULayer(nn.Linear(8, 8), 4) for _ in range(2)])
+    rows = LoadedDelta.rows(torch.randn(2, 4), [4, 4])
+    for layer, row in zip(layers, rows):
+        layer.add_adapter("a", row, 1.0)
+    x = torch.randn(3, 8)
+    with torch.no_grad():
+        before = [layer(x) for layer in layers]
+        layers[0].double()
+        assert rows[0].table.z.dtype == torch.float64 and rows[1].table.z.dtype == torch.float32
+        layers[1].weights = {"a": 1.0}  # recomputes its blend from its own rows
+        assert torch.equal(layers[1](x), before[1])
+        layers[1].delta_vector().mul_(0)  # the cache is a copy: the adapter is untouched
+        rows[1].z.mul_(2)  # an edit after the other layer moved is seen
+        assert torch.allclose(layers[1](x), 2 * before[1], atol=1e-5) and rows[1].z.abs().sum() > 0
+        torch.testing.assert_close(layers[0](x.double()).float(), before[0])
+    rows[1].table.z.requires_grad_(True)
+    layers[1].double()
+    assert rows[1].table.z.is_leaf and rows[1].table.z.requires_grad and rows[1].table.z.dtype == torch.float64
+
+
 def test_the_per_call_check_of_a_blend_does_not_grow_with_layers(tiny_sd_path, good):
     """The UNet's guard reads one version counter per loaded adapter (the rows of all its layers
     are one tensor), whatever the number of layers, also after .to() moved them; an edit of one
