@@ -149,7 +149,7 @@ def _prompt_specs(args) -> list[list[str]]:
     return [[] if text.strip().lower() == "none" else [x.strip() for x in text.split(",") if x.strip()] for text in args.prompt_adapters]
 
 
-def _use_embeddings(pipe, paths: list[str]) -> list[str]:
+def _use_embeddings(pipe, paths) -> list[str]:
     """Write the files' rows into the pipeline's token tables, saying which tokens; the tokens."""
     from .embeddings import load_token_embeddings
 
@@ -161,10 +161,10 @@ def _use_embeddings(pipe, paths: list[str]) -> list[str]:
     return tokens
 
 
-def _embeddings_of(given: list[str], specs: list[str]) -> list[str]:
-    """--embedding files, then the identifier embedding beside each adapter (pivotal tuning writes
-    it there, and the adapter without it draws the class, not the subject), each once, checked
-    before the base loads. A token has one row per image: an --embedding's token is not taken
+def _embeddings_of(given: list[str], specs: list[str]) -> dict[str, str]:
+    """{path: sha256} of the --embedding files, then of the identifier embedding beside each adapter
+    (pivotal tuning writes it there, and the adapter without it draws the class, not the subject),
+    each once, checked before the base loads. A token has one row per image: an --embedding's token is not taken
     from a file beside an adapter (said), and two other files for one token are refused."""
     from .embeddings import EmbeddingFileError, embedding_beside, read_embedding_rows
     from .io import file_sha256
@@ -173,7 +173,7 @@ def _embeddings_of(given: list[str], specs: list[str]) -> list[str]:
     for p in given:
         if not os.path.isfile(p):
             raise FileNotFoundError(f"--embedding {p}: no such file")
-    found, owner = [], {}  # paths; token → (path, what named it, its hash)
+    found, owner = {}, {}  # path → its hash; token → (path, what named it, its hash)
     candidates = [(os.path.abspath(p), f"--embedding {p}", True) for p in given]
     for adapter, _ in map(parse_adapter_spec, specs):
         beside = embedding_beside(adapter)
@@ -196,7 +196,7 @@ def _embeddings_of(given: list[str], specs: list[str]) -> list[str]:
             choose = "keep one of the two" if explicit else "generate them in separate runs, or choose one with --embedding FILE"
             raise EmbeddingFileError(f"{said} and {other_said} give `{t}` different rows; a token has one per image: {choose}")
         owner.update({t: (path, said, digest) for t in tokens})
-        found.append(path)
+        found[path] = digest
     return found
 
 
@@ -252,7 +252,7 @@ def _generate(args) -> int:
     _check_specs(every_spec)
     _check_output(args, folder=True)
     embeddings = _embeddings_of(args.embedding or [], every_spec)
-    hashes = _file_hashes(every_spec, embeddings)
+    hashes = _file_hashes(every_spec) | {p: digest[:12] for p, digest in embeddings.items()}
     pipe = load_base(args.base, device=args.device)
     blends = _load_blends(pipe, args.adapter or [], own)
     _use_embeddings(pipe, embeddings)
@@ -274,7 +274,7 @@ def _generate(args) -> int:
             seed = first + i
             settings = {"prompt": prompt, "negative_prompt": args.negative_prompt, "seed": seed, "steps": args.steps,
                         "guidance": args.guidance, "size": size, "base": pipe._loldu_base_path, "adapters": blend,
-                        "embeddings": embeddings, "hashes": {n: hashes[n] for n in list(blend) + embeddings}}
+                        "embeddings": list(embeddings), "hashes": {n: hashes[n] for n in [*blend, *embeddings]}}
             same = _same_image(args.output, seed, json.dumps(settings))
             if same:  # the same settings and seed make the same image: do not write a copy
                 present.append(same)
@@ -295,12 +295,12 @@ def _generate(args) -> int:
     return 0
 
 
-def _file_hashes(specs: list[str], embeddings: list[str]) -> dict[str, str]:
+def _file_hashes(specs: list[str]) -> dict[str, str]:
     """sha256 (first 12 hex digits, as A1111's LoRA hashes) of each adapter, by the name `_load_blends`
-    gives it, and of each embedding, by path: a retrained loldu_adapter.safetensors is another image."""
+    gives it: a retrained loldu_adapter.safetensors is another image."""
     from .io import file_sha256
 
-    return {n: file_sha256(p)[:12] for p, n in _adapter_names(specs).items()} | {p: file_sha256(p)[:12] for p in embeddings}
+    return {n: file_sha256(p)[:12] for p, n in _adapter_names(specs).items()}
 
 
 def _same_image(folder: str, seed: int, parameters: str) -> str | None:

@@ -89,3 +89,21 @@ def torch_rand(g):
     import torch
 
     return torch.rand(3, generator=g).tolist()
+
+
+def test_photo_warning_counts_each_photo_once_and_reads_each_file_once(tmp_path, monkeypatch):
+    """The embedded base warns about photos from the sizes read with the images (no second read), once per photo
+    whatever --repeats is."""
+    from loldu_diffusion.training.loop import warn_about_photos
+
+    for name, size in (("a.png", (300, 200)), ("b.png", (200, 240)), ("small.png", (32, 32))):
+        Image.new("RGB", size, (9, 9, 9)).save(tmp_path / name)
+    images = ImageSet.from_folder(str(tmp_path), "a photo of sks dog", 32).repeated(3)
+    assert len(images) == 9 and sorted(images.read_sides) == [32, 200, 200]
+    monkeypatch.setattr(Image, "open", lambda *a, **k: pytest.fail("a photo was opened again"))
+    said = []
+    warn_about_photos(images, 32, said.append)
+    assert len(said) == 1 and "2 of the 3 instance images are larger pictures" in said[0]
+    said.clear()
+    warn_about_photos(images, 128, said.append)  # 200 px is no photo for a 128 px base
+    assert said == []

@@ -97,6 +97,7 @@ class ImageSet:
     images: list[torch.Tensor]  # (3, H, W), shorter side = resolution
     captions: list[str]
     paths: list[str] = field(default_factory=list)
+    read_sides: list[int] = field(default_factory=list)  # shorter side of each distinct image as read (not repeated)
 
     def __len__(self):
         return len(self.images)
@@ -107,7 +108,7 @@ class ImageSet:
         if skipped:
             warn(f"{flag} {folder}: skipped {len(skipped)} unreadable file(s): {', '.join(skipped)}")
         return cls([resize_shorter(im, resolution, resample) for _, im in found], [caption_for(p, prompt) for p, _ in found],
-                   [p for p, _ in found])
+                   [p for p, _ in found], [min(im.size) for _, im in found])
 
     @classmethod
     def from_dataset(cls, name, config, image_column, caption_column, prompt, resolution, cache_dir=None, resample=None) -> "ImageSet":
@@ -134,11 +135,11 @@ class ImageSet:
         if not images:
             raise DataError(f"--dataset_name {name}: no images in its train split")
         captions = [str(c) for c in split[caption_column]] if caption_column else [prompt] * len(images)
-        return cls([resize_shorter(im, resolution, resample) for im in images], captions, [])
+        return cls([resize_shorter(im, resolution, resample) for im in images], captions, [], [min(im.size) for im in images])
 
     def repeated(self, n: int) -> "ImageSet":
         """Each image n times (--repeats): longer epochs, the same images."""
-        return self if n == 1 else ImageSet(self.images * n, self.captions * n, self.paths * n)
+        return self if n == 1 else ImageSet(self.images * n, self.captions * n, self.paths * n, self.read_sides)
 
     def crop(self, i: int, resolution: int, center: bool, flip: bool, gen: torch.Generator) -> torch.Tensor:
         img = self.images[i]

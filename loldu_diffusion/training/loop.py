@@ -99,17 +99,11 @@ def training_resolution(args, m, say) -> int:
 
 
 def warn_about_photos(instance: ImageSet, native: int, say) -> None:
-    from PIL import Image
-
-    def shorter_side(path):
-        with Image.open(path) as im:  # reads the header only
-            return min(im.size)
-
-    photos = [p for p in instance.paths if shorter_side(p) > 2 * native]
+    photos = sum(side > 2 * native for side in instance.read_sides)
     if photos:
         say(f"warning: the embedded base only knows its own toy world ({native} px scenes of six shapes in eight colours); "
-            f"{len(photos)} of the instance images are larger pictures, likely photos, which it cannot learn recognisably: "
-            "for photos, pass a real Stable Diffusion model with --pretrained_model_name_or_path")
+            f"{photos} of the {len(instance.read_sides)} instance images are larger pictures, likely photos, which it cannot "
+            "learn recognisably: for photos, pass a real Stable Diffusion model with --pretrained_model_name_or_path")
 
 
 # ---- one step --------------------------------------------------------------------------------
@@ -228,7 +222,7 @@ def train_in_claimed_dir(args, accelerator, resume_path, report_to, tracker_warn
         warning = check_identifier(s.instance_prompt)
         if warning:
             say(f"warning: {warning}")
-        if args.embedded and is_main and instance.paths:
+        if args.embedded and is_main:
             warn_about_photos(instance, native_resolution(m), say)
     try:
         args = settle_schedule(args, max(map(len, instances)), accelerator.num_processes)  # settled: nothing below changes args
