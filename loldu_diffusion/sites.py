@@ -17,6 +17,8 @@ component name to a kind of site in `SITES`.
 from __future__ import annotations
 
 import re
+import threading
+from contextlib import contextmanager
 from typing import Callable, Iterator
 
 from torch import nn
@@ -43,7 +45,7 @@ def resolve_submodule(component: nn.Module, path: str) -> nn.Module:
     raise AttributeError(f"no submodule {path!r}")
 
 
-def base_modules(component: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+def _walk(component: nn.Module) -> Iterator[tuple[str, nn.Module]]:
     """(path, module) as `named_modules()` gives them, without descending into what LoLDU added
     (processors, layers and their adapters' vectors): those grow with every loaded adapter, so a
     full walk made each load slower than the last (69 → 191 ms at SD size over 60 adapters)."""
@@ -57,6 +59,40 @@ def base_modules(component: nn.Module) -> Iterator[tuple[str, nn.Module]]:
         children = [(f"{path}.{name}" if path else name, child) for name, child in m._modules.items()
                     if child is not None and not isinstance(child, (LoLDUAttnProcessor, LoLDULayer))]
         stack.extend(reversed(children))  # pre-order, children in registration order: named_modules' order
+
+
+_scope = threading.local()  # .walks: {(kind, id(component)): (component, result)} inside fixed_module_trees()
+
+
+@contextmanager
+def fixed_module_trees():
+    """A block in which no component's module tree changes (loading an adapter only sets
+    processors, hooks and LoLDU layers, which the walks do not enter): each component is walked
+    once, not once per question (five walks and a get_submodule per row were most of a load's
+    time at SD size). Nested blocks share the outer one's walks; each thread has its own."""
+    if getattr(_scope, "walks", None) is not None:
+        yield
+        return
+    _scope.walks = {}
+    try:
+        yield
+    finally:
+        _scope.walks = None
+
+
+def _walked(kind: str, component: nn.Module, compute):
+    walks = getattr(_scope, "walks", None)
+    if walks is None:
+        return compute()
+    key = (kind, id(component))
+    if key not in walks:
+        walks[key] = (component, compute())  # holding the component keeps its id from being reused in the block
+    return walks[key][1]
+
+
+def base_modules(component: nn.Module) -> list[tuple[str, nn.Module]]:
+    """(path, module) of the component's own modules, in named_modules' order (see _walk)."""
+    return _walked("modules", component, lambda: list(_walk(component)))
 
 
 def _submodule_or_none(component: nn.Module, path: str) -> nn.Module | None:
@@ -86,8 +122,14 @@ class AttentionSites:
 
     @staticmethod
     def attentions(component: nn.Module) -> dict[str, nn.Module]:
-        return {name: m for name, m in base_modules(component)
-                if getattr(type(m), "set_processor", None) is not None and hasattr(m, "processor")}
+        return _walked("attentions", component, lambda: {name: m for name, m in base_modules(component)
+                                                         if getattr(type(m), "set_processor", None) is not None and hasattr(m, "processor")})
+
+    def _attention_at(self, component, path: str) -> nn.Module | None:
+        """The module at `path` (None if none): from the block's walk inside fixed_module_trees()."""
+        if getattr(_scope, "walks", None) is not None and (attn := self.attentions(component).get(path)) is not None:
+            return attn
+        return _submodule_or_none(component, path)
 
     def adaptable(self, component) -> set[tuple[str, str]]:
         return {(p, t) for p, attn in self.attentions(component).items() for t in self.targets if projection(attn, t) is not None}
@@ -119,7 +161,7 @@ class AttentionSites:
         return list(found)
 
     def linear(self, component, path: str, target: str) -> nn.Linear | None:
-        module = _submodule_or_none(component, path)
+        module = self._attention_at(component, path)
         return projection(module, target) if hasattr(module, "set_processor") else None
 
     def name_problem(self, path: str, target: str) -> str | None:
@@ -131,14 +173,18 @@ class AttentionSites:
         """Give every listed attention a (still empty) processor, in one set_attn_processor call."""
         changes = {}
         for path in dict.fromkeys(paths):
-            attn = resolve_submodule(component, path)
+            attn = self._attention_at(component, path)
+            if attn is None:
+                raise AttributeError(f"no submodule {path!r}")
             if not isinstance(attn.processor, LoLDUAttnProcessor):
                 changes[path] = LoLDUAttnProcessor(attn, (), 0, previous=attn.processor)
         if changes:
             self._set_processors(component, changes)
 
     def attach(self, component, path: str, target: str, rank: int, factors=None) -> LoLDULayer:
-        module = resolve_submodule(component, path)
+        module = self._attention_at(component, path)
+        if module is None:
+            raise AttributeError(f"no submodule {path!r}")
         proc = module.processor
         if not isinstance(proc, LoLDUAttnProcessor):
             proc = LoLDUAttnProcessor(module, (), rank, previous=proc)

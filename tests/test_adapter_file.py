@@ -101,6 +101,50 @@ def test_different_base_is_refused_and_model_left_untouched(adapter):
         assert torch.equal(other(*inputs).sample, ref)
 
 
+def test_file_for_another_base_is_refused_on_a_model_that_already_has_layers(adapter, tmp_path):
+    """Rows of layers already attached are compared all at once: a mismatch in any one of them (here the last) still
+    names that layer, and the adapters already loaded serve on, unchanged."""
+    unet = tiny_unet()
+    load_adapter(unet, adapter, adapter_name="first")
+    inputs = unet_inputs(unet)
+    with torch.no_grad():
+        ref = unet(*inputs).sample
+    f = AdapterFile.read(adapter)
+    rows = f.layers["unet"]
+    f.d["unet"][-1, 0] *= 1.5  # one diagonal entry of the last layer: another base's weights
+    bad = str(tmp_path / "other.safetensors")
+    f.save(bad)
+    m, t = rows[-1]
+    assert_refused(bad, rf"layer unet\.{m}\.{t} does not match this base model", unet)
+    f.d["unet"][-1, 0] /= 1.5
+    f.pivots["unet"][0, :2] = f.pivots["unet"][0, :2].flip(0)  # the first layer's pivots in another order
+    f.save(bad, overwrite=True)
+    m, t = rows[0]
+    assert_refused(bad, rf"layer unet\.{m}\.{t} does not match this base model", unet)
+    with torch.no_grad():
+        assert torch.equal(unet(*inputs).sample, ref)
+    load_adapter(unet, adapter, adapter_name="second", weight=0.0)  # the same file loads beside it
+
+
+def test_each_load_walks_the_model_as_it_is_then(adapter):
+    """A load walks the module tree once (fixed_module_trees) but never keeps the walk: a module replaced between two
+    loads is the one the second load adapts."""
+    import copy
+
+    from loldu_diffusion.model import iter_layers, remove_loldu
+
+    unet = tiny_unet()
+    load_adapter(unet, adapter, adapter_name="first")
+    remove_loldu(unet)
+    path, target = AdapterFile.read(adapter).layers["unet"][0]
+    parent, _, leaf = path.rpartition(".")
+    fresh = copy.deepcopy(unet.get_submodule(path))
+    setattr(unet.get_submodule(parent), leaf, fresh)
+    load_adapter(unet, adapter, adapter_name="second")
+    layer = next(lay for _, p, t, lay in iter_layers(unet) if (p, t) == (path, target))
+    assert layer.base is getattr(fresh, target) and "second" in layer.adapters
+
+
 def test_wrong_architecture_is_refused(adapter):
     bigger = tiny_unet(block_out_channels=(32, 32), norm_num_groups=8)
     assert_refused(adapter, "does not exist in this base model|different architecture", bigger)
