@@ -92,6 +92,30 @@ def test_concepts_list_errors(subjects, tmp_path):
                            (json.dumps([entries[0] | {"prompt": 1}]), "unknown key(s) ['prompt']")]:
         bad.write_text(content)
         assert words in error(["--concepts_list", str(bad)])
+    # names are folders of --output_dir: no paths out of it, no case-only twins, none of the run's own folders
+    for name, words in [("/tmp/x", "must be 1–64 letters, digits"), ("a/b", "must be 1–64 letters, digits"), ("..", "without dots"),
+                        ("checkpoint-100", "is a name the run uses itself"), ("logs", "is a name the run uses itself")]:
+        bad.write_text(json.dumps([entries[0] | {"name": name}]))
+        assert words in error(["--concepts_list", str(bad)])
+    bad.write_text(json.dumps([entries[0], entries[1] | {"name": "DOG"}]))
+    assert "entry 1: the name 'DOG' is already used by another subject (names are compared without case" in error(["--concepts_list", str(bad)])
+    from loldu_diffusion.training.concepts import read_concepts_list
+
+    root = os.path.dirname(entries[0]["instance_data_dir"])
+    os.makedirs(os.path.join(root, "Dog"), exist_ok=True)  # default names from folders 'dog' and 'Dog': apart as folders compare
+    bad.write_text(json.dumps([{k: v for k, v in e.items() if k != "name"} | {"instance_data_dir": os.path.join(root, d)}
+                               for e, d in ((entries[0], "dog"), (entries[0], "Dog"))]))
+    assert [c.name for c in read_concepts_list(str(bad), str(tmp_path / "out"), False)] == ["dog", "Dog_2"]
+    # a relative folder: from the list's folder, else (ShivamShrirao's fork) from the current one
+    listed = tmp_path / "lists" / "c.json"
+    listed.parent.mkdir()
+    listed.write_text(json.dumps([entries[0] | {"instance_data_dir": "dog"}]))
+    cwd = os.getcwd()
+    os.chdir(root)
+    try:
+        assert read_concepts_list(str(listed), "out", False)[0].instance_data_dir == os.path.join(root, "dog")
+    finally:
+        os.chdir(cwd)
     bad.write_text(json.dumps([{k: v for k, v in entries[0].items() if k != "class_prompt"}]))
     assert "class_prompt is missing" in error(["--concepts_list", str(bad), "--with_prior_preservation"])
     # a subject without photos is named, before any model loads

@@ -473,7 +473,7 @@ def test_resume_with_other_trained_values_is_one_line(tiny_sd_path, concept_dir,
     for other, said in ((["--train_text_encoder_ti", "--class_prompt", "a photo of a heart"], "lacks ['text_encoder.token_embedding']"),
                         (["--rank", "3"], "has other shapes for ['unet.")):
         assert main(trainer_argv(tiny_sd_path, concept_dir, tmp_path) + fast + ["--max_train_steps", "3", "--resume_from_checkpoint",
-                                                                                "checkpoint-1", *other]) == 2
+                                                                                "checkpoint-2", *other]) == 2
         err = capsys.readouterr().err.strip()  # after the base's loading bars: one line, no traceback
         last = err.splitlines()[-1]
         assert "Traceback" not in err and last.startswith("error: --resume_from_checkpoint") and said in last

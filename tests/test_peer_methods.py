@@ -211,7 +211,7 @@ def test_ti_only_steps_hold_the_adapter_still_while_the_embedding_trains(tiny_sd
     assert any(not torch.equal(states[0][k], states[1][k]) for k in embedding)
     capsys.readouterr()
     train(_args(tiny_sd_path, concept_dir, out, "loldu", "--train_text_encoder_ti", "--rank", "2", "--ti_only_steps", "1",
-                "--resume_from_checkpoint", "checkpoint-1", "--num_validation_images", "0", "--judge_images", "0"))
+                "--resume_from_checkpoint", "checkpoint-1", "--overwrite", "--num_validation_images", "0", "--judge_images", "0"))
     assert ("note: checkpoint-1 is from a run whose embedding trained alone for its first 2 steps; this run's is 1: add "
             "--ti_only_steps 2 to resume it as it began") in capsys.readouterr().out
     with pytest.raises(ValueError, match="--ti_only_steps is the embedding's phase of pivotal tuning: add --train_text_encoder_ti"):

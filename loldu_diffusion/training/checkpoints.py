@@ -10,7 +10,7 @@ import re
 import shutil
 
 from .errors import TrainingError
-from .methods import ADAPTER_FILE, LORA_FILE
+from .methods import ADAPTER_FILE, EMBEDDINGS_FILE, KOHYA_FILE, LORA_FILE, PeftVectorMethod
 
 CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 TRAINABLE_FILE = "trainable.safetensors"
@@ -30,23 +30,40 @@ def checkpoint_step(path: str) -> int:
 
 
 def resolve_resume(args) -> str | None:
+    """The checkpoint folder to resume from: `latest` in --output_dir, a name in --output_dir
+    (diffusers' reading), or a path; None for `latest` when there is none."""
     if not args.resume_from_checkpoint:
         return None
     if args.resume_from_checkpoint == "latest":
         found = list_checkpoints(args.output_dir)
         return found[-1][1] if found else None
-    path = args.resume_from_checkpoint
-    if not os.path.isdir(path):
-        path = os.path.join(args.output_dir, path)
+    given = args.resume_from_checkpoint
+    path = next((p for p in (os.path.join(args.output_dir, given), given) if os.path.isdir(p)), given)
     if not os.path.isfile(os.path.join(path, TRAINABLE_FILE)):
-        raise TrainingError(f"--resume_from_checkpoint {args.resume_from_checkpoint}: no checkpoint there (expected {TRAINABLE_FILE})")
+        raise TrainingError(f"--resume_from_checkpoint {given}: no checkpoint there (expected {TRAINABLE_FILE})")
+    if not CHECKPOINT.match(os.path.basename(os.path.normpath(path))):
+        raise TrainingError(f"--resume_from_checkpoint {given}: a checkpoint folder is named checkpoint-STEP (the run resumes at "
+                            "that step); give it back the name it was written with")
     return path
 
 
+# what a finished run leaves, by method: none is replaced without --overwrite
+FINAL_OUTPUTS = (ADAPTER_FILE, LORA_FILE, KOHYA_FILE, EMBEDDINGS_FILE, PeftVectorMethod.FILE, "unet")
+
+
 def existing_outputs(output_dir: str, subjects=()) -> list[str]:
-    """What a run would replace in output_dir (and, under --concepts_list, in each subject's folder)."""
-    names = (ADAPTER_FILE, LORA_FILE, "unet") + tuple(os.path.join(s, ADAPTER_FILE) for s in subjects)
-    return [n for n in names if os.path.exists(os.path.join(output_dir, n))]
+    """What a run would replace in output_dir (and, under --concepts_list, in each subject's
+    folder): a finished run's outputs, and the checkpoints of an earlier run."""
+    names = FINAL_OUTPUTS + tuple(os.path.join(s, n) for s in subjects for n in FINAL_OUTPUTS)
+    found = [n for n in names if os.path.exists(os.path.join(output_dir, n))]
+    return found + [os.path.basename(p) for _, p in list_checkpoints(output_dir)]
+
+
+def later_checkpoints(output_dir: str, resume_path: str) -> list[str]:
+    """The checkpoints of output_dir after the one a run resumes from: the part of the earlier
+    run that this one replaces."""
+    step = checkpoint_step(resume_path)
+    return [p for s, p in list_checkpoints(output_dir) if s > step]
 
 
 def save_run_state(folder: str, state: dict, before, during) -> None:
@@ -110,6 +127,25 @@ def check_resume_matches(path: str, expected: dict) -> None:
                             "session 14 trained at --rank 32)")
 
 
+def subject_list(args) -> list[list[str]] | None:
+    """[[name, instance folder], …] of a --concepts_list run, in the list's order; None otherwise."""
+    return [[c.name, os.path.abspath(c.instance_data_dir)] for c in args.concepts] if args.concepts else None
+
+
+def check_resume_subjects(path: str, subjects) -> None:
+    """A --concepts_list run resumes with the subjects it began with, in the same order: each subject's adapter comes
+    back by name, but its optimizer state by position, so another order would hand one subject another's moments."""
+    try:
+        with open(os.path.join(path, RUN_FILE)) as f:
+            began = json.load(f).get("subjects")
+    except (OSError, ValueError):
+        return  # a checkpoint from before subjects were recorded
+    if began is not None and began != subjects:
+        said = ", ".join(f"{n} ({os.path.basename(d)})" for n, d in began)
+        raise TrainingError(f"--resume_from_checkpoint {path}: its run trained the subjects {said}, in this order; "
+                            "resume with the --concepts_list it began with (the same entries, names and order)")
+
+
 def load_history(folder: str) -> list[float]:
     path = os.path.join(folder, HISTORY_FILE)
     if not os.path.isfile(path):
@@ -118,12 +154,14 @@ def load_history(folder: str) -> list[float]:
         return json.load(f)
 
 
-def prune_checkpoints(output_dir: str, total_limit: int | None) -> None:
-    """Oldest first, leaving room for the one about to be written (diffusers' semantics)."""
+def prune_checkpoints(output_dir: str, total_limit: int | None, keep: str) -> None:
+    """The oldest checkpoints but `keep` (the one just written), so that `total_limit` remain:
+    diffusers' count. diffusers prunes before it writes, so a write that fails (a full disk, a
+    kill) leaves no checkpoint at all; here the new one is in place first."""
     if total_limit is None:
         return
-    existing = list_checkpoints(output_dir)
-    for _, old in existing[: max(0, len(existing) - total_limit + 1)]:
+    others = [p for _, p in list_checkpoints(output_dir) if os.path.normpath(p) != os.path.normpath(keep)]
+    for old in others[: max(0, len(others) - total_limit + 1)]:
         shutil.rmtree(old)
 
 
@@ -132,8 +170,6 @@ def write_checkpoint(accelerator, output_dir: str, step: int, total_limit: int |
     """`checkpoint-{step}`: accelerate's state (the save hook writes what trains), the loss
     history and the run state; all processes call it."""
     is_main = accelerator.is_main_process
-    if is_main:
-        prune_checkpoints(output_dir, total_limit)
     final = os.path.join(output_dir, f"checkpoint-{step}")
     tmp = final + ".tmp"
     if is_main:
@@ -149,5 +185,6 @@ def write_checkpoint(accelerator, output_dir: str, step: int, total_limit: int |
         save_run_state(tmp, run_state, before, during)
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
+        prune_checkpoints(output_dir, total_limit, keep=final)
     accelerator.wait_for_everyone()
     return final

@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 from dataclasses import dataclass
 
 from ..model import adapter_name_from_path, check_adapter_name
@@ -38,11 +39,23 @@ class Concept:
 
 
 KEYS = ("name", "instance_prompt", "instance_data_dir", "class_prompt", "class_data_dir")
+# a subject's name is a folder of --output_dir on every file system: no separators, no case-only twins, none of the
+# run's own names (checkpoints are pruned, logs and class_images are left out of uploads)
+NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
+RESERVED = re.compile(r"(?i)(checkpoint-\d+(\.tmp)?|logs|class_images|con|prn|aux|nul|com\d|lpt\d)")
+
+
+def _folder(here: str, given: str) -> str:
+    """A relative folder from the list's own folder; else, as ShivamShrirao's fork reads it,
+    from the current folder."""
+    beside = os.path.join(here, given)
+    return beside if os.path.isdir(beside) or not os.path.isdir(given) else os.path.abspath(given)
 
 
 def read_concepts_list(path: str, output_dir: str, with_prior: bool) -> tuple[Concept, ...]:
     """The subjects of a --concepts_list file; ValueError (one line naming the file and the
-    entry) for anything that would fail later. Relative folders are read from the file's folder."""
+    entry) for anything that would fail later. Relative folders are read from the file's folder
+    (or, when not there, from the current one)."""
     flag = f"--concepts_list {path}"
     try:
         with open(path, encoding="utf-8") as f:
@@ -65,17 +78,29 @@ def read_concepts_list(path: str, output_dir: str, with_prior: bool) -> tuple[Co
         for key in ("instance_prompt", "instance_data_dir") + (("class_prompt",) if with_prior else ()):
             if not isinstance(e.get(key), str) or not e[key].strip():
                 raise ValueError(f"{where}: {key} is missing" + (" (--with_prior_preservation needs one per subject)" if key == "class_prompt" else ""))
-        folder = os.path.join(here, e["instance_data_dir"])
-        name = e.get("name") or adapter_name_from_path(os.path.basename(os.path.normpath(folder)), names)
+        folder = _folder(here, e["instance_data_dir"])
+        given = e.get("name")
+        name = given
+        if not given:  # the folder's name, made unique as folders compare ('dog', 'Dog' → 'dog', 'Dog_2')
+            stem = adapter_name_from_path(os.path.basename(os.path.normpath(folder)))
+            name, k = stem, 2
+            while name.lower() in names:
+                name, k = f"{stem}_{k}", k + 1
         try:
             check_adapter_name(name)
         except ValueError as err:
             raise ValueError(f"{where}: name {name!r}: {err}") from None
-        if name in names:
-            raise ValueError(f"{where}: the name {name!r} is already used by another subject; names must differ (they name the output folders)")
-        names.add(name)
+        if not isinstance(name, str) or not NAME.fullmatch(name) or RESERVED.fullmatch(name):
+            what = "is a name the run uses itself" if isinstance(name, str) and RESERVED.fullmatch(name) else \
+                "must be 1–64 letters, digits, '_' or '-', starting with a letter or digit"
+            raise ValueError(f"{where}: name {name!r} {what}: it names the subject's folder in --output_dir"
+                             + ("" if given else "; add a \"name\" to the entry"))
+        if name.lower() in names:
+            raise ValueError(f"{where}: the name {name!r} is already used by another subject (names are compared without case, as "
+                             "macOS and Windows compare folder names); names must differ: they name the output folders")
+        names.add(name.lower())
         class_dir = e.get("class_data_dir")
-        class_dir = os.path.join(here, class_dir) if class_dir else (os.path.join(output_dir, name, "class_images") if with_prior else None)
+        class_dir = _folder(here, class_dir) if class_dir else (os.path.join(output_dir, name, "class_images") if with_prior else None)
         concepts.append(Concept(name, e["instance_prompt"], folder, e.get("class_prompt"), class_dir))
     return tuple(concepts)
 

@@ -24,8 +24,8 @@ from ..quiet import quiet_libraries
 from . import compat, report
 from .args import check_inputs, recipe_note, resolve_defaults, settle_schedule
 from .concepts import subject_args
-from .checkpoints import (TRAINABLE_FILE, check_resume_matches, checkpoint_step, existing_outputs, load_history, load_run_state,
-                          phase_change_note, resolve_resume, write_checkpoint)
+from .checkpoints import (TRAINABLE_FILE, check_resume_matches, check_resume_subjects, checkpoint_step, existing_outputs, load_history,
+                          load_run_state, phase_change_note, resolve_resume, subject_list, write_checkpoint)
 from .data import DataError, ImageSet, check_identifier, class_caption, class_captions, step_generator
 from .errors import TrainingError
 from .methods import keep_fused_choice, make_method, make_optimizer, optimizer_warnings, param_groups
@@ -224,6 +224,9 @@ def train_in_claimed_dir(args, accelerator, resume_path, report_to, tracker_warn
             say(f"warning: {warning}")
         if args.embedded and is_main:
             warn_about_photos(instance, native_resolution(m), say)
+    if args.concepts and args.max_train_steps is None and len(set(map(len, instances))) > 1:
+        say("note: --num_train_epochs with --concepts_list counts the epochs of the subject with the most images; the others see "
+            "theirs more often than a run of their own would (--max_train_steps gives every subject the steps it says)")
     try:
         args = settle_schedule(args, max(map(len, instances)), accelerator.num_processes)  # settled: nothing below changes args
     except ValueError as e:  # a phase too long for a run counted in epochs
@@ -327,6 +330,7 @@ def train_in_claimed_dir(args, accelerator, resume_path, report_to, tracker_warn
         say(f"--resume_from_checkpoint latest: no checkpoint in {args.output_dir}; starting a new run")
     if resume_path:
         check_resume_matches(resume_path, method.trainable_state(models))
+        check_resume_subjects(resume_path, subject_list(args))
         accelerator.load_state(resume_path)
         keep_fused_choice(optimizer)
         global_step, history = checkpoint_step(resume_path), load_history(resume_path)
@@ -385,7 +389,7 @@ def train_in_claimed_dir(args, accelerator, resume_path, report_to, tracker_warn
                 report.log_images(accelerator, "validation", imgs, global_step)
         if global_step % args.checkpointing_steps == 0:  # the last step too, as diffusers' scripts do
             state = {"seconds": earlier.get("seconds", 0.0) + time.time() - t_start, "train_seconds": train_time, "steps_run": steps_run,
-                     "ti_only_steps": args.ti_only_steps}
+                     "ti_only_steps": args.ti_only_steps, "subjects": subject_list(args)}
             write_checkpoint(accelerator, args.output_dir, global_step, args.checkpoints_total_limit, history, state, before, during)
     bar.close()
     accelerator.wait_for_everyone()

@@ -561,10 +561,18 @@ def param_groups(args, params, text_encoders, text_side=()) -> list:
 
 
 def optimizer_warnings(args) -> list[str]:
-    """What Prodigy does differently from AdamW with this run's settled arguments, one line each."""
-    if args.optimizer != "prodigy":
-        return []
+    """What Prodigy does differently from AdamW with this run's settled arguments, and where the
+    subjects of a --concepts_list run stop being K separate runs; one line each."""
     out = []
+    if getattr(args, "concepts", None):
+        if args.optimizer == "prodigy":
+            out.append("warning: --optimizer prodigy with --concepts_list: Prodigy estimates one step size from all the subjects' "
+                       "parameters, so each subject's adapter depends on the others (AdamW keeps them as separate runs would)")
+        if args.mixed_precision == "fp16":
+            out.append("note: --mixed_precision fp16 with --concepts_list: a step whose gradients overflow for one subject is "
+                       "skipped for all (one loss scaler); bf16 or no has no scaler")
+    if args.optimizer != "prodigy":
+        return out
     if args.text_encoder_lr is not None and args.text_encoder_lr != args.learning_rate:
         # Prodigy raises on groups with different lrs at its first step; diffusers' scripts drop the text encoder's, so do we
         out.append(f"warning: --optimizer prodigy estimates one step size for all parameters: --text_encoder_lr {args.text_encoder_lr:g} "

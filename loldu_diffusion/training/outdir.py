@@ -15,21 +15,54 @@ from .errors import TrainingError
 
 LOCK_FILE = ".loldu-train.lock"
 # what our atomic writes leave when killed: io.atomic_save_safetensors, report's *.tmp(.png),
-# checkpoint-N.tmp folders, io.atomic_save_dir's .tmp-NAME-* folders (.lora.tmp and unet.tmp before session 15)
+# checkpoint-N.tmp folders, io.atomic_save_dir's .tmp-NAME-* folders, the full method's .pipeline.tmp* folder
+# (.lora.tmp and unet.tmp before session 15); in --output_dir and in each --concepts_list subject's folder
 _TEMP_FILES = (".tmp-*.safetensors", ".tmp-*.png", "*.tmp.png", "*.tmp")
-_TEMP_DIRS = ("checkpoint-*.tmp", ".tmp-*", ".lora.tmp", "unet.tmp")
+_TEMP_DIRS = ("checkpoint-*.tmp", ".tmp-*", ".pipeline.tmp*", ".lora.tmp", "unet.tmp")
 
 
 def refuse_to_replace(output_dir: str, found: list[str], resume_asked: bool, resume_path, overwrite: bool) -> None:
-    """A finished run's outputs are replaced only with --overwrite, also when
-    `--resume_from_checkpoint latest` finds no checkpoint to continue from."""
-    if resume_path is not None or overwrite or not found:
+    """What --output_dir holds (`found`: a finished run's outputs, an earlier run's checkpoints)
+    is replaced only with --overwrite. Resuming from one of its own checkpoints continues that
+    run, unless checkpoints after it exist (two runs' checkpoints would mix, and `latest` would
+    pick the abandoned one); resuming from a checkpoint elsewhere is a new run here."""
+    from .checkpoints import later_checkpoints
+
+    if overwrite or not found:
+        return
+    if resume_path is not None:
+        if not _inside(resume_path, output_dir):
+            raise TrainingError(f"--resume_from_checkpoint {resume_path} is not in --output_dir {output_dir}, which already holds "
+                                f"{_listed(found)}; pass --overwrite to replace it, or choose an empty --output_dir")
+        later = [os.path.basename(p) for p in later_checkpoints(output_dir, resume_path)]
+        if later:
+            raise TrainingError(f"--resume_from_checkpoint {os.path.basename(os.path.normpath(resume_path))}: {output_dir} also holds the "
+                                f"later {_listed(later)} of the run it went on to; pass --overwrite to remove them and go on from here, "
+                                "or move them out of the folder")
         return
     if resume_asked:
-        raise TrainingError(f"--resume_from_checkpoint: no checkpoint in {output_dir}, which already holds {', '.join(found)}; "
+        raise TrainingError(f"--resume_from_checkpoint: no checkpoint in {output_dir}, which already holds {_listed(found)}; "
                              "pass --overwrite to train anew and replace it, or choose another --output_dir")
-    raise TrainingError(f"--output_dir {output_dir} already holds {', '.join(found)}; pass --overwrite to replace it, "
+    raise TrainingError(f"--output_dir {output_dir} already holds {_listed(found)}; pass --overwrite to replace it, "
                          "--resume_from_checkpoint latest to continue, or choose another --output_dir")
+
+
+def _listed(names: list[str], most: int = 4) -> str:
+    return ", ".join(names[:most]) + (f" and {len(names) - most} more" if len(names) > most else "")
+
+
+def _inside(path: str, folder: str) -> bool:
+    return os.path.dirname(os.path.realpath(path)) == os.path.realpath(folder)
+
+
+def replaced_checkpoints(output_dir: str, resume_path) -> list[str]:
+    """Under --overwrite, the checkpoints the run replaces: all of them for a new run, those after
+    the one it resumes from otherwise (a checkpoint elsewhere: all of this folder's)."""
+    from .checkpoints import later_checkpoints, list_checkpoints
+
+    if resume_path is not None and _inside(resume_path, output_dir):
+        return later_checkpoints(output_dir, resume_path)
+    return [p for _, p in list_checkpoints(output_dir)]
 
 
 def lock_output_dir(output_dir: str):
@@ -79,7 +112,14 @@ def claim_output_dir(args, accelerator, resume_path, found_outputs):
             lock = lock_output_dir(args.output_dir)
             refuse_to_replace(args.output_dir, found_outputs(args.output_dir), bool(args.resume_from_checkpoint),
                               resume_path, args.overwrite)
-            removed = remove_stale_temp(args.output_dir)
+            if args.overwrite:
+                replaced = replaced_checkpoints(args.output_dir, resume_path)
+                for p in replaced:
+                    shutil.rmtree(p)
+                if replaced:
+                    accelerator.print(f"removed {_listed([os.path.basename(p) for p in replaced])} of the earlier run (--overwrite)")
+            removed = [n for folder in [args.output_dir] + [os.path.join(args.output_dir, c.name) for c in args.concepts or ()]
+                       if os.path.isdir(folder) for n in remove_stale_temp(folder)]
             if removed:
                 accelerator.print(f"removed {len(removed)} temp file(s) left by an interrupted run: {', '.join(removed)}")
         except (TrainingError, OSError) as e:
