@@ -425,6 +425,9 @@ class Session:
 
     def remember(self, out: list) -> None:
         """Put results at the top of the history; what falls off it is no longer linked for pages."""
+        if self.closed:  # the tab closed while its images were drawn: no page will show them (the PNGs stay in outputs)
+            self.studio.unserve([image for image, _ in out])
+            return
         self.history = out + self.history
         self._release(self.history[MAX_HISTORY:])
         del self.history[MAX_HISTORY:]

@@ -76,11 +76,14 @@ def _run_group(studio, group: list[Request]) -> None:
                 samples.append((r, r.prompt, r.negative_prompt, r.seed + i, blend, False))
                 if r.compare and (blend or used[id(r)].rows):
                     samples.append((r, r.prompt, r.negative_prompt, r.seed + i, {}, True))
-        # token embeddings are rows of the one shared table: samples share a call only if they use the same rows
+        # token embeddings are rows of the one shared table: samples share a call only if they use the same rows; and
+        # where no negative prompt means zeros, not the encoded "" (SDXL's force_zeros_for_empty_prompt), samples with
+        # and without one are apart too: a call's negative prompt is None or one per sample, as a request alone has it
+        zeros = bool(getattr(studio.pipe.config, "force_zeros_for_empty_prompt", False))
         by_rows: dict[tuple, list[int]] = {}
-        for j, (r, *_, base) in enumerate(samples):
-            by_rows.setdefault(() if base else used[id(r)].embedding_keys, []).append(j)
-        calls = [(idx[k : k + MAX_SAMPLES], {} if not key else used[id(samples[idx[0]][0])].rows)
+        for j, (r, _, negative, *_, base) in enumerate(samples):
+            by_rows.setdefault((() if base else used[id(r)].embedding_keys, zeros and not negative), []).append(j)
+        calls = [(idx[k : k + MAX_SAMPLES], {} if not key[0] else used[id(samples[idx[0]][0])].rows)
                  for key, idx in by_rows.items() for k in range(0, len(idx), MAX_SAMPLES)]
         images, done = [None] * len(samples), [0]
         total = steps * len(calls)
@@ -101,7 +104,7 @@ def _run_group(studio, group: list[Request]) -> None:
                 chunk = [samples[j] for j in idx]
                 studio.use_rows(table)
                 drawn = generate(studio.pipe, [s[1] for s in chunk], [s[4] for s in chunk], [s[3] for s in chunk],
-                                 negative_prompt=[s[2] or "" for s in chunk], num_inference_steps=steps,
+                                 negative_prompt=[s[2] or "" for s in chunk] if any(s[2] for s in chunk) else None, num_inference_steps=steps,
                                  guidance_scale=guidance, height=size, width=size, callback_on_step_end=on_step)
                 for j, image in zip(idx, drawn):
                     images[j] = image

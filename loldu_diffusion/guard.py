@@ -13,6 +13,8 @@ checks itself as before.
 """
 from __future__ import annotations
 
+import sys
+
 import torch
 from torch import nn
 
@@ -23,6 +25,7 @@ class BlendGuard:
     def __init__(self, comp_name: str):
         self.comp_name = comp_name
         self.depth = 0  # > 0 while the component runs (nested calls count)
+        self.outer = None  # the frame of the outermost running call (while depth > 0)
         self.generation = 0  # bumped when the covered layers are looked up again
         self.layers: list | None = None  # None: look them up at the next call
         self.values: list | None = None  # the tensors of every covered layer's active adapters; None: collect again
@@ -30,7 +33,7 @@ class BlendGuard:
         self.handles = []
 
     def __getstate__(self):  # a copy (deepcopy, pickle) of the component looks its layers up again
-        return self.__dict__ | {"depth": 0, "layers": None, "values": None, "key": None}
+        return self.__dict__ | {"depth": 0, "outer": None, "layers": None, "values": None, "key": None}
 
     def install(self, component: nn.Module) -> "BlendGuard":
         self.handles = [component.register_forward_pre_hook(self.enter),
@@ -53,12 +56,29 @@ class BlendGuard:
         return self.depth > 0 and layer._guard_generation == self.generation
 
     def enter(self, component, args) -> None:
-        if self.depth == 0 and not torch.compiler.is_compiling():
-            self.check(component)
+        if not torch.compiler.is_compiling():
+            caller = sys._getframe(1)  # nn.Module's call of the component
+            if self.depth > 0 and not self._inside_outer(caller):
+                # the last call never left: torch runs always_call hooks after an Exception only, so a KeyboardInterrupt
+                # (a notebook's stop button) skipped `leave`, and a guard stuck "running" would never check again
+                self.depth = 0
+            if self.depth == 0:
+                self.outer = caller
+                self.check(component)
         self.depth += 1
+
+    def _inside_outer(self, frame) -> bool:
+        f = frame.f_back
+        while f is not None:
+            if f is self.outer:
+                return True
+            f = f.f_back
+        return False
 
     def leave(self, component, args, output) -> None:
         self.depth -= 1
+        if self.depth <= 0:
+            self.depth, self.outer = 0, None  # the frame holds the call's inputs: not a moment longer
 
     def check(self, component) -> None:
         if self.layers is None:

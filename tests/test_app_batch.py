@@ -97,3 +97,32 @@ def test_two_pages_generate_at_once_through_the_app(tiny_sd_path, adapter_dir, t
     read = lambda g: np.asarray(Image.open(g["image"]["path"] if isinstance(g["image"], dict) else g["image"]), dtype=int)  # noqa: E731
     assert np.abs(read(gallery_a[1]) - read(gallery_b[0])).max() <= 1
     assert np.abs(read(gallery_a[0]) - read(gallery_b[0])).max() > 10  # the adapter changes the image
+
+
+def test_sdxl_requests_without_a_negative_prompt_draw_as_alone_in_a_batch(tiny_sdxl_path, tmp_path):
+    """SDXL encodes no negative prompt as zeros (force_zeros_for_empty_prompt), not as the encoded "": a batch that gave
+    every sample a negative prompt ("" for none) drew those requests unlike themselves alone."""
+    from loldu_diffusion.app import Studio
+
+    studio = Studio(tiny_sdxl_path, str(tmp_path))
+    assert studio.pipe.config.force_zeros_for_empty_prompt
+    a, b = studio.new_session(), studio.new_session()
+    asks = [(a, dict(seed=5)), (b, dict(seed=6, negative_prompt="blurry"))]
+    alone = [s.generate(PROMPT, steps=2, **kw) for s, kw in asks]
+    requests = [Request(s, PROMPT, steps=2, **kw) for s, kw in asks]
+    generate_batch(studio, requests)
+    for want, r in zip(alone, requests):
+        assert all(close(got, ref) for (got, _), (ref, _) in zip(r.result, want))
+
+
+def test_a_tab_closed_while_its_request_waits_leaves_no_page_links(tiny_sd_path, tmp_path):
+    from loldu_diffusion.app import Studio
+
+    studio = Studio(tiny_sd_path, str(tmp_path / "adapters"), outputs_dir=str(tmp_path / "outputs"))
+    a, b = studio.new_session(), studio.new_session()
+    requests = [Request(a, PROMPT, steps=1, seed=1), Request(b, PROMPT, steps=1, seed=2)]
+    a.close()  # the tab goes while its request waits for the batch
+    generate_batch(studio, requests)
+    links = set(studio._shown.values())
+    assert requests[0].result and not any(link in links or os.path.exists(link) for link, _ in requests[0].result)
+    assert all(link in links for link, _ in requests[1].result) and a.history == []

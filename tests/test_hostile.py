@@ -287,6 +287,38 @@ def test_a_blend_of_16_adapters_uses_the_cached_delta(tiny_sd_path, good, tmp_pa
     assert not torch.equal(unet_out(pipe), only)
 
 
+def test_an_interrupted_call_leaves_the_blend_check_working(tiny_sd_path, good):
+    """torch runs always_call forward hooks after an Exception only: a KeyboardInterrupt (a notebook's stop button) in a
+    UNet call skipped the guard's `leave`, the guard stayed "running", and in-place edits of an adapter were never seen
+    again."""
+    from loldu_diffusion.pipeline import load_base
+
+    pipe = load_base(tiny_sd_path)
+    load_adapter(pipe, good, adapter_name="a")
+    before = unet_out(pipe)
+    inner = pipe.unet.up_blocks[-1]
+
+    def stop(module, args):
+        raise KeyboardInterrupt
+
+    handle = inner.register_forward_pre_hook(stop)
+    with pytest.raises(KeyboardInterrupt):
+        unet_out(pipe)
+    handle.remove()
+    assert torch.equal(unet_out(pipe), before)
+    with torch.no_grad():
+        for *_, layer in iter_layers(pipe):
+            layer.adapters["a"].z.mul_(3)
+    after = unet_out(pipe)
+    assert not torch.equal(after, before)
+    fresh = load_base(tiny_sd_path)  # the same values loaded anew: what the edited adapter must draw
+    load_adapter(fresh, good, adapter_name="a")
+    with torch.no_grad():
+        for *_, layer in iter_layers(fresh):
+            layer.adapters["a"].z.mul_(3)
+    assert torch.allclose(after, unet_out(fresh), atol=1e-6)
+
+
 def test_a_loaded_adapter_is_one_tensor_per_component_not_a_module_per_layer(tiny_sd_path, good):
     """What a server holding thousands of adapters needs: each file loaded adds one (layers, r)
     tensor per component and a small row object per layer (no module, nothing in the model's
