@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import torch
 
 from .adapter_file import AdapterFile, AdapterFileError, load_adapter
-from .embeddings import EmbeddingFileError, embedding_beside, is_embedding_file, pipeline_tables, read_pipeline_embeddings
+from .embeddings import EmbeddingFileError, TokenRows, embedding_beside, is_embedding_file, read_pipeline_embeddings
 from .config import EXPORT_FORMATS
 from .model import delete_adapter, fuse_loldu, loldu_disabled, set_adapter_weights, unfuse_loldu
 from .pipeline import adapter_name_for, load_base
@@ -38,6 +38,9 @@ from .schedulers import make_scheduler
 
 MAX_SLOTS = 6
 MAX_UPLOAD_BYTES = 16 * 2**20
+# the shared base's factors grow to the largest rank loaded (until it leaves): a full-rank file holds twice the base's
+# attention weights in factors, and decomposes under the lock every user waits on; LoLDU adapters train at 4–64
+MAX_RANK = 128
 MAX_HISTORY = 48  # results a session's gallery keeps (the PNGs stay on disk)
 MAX_SEED = 2**63 - 1  # torch's generators take 64 bits; seed + image index stays below 2**64
 DEFAULT_OUTPUTS = "loldu-outputs"  # beside where the app starts, as A1111's outputs/ folder
@@ -150,7 +153,7 @@ class Studio:
         self.users: dict[str, int] = {}  # file key → sessions holding it
         self.fused: tuple | None = None  # the blend fused into the weights, if any
         self.base_scheduler = self.pipe.scheduler
-        self.base_rows: dict[tuple[int, int], torch.Tensor] = {}  # the tables' own rows of every token a session's embedding wrote
+        self.token_rows = TokenRows(self.pipe)  # the tables' own rows of every token a session's embedding wrote
         self.trainer = None  # app_train.Trainer when the app trains: its adapters join the list
         self.holds = threading.Lock()  # for `users` alone: a new tab need not wait for a generation to end
         # what pages show is linked here: Gradio copies it into its cache under a content hash, so the
@@ -214,6 +217,9 @@ class Studio:
         if not str(path).endswith(".safetensors"):
             raise AdapterFileError(f"{os.path.basename(path)}: only .safetensors adapter files are accepted")
         f = AdapterFile.read(path, max_bytes=MAX_UPLOAD_BYTES)
+        if f.rank > MAX_RANK:
+            raise AdapterFileError(f"{os.path.basename(path)}: rank {f.rank} is above the {MAX_RANK} this app serves on its shared base; "
+                                   "generate with it through `loldu generate` or the library")
         key = file_key(path)
         with self.lock:
             if key not in self.on_base:
@@ -241,12 +247,7 @@ class Studio:
     def use_rows(self, rows: dict) -> None:
         """Under the lock: make the text encoders' embedding tables the base's plus exactly `rows`
         ((encoder, token id) → (token, row)); `use_rows({})` puts the base's tables back."""
-        tables = [table for _, table in pipeline_tables(self.pipe)]  # (vocab, width) each
-        for k, i in set(self.base_rows) - set(rows):
-            tables[k][i] = self.base_rows.pop((k, i))
-        for (k, i), (_, row) in rows.items():
-            self.base_rows.setdefault((k, i), tables[k][i].clone())
-            tables[k][i] = row.to(tables[k].dtype)
+        self.token_rows.use(rows)
 
     def _unfuse(self):
         if self.fused is not None:

@@ -161,6 +161,17 @@ def _use_embeddings(pipe, paths) -> list[str]:
     return tokens
 
 
+def _embedding_rows(pipe, paths) -> dict[str, dict]:
+    """Each file's rows for the pipeline's tables ((encoder, token id) → (token, row)), saying which tokens."""
+    from .embeddings import read_pipeline_embeddings
+
+    rows = {}
+    for path in paths:
+        rows[path] = read_pipeline_embeddings(pipe, path)
+        print(f"{path}: token embedding for {', '.join(dict.fromkeys(t for t, _ in rows[path].values()))}")
+    return rows
+
+
 def _embeddings_of(given: list[str], specs: list[str]) -> dict[str, str]:
     """{path: sha256} of the --embedding files, then of the identifier embedding beside each adapter
     (pivotal tuning writes it there, and the adapter without it draws the class, not the subject),
@@ -233,6 +244,7 @@ def _adapter_names(specs: list[str]) -> dict[str, str]:
 def _generate(args) -> int:
     from tqdm.auto import tqdm
 
+    from .embeddings import TokenRows, embedding_beside
     from .io import save_png_with_settings
     from .pipeline import load_base
     from .serving import generate
@@ -255,7 +267,14 @@ def _generate(args) -> int:
     hashes = _file_hashes(every_spec) | {p: digest[:12] for p, digest in embeddings.items()}
     pipe = load_base(args.base, device=args.device)
     blends = _load_blends(pipe, args.adapter or [], own)
-    _use_embeddings(pipe, embeddings)
+    rows = _embedding_rows(pipe, embeddings)
+    explicit = {os.path.abspath(p) for p in args.embedding or []}
+    path_of = {n: p for p, n in _adapter_names(every_spec).items()}
+
+    def embeddings_for(blend) -> tuple[str, ...]:  # --embedding's, and the ones beside the prompt's own adapters
+        beside = {embedding_beside(path_of[n]) for n in blend}
+        return tuple(p for p in embeddings if p in explicit or p in beside)
+
     if args.compile:
         from .compile import compile_unet
 
@@ -268,26 +287,30 @@ def _generate(args) -> int:
 
         first = random.randrange(2**31)
         print(f"seed {first} (random; --seed {first} makes these images again)")
-    jobs, present = [], []  # (prompt, seed, blend, settings) of each image to make
+    jobs, present = {}, []  # the token rows they draw with → (prompt, seed, blend, settings) of each image to make
     for i in range(args.num_images):
         for prompt, blend in zip(args.prompt, blends):
-            seed = first + i
+            seed, embeds = first + i, embeddings_for(blend)
             settings = {"prompt": prompt, "negative_prompt": args.negative_prompt, "seed": seed, "steps": args.steps,
                         "guidance": args.guidance, "size": size, "base": pipe._loldu_base_path, "adapters": blend,
-                        "embeddings": list(embeddings), "hashes": {n: hashes[n] for n in [*blend, *embeddings]}}
+                        "embeddings": list(embeds), "hashes": {n: hashes[n] for n in [*blend, *embeds]}}
             same = _same_image(args.output, seed, json.dumps(settings))
             if same:  # the same settings and seed make the same image: do not write a copy
                 present.append(same)
             else:
-                jobs.append((prompt, seed, blend, settings))
-    written = []
-    # one pipeline call per batch, each image with its own prompt, adapters and seed
-    for k in tqdm(range(0, len(jobs), args.batch_size), desc="generating"):
-        batch = jobs[k : k + args.batch_size]
+                jobs.setdefault(embeds, []).append((prompt, seed, blend, settings))
+    written, token_rows = [], TokenRows(pipe)
+    # one pipeline call per batch, each image with its own prompt, adapters and seed; token rows are one table for the
+    # whole call, so a call holds prompts that use the same identifier embeddings (a prompt without an adapter never
+    # draws with another prompt's learned `sks`)
+    batches = [(embeds, group[k : k + args.batch_size]) for embeds, group in jobs.items() for k in range(0, len(group), args.batch_size)]
+    for embeds, batch in tqdm(batches, desc="generating"):
+        token_rows.use({key: row for p in embeds for key, row in rows[p].items()})
         images = generate(pipe, [j[0] for j in batch], [j[2] for j in batch], [j[1] for j in batch],
                           negative_prompt=args.negative_prompt, num_inference_steps=args.steps, guidance_scale=args.guidance,
                           height=size, width=size)
         written += [save_png_with_settings(im, args.output, j[1], j[3]) for im, j in zip(images, batch)]
+    token_rows.use({})
     print(f"wrote {len(written)} image(s) to {args.output}")
     if present:
         print(f"{len(present)} image(s) with these settings and seeds were already there ({', '.join(present)}); "

@@ -148,3 +148,24 @@ def load_token_embeddings(pipe, path: str) -> list[str]:
     for (k, token_id), (_, row) in rows.items():
         tables[k][token_id] = row.to(tables[k].dtype)
     return list(dict.fromkeys(token for token, _ in rows.values()))
+
+
+class TokenRows:
+    """The text encoders' embedding tables as the base's plus exactly the rows asked for, so
+    that callers taking turns on one pipeline (the app's sessions, `loldu generate`'s prompts)
+    each draw with their own identifier rows and nobody else's."""
+
+    def __init__(self, pipe):
+        self.pipe = pipe
+        self.base: dict[tuple[int, int], torch.Tensor] = {}  # (encoder, token id) → the table's own row, while replaced
+
+    @torch.no_grad()
+    def use(self, rows: dict) -> None:
+        """Make the tables the base's plus `rows` ((encoder, token id) → (token, row)); use({})
+        puts the base's back."""
+        tables = [table for _, table in pipeline_tables(self.pipe)]  # (vocab, width) each
+        for k, i in set(self.base) - set(rows):
+            tables[k][i] = self.base.pop((k, i))
+        for (k, i), (_, row) in rows.items():
+            self.base.setdefault((k, i), tables[k][i].clone())
+            tables[k][i] = row.to(tables[k].dtype)

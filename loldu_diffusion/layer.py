@@ -216,6 +216,7 @@ class LoLDULayer(nn.Module):
         self.register_buffer("_delta_cache", None, persistent=False)  # (r,) the shared blend
         self.register_buffer("_sample_cache", None, persistent=False)  # (S, r) one blend per sample
         self._set_factors(rank, factors)
+        self.first_rank = self.rank  # what the layer was made for: the floor when factors shrink back (shrink_to_adapters)
 
     @property
     def weights(self):
@@ -274,6 +275,17 @@ class LoLDULayer(nn.Module):
             old_pivots = self.pivots.clone()
             self._set_factors(rank)
             assert torch.equal(self.pivots[: old_pivots.shape[0]], old_pivots)
+
+    def shrink_to_adapters(self) -> None:
+        """Cut the factors back to the largest rank the layer still needs (its adapters', and no
+        less than it was made with) after an adapter of a larger rank left: one full-rank upload
+        would otherwise keep twice the base weight in factors for the life of a server. The
+        factors of rank r are the first r of larger ones (same pivots), so outputs do not change."""
+        keep = max([self.first_rank] + [v.rank for v in self.adapters.values()])
+        if keep < self.rank and self.fused_delta is None:
+            for name, t in (("L", self.L[:, :keep]), ("U", self.U[:keep]), ("d", self.d[:keep]), ("pivots", self.pivots[:keep])):
+                self.register_buffer(name, t.clone(), persistent=False)  # a clone: a view would keep the large storage
+            self._invalidate()
 
     def factors_at(self, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(pivots (rank,), d (rank,)) of this layer's LDU at `rank`, leaving the layer as it is:

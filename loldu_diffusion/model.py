@@ -183,11 +183,13 @@ def get_adapter_weights(model) -> dict[str, float]:
 
 
 def delete_adapter(model, adapter_name: str) -> None:
+    """Remove the adapter from every layer, and the factors only it needed (a larger rank)."""
     for *_, layer in iter_layers(model):
         if adapter_name in layer.adapters:
             if layer.fused_delta is not None:
                 raise RuntimeError("the LoLDU adapters are fused: call unfuse_loldu(model) first")
             layer.remove_adapter(adapter_name)
+            layer.shrink_to_adapters()
 
 
 def fuse_loldu(model) -> None:

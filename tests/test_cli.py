@@ -258,6 +258,14 @@ def test_generate_loads_the_embedding_beside_an_adapter(embedded, tmp_path, caps
     assert np.array_equal(px["beside"], px["given"]) and not np.array_equal(px["beside"], px["without"])
     meta = json.loads(Image.open(tmp_path / "beside" / "0000_seed3.png").text["parameters"])
     assert meta["embeddings"] == [emb]
+    # a prompt's embedding is its own: in one run, a prompt without the adapter draws `sks` as the base does
+    assert loldu(common + ["-o", str(tmp_path / "base")]) == 0
+    assert loldu(common[:3] + ["--prompt", "a photo of sks heart", "--prompt", "a photo of sks heart", "--prompt_adapters", bundled,
+                               "--prompt_adapters", "none"] + common[5:] + ["-o", str(tmp_path / "both")]) == 0
+    both = {json.loads(Image.open(p).text["parameters"])["embeddings"] and "with" or "none": np.asarray(Image.open(p))
+            for p in (tmp_path / "both").glob("*.png")}
+    assert np.array_equal(both["with"], px["beside"])
+    assert np.array_equal(both["none"], np.asarray(Image.open(tmp_path / "base" / "0000_seed3.png")))
 
 
 def test_generate_per_prompt_adapters_in_one_batch_equal_each_alone(embedded, adapters, tmp_path):

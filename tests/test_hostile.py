@@ -613,6 +613,37 @@ def test_saving_a_blend_of_ranks_does_not_grow_the_model(tiny_sd_path, tmp_path)
     assert torch.allclose(f.d["text_encoder"].float(), ref["text_encoder.d"].float(), rtol=2e-3, atol=1e-3)  # the file holds d in fp16
 
 
+def test_a_large_rank_adapter_leaves_nothing_behind_when_deleted(tiny_sd_path, good, tmp_path):
+    """A served base's factors grow to the largest rank loaded; when that adapter goes they shrink back to what the rest
+    need (never below what a layer was made with), and outputs are bit-identical to before it came."""
+    from loldu_diffusion import delete_adapter
+    from loldu_diffusion.pipeline import load_base
+
+    big = tmp_path / "big.safetensors"
+    trained_adapter(tiny_sd_path, big, 5, rank=16)
+    pipe = load_base(tiny_sd_path)
+    load_adapter(pipe, good, adapter_name="small")
+    ranks = {tuple(key): layer.rank for *key, layer in iter_layers(pipe)}
+    before = unet_out(pipe)
+    load_adapter(pipe, big, adapter_name="big", weight=0.0)
+    assert all(layer.rank == 16 for *_, layer in iter_layers(pipe) if "big" in layer.adapters)
+    assert torch.equal(unet_out(pipe), before)
+    delete_adapter(pipe, "big")
+    assert {tuple(key): layer.rank for *key, layer in iter_layers(pipe)} == ranks
+    assert all(layer.L.untyped_storage().nbytes() == layer.L.nbytes for *_, layer in iter_layers(pipe))  # no view of the large ones
+    assert torch.equal(unet_out(pipe), before)
+
+
+def test_the_app_refuses_a_rank_above_what_it_serves(tiny_sd_path, good, monkeypatch):
+    from loldu_diffusion import app
+
+    studio = app.Studio(tiny_sd_path)
+    monkeypatch.setattr(app, "MAX_RANK", 2)
+    with pytest.raises(AdapterFileError, match=r"rank 4 is above the 2 this app serves on its shared base; generate with it through"):
+        studio.acquire(good)
+    assert studio.on_base == {}
+
+
 def test_a_saved_folder_replaces_only_itself_and_never_the_folder_we_are_in(tmp_path, monkeypatch):
     from loldu_diffusion.io import atomic_save_dir
 
