@@ -166,3 +166,19 @@ def test_a_second_trainable_adapter_leaves_the_first_trainable(tiny_sd_path):
     trained = {n.split(".adapters.")[1].split(".")[0] for n, p in unet.named_parameters() if p.requires_grad}
     assert trained == {"a", "b"}
     assert not any(p.requires_grad for n, p in unet.named_parameters() if ".adapters." not in n)
+
+
+def test_each_subject_logs_its_own_loss_and_they_add_up_to_the_run_s(tiny_sd_path, subjects, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    path, entries = subjects
+    argv = _common(tiny_sd_path, tmp_path / "tb", ["--concepts_list", path, "--max_train_steps", "2"])
+    train(parse_args([a if a != "none" else "tensorboard" for a in argv]))
+    events = [os.path.join(d, f) for d, _, files in os.walk(tmp_path / "tb" / "logs") for f in files if "tfevents" in f]
+    acc = EventAccumulator(events[0]).Reload()
+    tags = acc.Tags()["scalars"]
+    assert {f"loss/{e['name']}" for e in entries} <= set(tags)
+    for step in (1, 2):
+        total = next(e.value for e in acc.Scalars("loss") if e.step == step)
+        parts = [next(e.value for e in acc.Scalars(f"loss/{x['name']}") if e.step == step) for x in entries]
+        assert abs(sum(parts) - total) < 1e-4 * max(1.0, abs(total)) and all(p > 0 for p in parts)

@@ -120,8 +120,8 @@ def subject_rows(args, run, subject, step: int, micro: int, process: int):
 
 
 def step_loss(args, run, step: int, micro: int, process: int):
-    """The loss of one micro-batch: the sum of each subject's DreamBooth loss, all subjects in
-    one UNet call. Rows are interleaved (row j is subject j mod K) because a per-sample adapter
+    """(the loss of one micro-batch, each subject's part (K,)): the sum of each subject's
+    DreamBooth loss, all subjects in one UNet call. Rows are interleaved (row j is subject j mod K) because a per-sample adapter
     blend serves row j with blend j mod K (LoLDULayer.sample_weights)."""
     parts = [subject_rows(args, run, s, step, micro, process) for s in run.subjects]
     k = len(parts)
@@ -132,7 +132,7 @@ def step_loss(args, run, step: int, micro: int, process: int):
         pred = run.m.family.call_unet(run.unet, x.noisy, x.t, hidden.to(run.weight_dtype), added)
     losses = [dreambooth_loss(pred if k == 1 else pred.unflatten(0, (-1, k))[:, i], p.target, p.t, run.sched, args.snr_gamma,
                               args.prior_loss_weight, with_prior=bool(s.classes)) for i, ((p, _), s) in enumerate(zip(parts, run.subjects))]
-    return functools.reduce(torch.add, losses)
+    return functools.reduce(torch.add, losses), torch.stack([loss.detach() for loss in losses])
 
 
 def interleave(tensors: list[torch.Tensor]) -> torch.Tensor:
@@ -351,7 +351,7 @@ def train_in_claimed_dir(args, accelerator, resume_path, report_to, tracker_warn
         t0 = time.time()
         for micro in range(args.gradient_accumulation_steps):
             with accelerator.accumulate(unet, *train_encoders):
-                loss = step_loss(args, run, global_step, micro, accelerator.process_index)
+                loss, subject_losses = step_loss(args, run, global_step, micro, accelerator.process_index)
                 accelerator.backward(loss)
                 if accelerator.sync_gradients:
                     for p in outside_modules:
@@ -379,7 +379,10 @@ def train_in_claimed_dir(args, accelerator, resume_path, report_to, tracker_warn
         lr_now = lr_scheduler.get_last_lr()[0]
         bar.update(1)
         bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr_now:.2g}", s_per_step=f"{step_time:.2f}")
-        accelerator.log({"loss": loss_value, "lr": lr_now, "step_time_s": step_time}, step=global_step)
+        logged = {"loss": loss_value, "lr": lr_now, "step_time_s": step_time}
+        if args.concepts:  # "loss" is the subjects' sum: each one's own curve too, as its own run would log it
+            logged |= {f"loss/{c.name}": v for c, v in zip(args.concepts, accelerator.gather(subject_losses[None]).mean(0).tolist())}
+        accelerator.log(logged, step=global_step)
         # validation first: the checkpoint then holds this step's images too
         if is_main and args.validation_steps and global_step % args.validation_steps == 0 and global_step < args.max_train_steps:
             imgs = validation(accelerator.unwrap_model(unet), f"validation at step {global_step}", bar=False)
