@@ -23,13 +23,11 @@ import json
 import math
 import os
 import re
-import stat
-import struct
 from dataclasses import dataclass
 
 import torch
 
-from .io import atomic_save_safetensors, refuse_existing
+from .io import NotARegularFile, atomic_save_safetensors, read_bounded, refuse_existing, safetensors_header, unique_keys
 from .layer import LoadedDelta
 from .model import adapter_name_from_path, all_or_nothing, attach_layer, check_adapter_name, components, install_processors, iter_layers
 from .sites import fixed_module_trees, sites_for
@@ -64,6 +62,7 @@ class AdapterFile:
     d: dict[str, torch.Tensor]  # component → (n, r) float32
     path: str = ""
     nbytes: int = 0
+    sha256: str = ""  # of the bytes read (read()): what a server keys a loaded file by
 
     @property
     def rank(self) -> int:
@@ -105,30 +104,30 @@ class AdapterFile:
     # ---- reading -------------------------------------------------------------------------
     @classmethod
     def read(cls, path: str, max_bytes: int = MAX_FILE_BYTES) -> "AdapterFile":
-        """Parse and check a file on its own (no base model needed)."""
-        from safetensors import safe_open
+        """Parse and check a file on its own (no base model needed). The file is read once: every
+        check below is of those bytes, and `sha256` is theirs."""
+        import hashlib
+
+        from safetensors.torch import load as load_bytes
 
         name = os.path.basename(path)
         try:
-            st = os.stat(path)
+            data, nbytes = read_bounded(path, max_bytes)
+        except NotARegularFile:
+            raise AdapterFileError(f"{name}: not a regular file") from None
         except OSError:
             raise AdapterFileError(f"{path}: no such adapter file") from None
-        if not stat.S_ISREG(st.st_mode):
-            raise AdapterFileError(f"{name}: not a regular file")
-        nbytes = st.st_size
-        if nbytes > max_bytes:
+        if data is None:
             raise AdapterFileError(f"{name}: {nbytes} bytes is larger than the {max_bytes}-byte limit for an adapter file")
-        _check_header(path, name, nbytes)  # limits first: nothing is allocated for what follows
+        raw_meta = _check_header(data, name)  # limits first: nothing is allocated for what follows
         try:
-            with safe_open(path, framework="pt") as f:
-                raw_meta = f.metadata() or {}
-                tensors = {k: f.get_tensor(k) for k in f.keys()}
+            tensors = load_bytes(data)
         except Exception as e:  # safetensors raises its own error types for truncated/garbage files
             raise AdapterFileError(f"{name}: not a readable safetensors file (truncated or corrupt?): {e}") from None
         if "loldu" not in raw_meta:
             raise AdapterFileError(f"{name}: no LoLDU metadata; this is not a loldu-diffusion adapter (a LoRA file? use diffusers' load_lora_weights)")
         try:
-            meta = json.loads(raw_meta["loldu"], object_pairs_hook=_unique_keys)
+            meta = json.loads(raw_meta["loldu"], object_pairs_hook=unique_keys)
             assert isinstance(meta, dict)
         except Exception:  # also RecursionError from absurd nesting
             raise AdapterFileError(f"{name}: the LoLDU metadata is not valid JSON (or repeats a key)") from None
@@ -155,7 +154,7 @@ class AdapterFile:
                 if t.dim() != 2 or t.shape[0] != len(rows) or t.shape != dl.shape or t.shape[1] < 1:
                     raise AdapterFileError(f"{name}: tensor {key!r} has shape {tuple(t.shape)}, expected ({len(rows)}, rank) like {c}.delta")
             delta[c], pivots[c], d[c] = dl.float(), pv.long(), dg.float()
-        f = cls(meta, layers, delta, pivots, d, path=path, nbytes=nbytes)
+        f = cls(meta, layers, delta, pivots, d, path=path, nbytes=nbytes, sha256=hashlib.sha256(data).hexdigest())
         f.validate()
         return f
 
@@ -268,34 +267,22 @@ def _check_text_fields(meta: dict, name: str) -> None:
             raise AdapterFileError(f"{name}: metadata {key!r} must be a string")
 
 
-def _unique_keys(pairs):
-    keys = [k for k, _ in pairs]
-    if len(set(keys)) != len(keys):
-        raise ValueError("repeated key")  # json would keep the last silently
-    return dict(pairs)
-
-
-def _check_header(path: str, name: str, nbytes: int) -> None:
-    """The safetensors header, read by hand before safetensors allocates anything: its size
-    and the number of tensors are bounded (an adapter holds 3 per component)."""
-    corrupt = f"{name}: not a readable safetensors file (truncated or corrupt?)"
-    with open(path, "rb") as fh:
-        head = fh.read(8)
-        if len(head) < 8:
-            raise AdapterFileError(f"{corrupt}: {nbytes} bytes")
-        (n,) = struct.unpack("<Q", head)
-        if n > nbytes - 8:
-            raise AdapterFileError(f"{corrupt}: header length {n} beyond the end of the file")
-        if n > MAX_HEADER_BYTES:
-            raise AdapterFileError(f"{name}: safetensors header of {n} bytes is larger than the {MAX_HEADER_BYTES}-byte limit for an adapter file")
-        try:
-            header = json.loads(fh.read(n), object_pairs_hook=_unique_keys)
-            assert isinstance(header, dict)
-        except Exception:
-            raise AdapterFileError(f"{corrupt}: the header is not valid JSON") from None
+def _check_header(data: bytes, name: str) -> dict:
+    """The header's bounds (io.safetensors_header; an adapter holds 3 tensors per component);
+    the metadata."""
+    try:
+        header = safetensors_header(data, MAX_HEADER_BYTES)
+    except OverflowError as e:
+        raise AdapterFileError(f"{name}: {e} for an adapter file") from None
+    except ValueError as e:
+        raise AdapterFileError(f"{name}: not a readable safetensors file (truncated or corrupt?): {e}") from None
     count = len(header) - ("__metadata__" in header)
     if count > 3 * len(COMPONENTS):
         raise AdapterFileError(f"{name}: {count} tensors; an adapter file holds at most {3 * len(COMPONENTS)} (delta, pivots, d per component)")
+    meta = header.get("__metadata__") or {}
+    if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+        raise AdapterFileError(f"{name}: not a readable safetensors file: its metadata must map names to strings")
+    return meta
 
 
 def _layer_list(raw, name: str) -> dict[str, list[tuple[str, str]]]:

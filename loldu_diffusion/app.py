@@ -100,17 +100,11 @@ def _rows(embeddings) -> dict:
     return {i: r for e in embeddings for i, r in e.rows.items()}
 
 
-def file_key(path: str) -> str:
-    from .io import file_sha256
-
-    return file_sha256(path)  # the readers have refused files above MAX_UPLOAD_BYTES
-
-
 def read_embedding(pipe, path: str, held, where: str) -> LoadedEmbedding:
     """A token-embedding file, checked, and refused if a token of it already has another file's
     embedding among `held` (two rows for one token cannot both be drawn)."""
     rows = read_pipeline_embeddings(pipe, path)
-    key = file_key(path)
+    key = rows.sha256  # of the bytes read and checked
     for other in held:
         clash = sorted({t for i, (t, _) in rows.items() if i in other.rows})
         if clash and other.key != key:
@@ -220,7 +214,7 @@ class Studio:
         if f.rank > MAX_RANK:
             raise AdapterFileError(f"{os.path.basename(path)}: rank {f.rank} is above the {MAX_RANK} this app serves on its shared base; "
                                    "generate with it through `loldu generate` or the library")
-        key = file_key(path)
+        key = f.sha256  # of the bytes checked and loaded: a file swapped on disk after the read is not this key
         with self.lock:
             if key not in self.on_base:
                 name = adapter_name_for(path, {n for n, _ in self.on_base.values()})

@@ -30,25 +30,45 @@ class EmbeddingFileError(ValueError):
     """A file that is not a token-embedding file for this text encoder."""
 
 
-def read_embedding_rows(path: str, num_encoders: int | None = None) -> list[tuple[int, str, torch.Tensor]]:
-    """[(text encoder k, token, row)] of a token-embedding file, checked as far as the file alone
-    allows (size, count, layout, dtype, finite, scale): before a base model loads. Errors name the file."""
-    from safetensors import safe_open
+class EmbeddingRows(dict):
+    """(text encoder k, token id) → (token, row), and `sha256`, of the bytes they were read from."""
+    sha256 = ""
 
-    if not os.path.isfile(path):
-        raise EmbeddingFileError(f"{path}: no such file")
-    if os.path.getsize(path) > MAX_BYTES:
+
+def read_embedding_rows(path: str, num_encoders: int | None = None, digest: list | None = None) -> list[tuple[int, str, torch.Tensor]]:
+    """[(text encoder k, token, row)] of a token-embedding file, checked as far as the file alone
+    allows (size, count, layout, dtype, finite, scale): before a base model loads. The file is
+    read once (what is checked is what is used; its sha256 is appended to `digest` if given).
+    Errors name the file."""
+    import hashlib
+
+    from safetensors.torch import load as load_bytes
+
+    from .io import NotARegularFile, read_bounded, safetensors_header
+
+    try:
+        data, nbytes = read_bounded(path, MAX_BYTES)
+    except NotARegularFile:
+        raise EmbeddingFileError(f"{path}: not a regular file") from None
+    except OSError:
+        raise EmbeddingFileError(f"{path}: no such file") from None
+    if data is None:
         raise EmbeddingFileError(f"{path}: larger than {MAX_BYTES} bytes; a token-embedding file holds a few rows")
     try:
-        with safe_open(path, framework="pt") as f:
-            keys, meta = list(f.keys()), f.metadata() or {}
-            if not 0 < len(keys) <= MAX_TOKENS:
-                raise EmbeddingFileError(f"{path}: {len(keys)} tensors; expected 1 to {MAX_TOKENS} ({{token: (1, width)}})")
-            tensors = {k: f.get_tensor(k) for k in keys}
+        header = safetensors_header(data, MAX_BYTES)
+        keys = [k for k in header if k != "__metadata__"]
+        if not 0 < len(keys) <= MAX_TOKENS:
+            raise EmbeddingFileError(f"{path}: {len(keys)} tensors; expected 1 to {MAX_TOKENS} ({{token: (1, width)}})")
+        meta = header.get("__metadata__") or {}
+        if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+            raise ValueError("its metadata must map names to strings")
+        tensors = dict(sorted(load_bytes(data).items()))  # in name order, as safe_open lists them
     except EmbeddingFileError:
         raise
     except Exception as e:
-        raise EmbeddingFileError(f"{path}: not a readable safetensors file ({str(e).splitlines()[0]})") from None
+        raise EmbeddingFileError(f"{path}: not a readable safetensors file ({(str(e).splitlines() or [type(e).__name__])[0]})") from None
+    if digest is not None:
+        digest.append(hashlib.sha256(data).hexdigest())
     if set(tensors) == set(SDXL_EMBEDDING_KEYS):
         if num_encoders not in (None, 2):
             raise EmbeddingFileError(f"{path}: an SDXL embedding (clip_l, clip_g) for a base with two text encoders; "
@@ -70,12 +90,14 @@ def read_embedding_rows(path: str, num_encoders: int | None = None) -> list[tupl
     return entries
 
 
-def read_token_embeddings(path: str, encoders: list) -> dict[tuple[int, int], tuple[str, torch.Tensor]]:
+def read_token_embeddings(path: str, encoders: list) -> EmbeddingRows:
     """(text encoder k, token id) → (token, (width,) float32) of a checked file, for `encoders` [(tokenizer, width), …]:
     `{token: (1, width)}` rows for the first table, or SDXL's layout `{"clip_l": (1, 768), "clip_g": (1, 1280)}` (its
     token in the metadata, as the trainer writes it) for both."""
-    entries = read_embedding_rows(path, len(encoders))
-    rows = {}
+    digest = []
+    entries = read_embedding_rows(path, len(encoders), digest)
+    rows = EmbeddingRows()
+    rows.sha256 = digest[0]
     for k, token, t in entries:
         tokenizer, width = encoders[k]
         if t.shape[-1] != width:

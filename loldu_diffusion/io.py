@@ -1,12 +1,64 @@
-"""Writing files so that nothing the user had is lost: temp file + rename, no silent overwrite."""
+"""Writing files so that nothing the user had is lost: temp file + rename, no silent overwrite;
+and reading small files from strangers so that what is checked is what is used."""
 from __future__ import annotations
 
 import errno
+import json
 import os
 import shutil
+import stat
+import struct
 import tempfile
 
 TEMP_PREFIX = ".tmp-"  # atomic_save_safetensors' temp files: `.tmp-XXXX.safetensors`
+
+
+class NotARegularFile(OSError):
+    """A FIFO, device or folder where a file was expected."""
+
+
+def read_bounded(path: str, max_bytes: int) -> tuple[bytes | None, int]:
+    """(the bytes, the size) of a regular file, read through one open: a reader that checks the
+    size, then the header, then parses, each with its own open, can be handed another file in
+    between (a stranger's upload swapped on disk), and a hash taken apart from the read can speak
+    for other bytes. (None, size) when it is larger than max_bytes (nothing read). A FIFO is
+    opened without blocking and refused (NotARegularFile); FileNotFoundError as open raises it."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    with os.fdopen(fd, "rb") as fh:
+        st = os.fstat(fh.fileno())
+        if not stat.S_ISREG(st.st_mode):
+            raise NotARegularFile(errno.EINVAL, "not a regular file", path)
+        if st.st_size > max_bytes:
+            return None, st.st_size
+        data = fh.read(max_bytes + 1)
+    return (None, len(data)) if len(data) > max_bytes else (data, len(data))
+
+
+def unique_keys(pairs):
+    """json's object_pairs_hook that refuses a repeated key (json keeps the last one silently)."""
+    keys = [k for k, _ in pairs]
+    if len(set(keys)) != len(keys):
+        raise ValueError("repeated key")
+    return dict(pairs)
+
+
+def safetensors_header(data: bytes, max_header_bytes: int) -> dict:
+    """The header of safetensors bytes, read by hand before safetensors allocates anything: its
+    length bounded, its JSON without repeated keys (json would keep the last, safetensors may
+    not). ValueError with a one-line reason."""
+    if len(data) < 8:
+        raise ValueError(f"{len(data)} bytes")
+    (n,) = struct.unpack("<Q", data[:8])
+    if n > len(data) - 8:
+        raise ValueError(f"header length {n} beyond the end of the file")
+    if n > max_header_bytes:
+        raise OverflowError(f"safetensors header of {n} bytes is larger than the {max_header_bytes}-byte limit")
+    try:
+        header = json.loads(data[8 : 8 + n], object_pairs_hook=unique_keys)
+        assert isinstance(header, dict)
+    except Exception:  # also RecursionError from absurd nesting
+        raise ValueError("the header is not valid JSON (or repeats a key)") from None
+    return header
 
 
 def describe_os_error(e: OSError) -> str:

@@ -182,6 +182,31 @@ def test_app_refuses_and_the_shared_base_is_unchanged(studio, hostile, case):
     assert torch.equal(unet_out(studio.pipe), ref)
 
 
+def test_a_stranger_s_file_is_opened_once_and_keyed_by_the_bytes_checked(good, tiny_sd_path, monkeypatch):
+    """Size, header and tensors are checked on one read, and the app keys a loaded file by those bytes' hash: a reader
+    that opened the file three times (stat, header, safetensors) and hashed it a fourth could be handed another file in
+    between, past the size and header limits, and put it on the shared base under a good file's key."""
+    import builtins
+    import hashlib
+
+    from loldu_diffusion import AdapterFile
+    from loldu_diffusion.assets import bundled_adapters_dir
+    from loldu_diffusion.embeddings import read_embedding_rows
+
+    emb = os.path.join(bundled_adapters_dir(), "sks-heart.learned_embeds.safetensors")
+    opened = []
+    real_open, real_os_open = builtins.open, os.open
+    monkeypatch.setattr(builtins, "open", lambda p, *a, **k: opened.append(str(p)) or real_open(p, *a, **k))
+    monkeypatch.setattr(os, "open", lambda p, *a, **k: opened.append(str(p)) or real_os_open(p, *a, **k))
+    f = AdapterFile.read(good)
+    digest = []
+    read_embedding_rows(emb, digest=digest)
+    monkeypatch.undo()
+    assert opened.count(good) == 1 and opened.count(emb) == 1
+    assert f.sha256 == hashlib.sha256(open(good, "rb").read()).hexdigest()
+    assert digest == [hashlib.sha256(open(emb, "rb").read()).hexdigest()]
+
+
 def test_file_names_with_dots_spaces_and_unicode_load_everywhere(good, tiny_sd_path, tmp_path, capsys):
     import shutil
 
