@@ -261,10 +261,17 @@ def _same_factors(piv, dg, want_piv, want_d, low_precision: bool) -> bool:
     return torch.equal(piv, want_piv) and torch.allclose(dg, want_d, rtol=rtol, atol=1e-6)
 
 
+MAX_TEXT = 1000  # characters of a metadata text field: a prompt, a model name
+
+
 def _check_text_fields(meta: dict, name: str) -> None:
+    """Text that errors, cards and pages quote: a string, printable (no terminal escapes, no line breaks), bounded."""
     for key in _TEXT_FIELDS:
-        if not isinstance(meta.get(key) or "", str):
+        value = meta.get(key) or ""
+        if not isinstance(value, str):
             raise AdapterFileError(f"{name}: metadata {key!r} must be a string")
+        if len(value) > MAX_TEXT or not value.isprintable():
+            raise AdapterFileError(f"{name}: metadata {key!r} must be one line of printable text of at most {MAX_TEXT:,} characters")
 
 
 def _check_header(data: bytes, name: str) -> dict:

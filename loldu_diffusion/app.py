@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import os
 import random
+import re
 import shutil
 import tempfile
 import threading
@@ -514,8 +515,12 @@ class Session:
 
 # ---- Gradio -------------------------------------------------------------------------------
 def _one_line(e: Exception) -> str:
+    """An error for the page's Markdown: its first line, printable, with Markdown's marks escaped (errors quote
+    strangers' text, a file's metadata or name, which must not become a link or an image that the page loads)."""
     lines = str(e).strip("'\"").splitlines()
-    return lines[0] if lines and lines[0] else type(e).__name__
+    text = lines[0] if lines and lines[0] else type(e).__name__
+    text = "".join(c if c.isprintable() else " " for c in text)
+    return re.sub(r"([\\`*_{}\[\]()#+!|<>~])", r"\\\1", text)
 
 
 def parse_auth(auth: str | None) -> tuple[str, str] | None:

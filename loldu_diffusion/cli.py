@@ -28,8 +28,8 @@ def _inspect(args) -> int:
         return 0
     print(f"{args.file}: LoLDU adapter, {f.nbytes:,} bytes")
     print(f"  rank {f.rank}, {f.num_layers} layers ({', '.join(f'{c}: {n}' for c, n in info['layers'].items())}), {f.num_parameters:,} values")
-    for k, v in info["metadata"].items():
-        print(f"  {k}: {json.dumps(v) if not isinstance(v, str) or not v.isprintable() else v}")  # a stranger's text: no terminal escapes
+    for k, v in info["metadata"].items():  # a stranger's text, keys too: no terminal escapes
+        print(f"  {k if k.isprintable() else json.dumps(k)}: {json.dumps(v) if not isinstance(v, str) or not v.isprintable() else v}")
     return 0
 
 

@@ -62,18 +62,18 @@ def lora_state_dict(model, fmt: str = "diffusers", title: str | None = None) -> 
     sdxl = any(c == "text_encoder_2" for c, *_ in rows) or _is_sdxl(model)
     tensors, rank = {}, max(up.shape[1] for _, _, _, up, _ in rows)
     for comp, mod, target, up, down in rows:
+        # every layer at the largest rank, zero-padded (the product is unchanged): diffusers' format has no alpha and
+        # its loaders scale each layer by one alpha / r, and diffusers reads a kohya file's per-layer alphas into an
+        # alpha_pattern whose keys match no module (PEFT ignores them), so layers of another rank came out scaled
+        pad = rank - up.shape[1]
+        down, up = torch.cat([down, down.new_zeros(pad, down.shape[1])]), torch.cat([up, up.new_zeros(up.shape[0], pad)], dim=1)
         if fmt == "diffusers":
-            # this format has no alpha: loaders scale each layer by alpha / r with one alpha (the first or the
-            # commonest rank), so every layer is written at the largest rank, zero-padded (the product is unchanged)
-            pad = rank - up.shape[1]
             key = f"{comp}.{mod}.{target}"
-            tensors[f"{key}.lora_A.weight"] = torch.cat([down, down.new_zeros(pad, down.shape[1])])
-            tensors[f"{key}.lora_B.weight"] = torch.cat([up, up.new_zeros(up.shape[0], pad)], dim=1)
+            tensors[f"{key}.lora_A.weight"], tensors[f"{key}.lora_B.weight"] = down, up
         else:
             key = _kohya_name(comp, mod, target, sdxl)
-            tensors[f"{key}.lora_down.weight"] = down
-            tensors[f"{key}.lora_up.weight"] = up
-            tensors[f"{key}.alpha"] = torch.tensor(float(up.shape[1]))  # alpha = r: scale 1
+            tensors[f"{key}.lora_down.weight"], tensors[f"{key}.lora_up.weight"] = down, up
+            tensors[f"{key}.alpha"] = torch.tensor(float(rank))  # alpha = r: scale 1
     meta = {"format": "pt", "loldu_export": json.dumps({"source": "loldu-diffusion", "rank": rank, "layers": len(rows)})}
     if fmt == "kohya":
         meta.update(kohya_labels(model, rank, title))

@@ -410,11 +410,24 @@ def test_a_strangers_text_stays_inside_its_code_span(session, adapter_dir, tmp_p
     import dataclasses
 
     f = AdapterFile.read(str(adapter_dir / "dog.safetensors"))
-    evil = "sks` ![x](http://attacker.example/x.png) `\nline"
+    evil = "sks` ![x](http://attacker.example/x.png) `"
     dataclasses.replace(f, metadata=dict(f.metadata, instance_prompt=evil, base_model="b`[link](http://attacker.example)")).save(
         str(tmp_path / "evil.safetensors"))
     text = session.add(str(tmp_path / "evil.safetensors")).describe()
     assert text.count("`") == 4 and "\n" not in text  # two code spans: the trigger's and the base's
+    # text that is no one line of printable text is refused as it is read (terminals, cards and pages quote it) …
+    with pytest.raises(AdapterFileError, match="metadata 'base_model' must be one line of printable text"):  # not written …
+        dataclasses.replace(f, metadata=dict(f.metadata, base_model="x\x1b[2J\nsecond line")).save(str(tmp_path / "esc.safetensors"))
+    from tiny import craft
+
+    craft(str(adapter_dir / "dog.safetensors"), str(tmp_path / "esc.safetensors"), meta=lambda m: m.update(base_model="x\x1b[2J\nline"))
+    with pytest.raises(AdapterFileError, match="metadata 'base_model' must be one line of printable text"):  # … nor read
+        session.add(str(tmp_path / "esc.safetensors"))
+    # … and an error that quotes a stranger's text is escaped for the page's Markdown: no link, no image it would load
+    from loldu_diffusion.app import _one_line
+
+    shown = _one_line(AdapterFileError("evil.safetensors: trained on ![x](http://attacker.example/x.png) [click](http://e) \x1b[2J"))
+    assert "![" not in shown and "](" not in shown and "\x1b" not in shown and "\\!\\[x\\]\\(http" in shown
 
 
 def test_a_mistyped_adapters_folder_is_one_line_before_the_base_loads(tmp_path, monkeypatch):

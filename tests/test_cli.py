@@ -108,6 +108,15 @@ def test_export_of_layers_at_other_ranks_is_exact_one_rank_and_warns_of_the_embe
     assert torch.equal(down[2:], torch.zeros_like(down[2:]))  # a rank-2 layer, padded
     assert torch.allclose(down[:2].norm(dim=1), up[:, :2].norm(dim=0), rtol=1e-4)
     same_unet_as_diffusers_lora(embedded, spec, out)
+    # kohya's format too: diffusers reads per-layer alphas into an alpha_pattern that matches no module, so layers at
+    # another rank than the first came out scaled by r/R; every layer is written at the largest rank, alpha = R
+    kohya = tmp_path / "mixed_kohya.safetensors"
+    assert loldu(["export-lora", *spec, "--base", embedded, "--format", "kohya", "-o", str(kohya)]) == 0
+    with safe_open(str(kohya), "pt") as f:
+        t = {k: f.get_tensor(k) for k in f.keys()}
+    assert {float(v) for k, v in t.items() if k.endswith(".alpha")} == {4.0}
+    assert {v.shape[0] for k, v in t.items() if k.endswith("lora_down.weight")} == {4}
+    same_unet_as_diffusers_lora(embedded, spec, kohya)
 
 
 def test_blend_command_equals_runtime_blend(embedded, adapters, tmp_path, capsys):
@@ -230,10 +239,14 @@ def test_inspect_prints_a_strangers_text_without_terminal_escapes(adapters, tmp_
 
     a = AdapterFile.read(str(adapters / "a.safetensors"))
     evil = "sks\x1b[2J\x1b]0;owned\x07\rloldu: adapter verified OK"
-    dataclasses.replace(a, metadata=dict(a.metadata, instance_prompt=evil)).save(str(tmp_path / "evil.safetensors"))
+    # the fields errors and cards quote (prompts, base model) must be one printable line; any other key or value is
+    # printed escaped, keys too
+    dataclasses.replace(a, metadata=dict(a.metadata, comment=evil, **{"k\x1b]0;t\x07": "v"})).save(str(tmp_path / "evil.safetensors"))
     assert loldu(["inspect", str(tmp_path / "evil.safetensors")]) == 0
     out = capsys.readouterr().out
-    assert "\x1b" not in out and "\r" not in out and "\\u001b[2J" in out
+    assert "\x1b" not in out and "\r" not in out and "\x07" not in out and "\\u001b[2J" in out and '"k\\u001b]0;t\\u0007": v' in out
+    with pytest.raises(AdapterFileError, match="metadata 'instance_prompt' must be one line of printable text"):
+        dataclasses.replace(a, metadata=dict(a.metadata, instance_prompt=evil)).save(str(tmp_path / "x.safetensors"))
     with pytest.raises(AdapterFileError, match="x.safetensors: metadata 'instance_prompt' must be a string"):
         dataclasses.replace(a, metadata=dict(a.metadata, instance_prompt=["sks"])).save(str(tmp_path / "x.safetensors"))
     assert not (tmp_path / "x.safetensors").exists()  # refused before writing, as the reader would refuse it

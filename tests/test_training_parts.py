@@ -343,3 +343,13 @@ def test_a_cpu_run_on_fewer_threads_than_cores_says_how_to_use_them_all():
                     "unless told): `accelerate launch --num_cpu_threads_per_process 8 …` uses them all")
     assert thread_note("cuda", 1, 1, 8, "1") is None and thread_note("cpu", 2, 1, 8, "1") is None  # a GPU; a process per core
     assert thread_note("cpu", 1, 8, 8, "8") is None and thread_note("cpu", 1, 1, 8, None) is None  # all cores; torch's own choice
+
+
+def test_a_prompt_the_adapter_file_cannot_keep_is_refused_before_anything_loads(tmp_path):
+    from loldu_diffusion.training import TrainingError
+    from loldu_diffusion.training.args import check_inputs
+
+    args = resolve_defaults(parse_args(["--instance_data_dir", str(tmp_path), "--instance_prompt", "a photo of sks dog\nin a park",
+                                        "--pretrained_model_name_or_path", "/nowhere"]))
+    with pytest.raises(TrainingError, match="^--instance_prompt: give one line of printable text of at most 1,000 characters$"):
+        check_inputs(args)

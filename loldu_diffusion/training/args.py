@@ -293,6 +293,14 @@ def check_inputs(args: argparse.Namespace) -> argparse.Namespace:
     if args.resolution is not None and args.resolution < 1:
         raise TrainingError(f"--resolution {args.resolution}: must be a positive size in pixels (e.g. 512 for SD 1.5); "
                             "leave it out for the base model's native size")
+    from ..adapter_file import MAX_TEXT
+
+    prompts = [(f"--{k}", getattr(args, k, None)) for k in ("instance_prompt", "class_prompt", "validation_prompt")]
+    prompts += [(f"--concepts_list {args.concepts_list}: subject {c.name!r}: {k}", getattr(c, k)) for c in args.concepts or ()
+                for k in ("instance_prompt", "class_prompt")]
+    for flag, text in prompts:  # the adapter file keeps them as one line of text (what a reader accepts): said now, not at the end
+        if text and (len(text) > MAX_TEXT or not text.isprintable()):
+            raise TrainingError(f"{flag}: give one line of printable text of at most {MAX_TEXT:,} characters")
     for c in args.concepts or ():
         if not os.path.isdir(c.instance_data_dir):
             raise TrainingError(f"--concepts_list {args.concepts_list}: subject {c.name!r}: instance_data_dir {c.instance_data_dir!r}: no such folder")
