@@ -227,6 +227,23 @@ def test_file_names_with_dots_spaces_and_unicode_load_everywhere(good, tiny_sd_p
         load_adapter(pipe, good, adapter_name="a.b")
 
 
+def test_the_largest_delta_a_file_may_hold_draws_finite_images_in_fp16(tiny_sd_path, good, tmp_path):
+    """At the old bound (1000 × max|d|; 50× sufficed) every image of the tiny base in fp16 was NaN."""
+    from loldu_diffusion.pipeline import load_base
+
+    d = load_file(good)["unet.d"]
+    big = craft(good, str(tmp_path / "edge.safetensors"), tensors=lambda t: t["unet.delta"].copy_(
+        0.99 * DELTA_BOUND * d.abs().amax(dim=1, keepdim=True) * torch.sign(d)))
+    pipe = load_base(tiny_sd_path)
+    pipe.to(dtype=torch.float16)
+    load_adapter(pipe, big)
+    image = pipe("a photo of sks heart", num_inference_steps=2, generator=torch.Generator().manual_seed(0), output_type="pt").images
+    assert torch.isfinite(image).all()
+    with pytest.raises(AdapterFileError, match=r"exceeds the bound 20 × max\|d\|"):
+        load_adapter(pipe, craft(good, str(tmp_path / "over.safetensors"), tensors=lambda t: t["unet.delta"].copy_(
+            1.5 * DELTA_BOUND * d.abs().amax(dim=1, keepdim=True) * torch.sign(d))), adapter_name="over")
+
+
 def test_fuse_unfuse_remove_restores_the_base_bit_identically(tiny_sd_path, good, tmp_path):
     from loldu_diffusion.pipeline import load_base
 
