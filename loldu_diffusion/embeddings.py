@@ -79,6 +79,10 @@ def read_embedding_rows(path: str, num_encoders: int | None = None, digest: list
                                      "this loader writes the rows of a word the tokenizer has")
         entries = [(k, token, tensors[key]) for k, key in enumerate(SDXL_EMBEDDING_KEYS)]
     else:
+        if num_encoders == 2:  # SDXL draws with both tables: a row for the first alone is half an embedding (another base's?)
+            raise EmbeddingFileError(f"{path}: one row per token ({{token: (1, width)}}), but this base has two text encoders "
+                                     "(SDXL): its embeddings hold a row for each, as {\"clip_l\": (1, 768), \"clip_g\": (1, 1280)} "
+                                     "with the token in the metadata; an embedding trained on SD 1.x/2.x?")
         entries = [(0, token, t) for token, t in tensors.items()]
     for _, token, t in entries:
         if t.dtype not in (torch.float32, torch.float16, torch.bfloat16):

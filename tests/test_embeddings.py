@@ -128,3 +128,17 @@ def test_the_trainers_embedding_goes_with_the_trainers_adapter_only(tmp_path):
     assert embedding_beside(str(tmp_path / "cat.safetensors")) == str(tmp_path / "cat.learned_embeds.safetensors")
     (tmp_path / "cat.learned_embeds.safetensors").unlink()
     assert embedding_beside(str(tmp_path / "cat.safetensors")) is None
+
+
+def test_an_sd15_embedding_is_refused_on_sdxl(tiny_sdxl_path, tmp_path):
+    """SDXL draws with both text encoders' tables: a one-table file wrote the first table and left clip_g as it was."""
+    from diffusers import StableDiffusionXLPipeline
+    from safetensors.torch import save_file
+
+    from loldu_diffusion.embeddings import EmbeddingFileError, read_pipeline_embeddings
+
+    pipe = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl_path)
+    width = pipe.text_encoder.get_input_embeddings().weight.shape[1]
+    save_file({"sks": torch.zeros(1, width)}, str(tmp_path / "sd15.safetensors"))
+    with pytest.raises(EmbeddingFileError, match=r"one row per token .* but this base has two text encoders \(SDXL\)"):
+        read_pipeline_embeddings(pipe, str(tmp_path / "sd15.safetensors"))
