@@ -296,11 +296,11 @@ class Session:
         pivotal-tuning embedding beside it (the trainer's `learned_embeds.safetensors`) loads too."""
         return self._add(path, weight, display_name)[0]
 
-    def _add(self, path: str, weight: float = 1.0, display_name: str | None = None):
+    def _add(self, path: str, weight: float = 1.0, display_name: str | None = None, beside: bool = True):
         """(adapter, its embedding or None, what it replaced)."""
         if len(self.loaded) >= MAX_SLOTS:
             raise ValueError(f"at most {MAX_SLOTS} adapters at once; remove one first")
-        beside = embedding_beside(path)
+        beside = embedding_beside(path) if beside else None
         e = read_embedding(self.studio.pipe, beside, (), "") if beside else None  # checked before anything changes
         key, _, f = self.studio.acquire(path)
         gone = self._take_embedding(e, keep=key) if e is not None else []  # before naming: the name may be free again
@@ -337,13 +337,15 @@ class Session:
         e = read_embedding(self.studio.pipe, path, (), "")
         return e, self._take_embedding(e)
 
-    def add_any(self, path: str, display_name: str | None = None) -> str:
-        """Load an adapter or a token-embedding file, whichever it is; returns what was loaded (and replaced)."""
+    def add_any(self, path: str, display_name: str | None = None, beside: bool = True) -> str:
+        """Load an adapter or a token-embedding file, whichever it is; returns what was loaded (and
+        replaced). `beside=False` (uploads): no embedding is taken from the adapter's folder, which
+        for an upload is a shared cache other users' uploads land in."""
         if is_embedding_file(path):
             e, gone = self._add_embedding(path)
             said = f"loaded the {e.describe()}"
         else:
-            a, e, gone = self._add(path, display_name=display_name)
+            a, e, gone = self._add(path, display_name=display_name, beside=beside)
             said = f"loaded {a.name}" + (f" with the {e.describe()}" if e is not None else "")
         return said + (f"; it replaces {' and '.join(gone)} (a token has one embedding at a time)" if gone else "")
 
@@ -567,9 +569,11 @@ def build_ui(studio: Studio):
 
     def add_files(session, paths, uploads):
         msgs, trained = [], set(studio.trainer.trained()) if studio.trainer else set()
-        for p in list(paths or []) + [getattr(u, "name", u) for u in (uploads or [])]:
+        picked = [(p, True) for p in paths or []] + [(getattr(u, "name", u), False) for u in uploads or []]
+        for p, from_folder in picked:  # an upload's folder is Gradio's cache, shared with every other user's uploads
             try:  # a run trained here is named by its folder (its file is always loldu_adapter.safetensors)
-                msgs.append(session.add_any(p, display_name=os.path.basename(os.path.dirname(p)) if p in trained else None))
+                msgs.append(session.add_any(p, display_name=os.path.basename(os.path.dirname(p)) if p in trained else None,
+                                            beside=from_folder))
             except Exception as e:  # noqa: BLE001 — whatever a stranger's file does, it is one line here
                 msgs.append(f"**error:** {_one_line(e)}")
         return ["<br>".join(msgs) or "nothing selected"] + slot_updates(session)

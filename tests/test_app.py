@@ -461,3 +461,20 @@ def test_a_closed_tab_lets_go_of_its_session(studio, adapter_dir):
     page.is_closed, page.STATE_TTL_WHEN_CLOSED = True, 0  # closed an hour ago
     holder.delete_all_expired_state()
     assert session.closed and key not in studio.users  # the adapter left the base with its last user
+
+
+def test_an_upload_takes_no_embedding_from_the_shared_upload_cache(session, adapter_dir, tmp_path):
+    """Gradio keeps each upload in a folder named by its content's hash: a user who uploads a public adapter's bytes as
+    NAME.learned_embeds.safetensors puts that file beside every later upload of the adapter. Uploads are loaded without
+    looking beside them (a folder's adapters still bring their embedding)."""
+    import shutil
+
+    from loldu_diffusion.embeddings import EmbeddingFileError
+
+    up = tmp_path / "gradio" / "abc123"
+    up.mkdir(parents=True)
+    shutil.copy(adapter_dir / "dog.safetensors", up / "dog.safetensors")
+    shutil.copy(adapter_dir / "dog.safetensors", up / "dog.learned_embeds.safetensors")  # not an embedding: refused if read
+    with pytest.raises(EmbeddingFileError):
+        session.add_any(str(up / "dog.safetensors"))
+    assert session.add_any(str(up / "dog.safetensors"), beside=False).startswith("loaded dog") and session.embeddings == {}
