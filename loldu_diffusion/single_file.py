@@ -105,6 +105,8 @@ def read_keys(path: str) -> tuple[dict, int | None]:
     name = str(path)
     if name.lower().endswith(".sft"):
         raise SingleFileError(f"{name}: a safetensors file under the .sft extension; rename it to .safetensors (diffusers reads safetensors by that name)")
+    if name.lower().endswith(".safetensors") and not name.endswith(".safetensors"):  # diffusers compares the suffix as written
+        raise SingleFileError(f"{name}: rename it to end in .safetensors, in lower case (diffusers reads any other name as a pickled .ckpt)")
     if name.lower().endswith(".safetensors"):
         from safetensors import safe_open
 

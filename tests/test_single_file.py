@@ -226,7 +226,9 @@ def test_bad_files_are_one_line_naming_the_file(singles, concept_dir, tmp_path, 
     (tmp_path / "junk.ckpt").write_bytes(b"not a checkpoint at all")
     save_file({"lora_unet_x.lora_down.weight": torch.ones(2, 2)}, str(tmp_path / "style.safetensors"))
     (tmp_path / "model.sft").write_bytes(b"\0")
-    cases = {"evil.ckpt": r"this checkpoint needs Python code to load \(pickled io.open\), which is never run here; use the model's .safetensors",
+    (tmp_path / "Model.SafeTensors").write_bytes(b"\0")
+    cases = {"Model.SafeTensors": r"rename it to end in .safetensors, in lower case \(diffusers reads any other name as a pickled .ckpt\)",
+             "evil.ckpt": r"this checkpoint needs Python code to load \(pickled io.open\), which is never run here; use the model's .safetensors",
              "cut.safetensors": r"not a readable safetensors file \(truncated or corrupt\?\)",
              "junk.ckpt": r"not a readable PyTorch checkpoint \(truncated or corrupt\?\)",
              "style.safetensors": r"a LoRA, not a Stable Diffusion checkpoint",
