@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .io import NotARegularFile, atomic_save_safetensors, read_bounded, refuse_existing, safetensors_header, unique_keys
+from .io import atomic_save_safetensors, read_bounded, refuse_existing, safetensors_header, unique_keys
 from .layer import LoadedDelta
 from .model import adapter_name_from_path, all_or_nothing, attach_layer, check_adapter_name, components, install_processors, iter_layers
 from .sites import fixed_module_trees, sites_for
@@ -114,14 +114,8 @@ class AdapterFile:
         from safetensors.torch import load as load_bytes
 
         name = os.path.basename(path)
-        try:
-            data, nbytes = read_bounded(path, max_bytes)
-        except NotARegularFile:
-            raise AdapterFileError(f"{name}: not a regular file") from None
-        except OSError:
-            raise AdapterFileError(f"{path}: no such adapter file") from None
-        if data is None:
-            raise AdapterFileError(f"{name}: {nbytes} bytes is larger than the {max_bytes}-byte limit for an adapter file")
+        data = read_bounded(path, max_bytes, AdapterFileError, "adapter file")
+        nbytes = len(data)
         raw_meta = _check_header(data, name)  # limits first: nothing is allocated for what follows
         try:
             tensors = load_bytes(data)

@@ -44,16 +44,9 @@ def read_embedding_rows(path: str, num_encoders: int | None = None, digest: list
 
     from safetensors.torch import load as load_bytes
 
-    from .io import NotARegularFile, read_bounded, safetensors_header
+    from .io import read_bounded, safetensors_header
 
-    try:
-        data, nbytes = read_bounded(path, MAX_BYTES)
-    except NotARegularFile:
-        raise EmbeddingFileError(f"{path}: not a regular file") from None
-    except OSError:
-        raise EmbeddingFileError(f"{path}: no such file") from None
-    if data is None:
-        raise EmbeddingFileError(f"{path}: larger than {MAX_BYTES} bytes; a token-embedding file holds a few rows")
+    data = read_bounded(path, MAX_BYTES, EmbeddingFileError, "token-embedding file")  # it holds a few rows
     try:
         header = safetensors_header(data, MAX_BYTES)
         keys = [k for k in header if k != "__metadata__"]

@@ -13,25 +13,26 @@ import tempfile
 TEMP_PREFIX = ".tmp-"  # atomic_save_safetensors' temp files: `.tmp-XXXX.safetensors`
 
 
-class NotARegularFile(OSError):
-    """A FIFO, device or folder where a file was expected."""
-
-
-def read_bounded(path: str, max_bytes: int) -> tuple[bytes | None, int]:
-    """(the bytes, the size) of a regular file, read through one open: a reader that checks the
-    size, then the header, then parses, each with its own open, can be handed another file in
-    between (a stranger's upload swapped on disk), and a hash taken apart from the read can speak
-    for other bytes. (None, size) when it is larger than max_bytes (nothing read). A FIFO is
-    opened without blocking and refused (NotARegularFile); FileNotFoundError as open raises it."""
-    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+def read_bounded(path: str, max_bytes: int, error: type[Exception], what: str) -> bytes:
+    """The bytes of a regular file, read through one open: a reader that checks the size, then
+    the header, then parses, each with its own open, can be handed another file in between (a
+    stranger's upload swapped on disk), and a hash taken apart from the read can speak for other
+    bytes. A missing file, a FIFO (opened without blocking), a folder, or more than `max_bytes`
+    (nothing read) raise `error` with one line naming the file and `what` it should be."""
+    name = os.path.basename(path) or path
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    except OSError:
+        raise error(f"{path}: no such {what}") from None
     with os.fdopen(fd, "rb") as fh:
         st = os.fstat(fh.fileno())
         if not stat.S_ISREG(st.st_mode):
-            raise NotARegularFile(errno.EINVAL, "not a regular file", path)
-        if st.st_size > max_bytes:
-            return None, st.st_size
-        data = fh.read(max_bytes + 1)
-    return (None, len(data)) if len(data) > max_bytes else (data, len(data))
+            raise error(f"{name}: not a regular file")
+        data = fh.read(max_bytes + 1) if st.st_size <= max_bytes else b""
+    if st.st_size > max_bytes or len(data) > max_bytes:
+        article = "an" if what[:1] in "aeiou" else "a"
+        raise error(f"{name}: {max(st.st_size, len(data)):,} bytes is larger than the {max_bytes:,}-byte limit for {article} {what}")
+    return data
 
 
 def unique_keys(pairs):
